@@ -1,0 +1,40 @@
+"""bnet: BehaveNet's pipeline as an experiment platform (Optuna studies, MLflow runs).
+
+The notebook API mirrors the CLI::
+
+    import bnet
+    bnet.synthesize("demo.hdf5")
+    outcome = bnet.tune_ae("demo.hdf5", experiment="ae-demo", n_trials=4, max_epochs=5)
+    best = bnet.best_runs("ae-demo", family="ae")[0]
+    model = bnet.load_model(best.run_id)            # or "models:/ae-demo@champion"
+
+Names are imported on first use so ``import bnet`` stays light.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "best_runs": "bnet.tracking.query",
+    "get_run": "bnet.tracking.query",
+    "load_model": "bnet.tracking.registry",
+    "register_run": "bnet.tracking.registry",
+    "resolve_store": "bnet.tracking.store",
+    "tune_ae": "bnet.tuning.ae",
+    "load_project_config": "bnet.config",
+    "open_session": "bnet.data.session",
+    "split_trials": "bnet.data.splits",
+    "synthesize": "bnet.data.synth",
+    "SynthConfig": "bnet.data.synth",
+    "build_model": "bnet.models.registry",
+    "load_checkpoint": "bnet.models.checkpoint",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'bnet' has no attribute '{name}'")

@@ -1,0 +1,45 @@
+"""The ``bnet`` command: thin Click commands over the Python API.
+
+Heavy imports (torch, mlflow, optuna) happen inside commands so ``bnet --help`` is quick.
+Errors in the user's input (:class:`bnet.errors.BnetError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bnet.cli.best import best, register
+from bnet.cli.data import data
+from bnet.cli.tune import tune
+from bnet.cli.ui import ui
+
+
+class BnetGroup(click.Group):
+    def invoke(self, ctx):
+        from bnet.errors import BnetError
+
+        try:
+            return super().invoke(ctx)
+        except BnetError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("interrupted: finished trials are kept; re-run the same command to resume",
+                        fg="yellow", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=BnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnet")
+def cli():
+    """bnet: BehaveNet studies tracked in MLflow and tuned by Optuna."""
+
+
+for command in (data, tune, best, register, ui):
+    cli.add_command(command)
+
+
+def main():
+    cli(prog_name="bnet")

@@ -1,0 +1,62 @@
+"""``bnet tune``: Optuna studies whose trials are MLflow runs."""
+
+from __future__ import annotations
+
+import click
+
+from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
+
+
+@click.group()
+def tune():
+    """Run (or resume) a hyperparameter study."""
+
+
+@tune.command("ae")
+@click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file.")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
+@click.option("--n-trials", type=int, default=None,
+              help="Finished trials the study should hold; re-running tops it up (resume).")
+@click.option("--max-epochs", type=int, default=None, help="max_n_epochs for every trial.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Project YAML (sections data/model/training/compute/tuning).")
+@click.option("--data-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet data JSON.")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet model JSON.")
+@click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
+@click.option("--compute-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet compute JSON.")
+@store_option
+@click.option("--storage", default=None, help="Optuna storage URL (SQLAlchemy, e.g. postgresql://...) [default the store's optuna.db].")
+@tracking_uri_option
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None, help="[default median]")
+@click.option("--study", default=None, help="Optuna study name [default the experiment name].")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
+def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_config, model_config,
+            training_config, compute_config, store, storage, tracking_uri, sampler, pruner, study,
+            seed, device):
+    """Tune convolutional (or linear) autoencoders on one session."""
+    from bnet.config import load_project_config
+    from bnet.errors import ConfigError
+    from bnet.tuning.ae import tune_ae as run
+
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"--n-trials must be at least 1, got {n_trials}")
+    if max_epochs is not None and max_epochs < 1:
+        raise ConfigError(f"--max-epochs must be at least 1, got {max_epochs}")
+    config = load_project_config(config_path, {"data": data_config, "model": model_config,
+                                               "training": training_config, "compute": compute_config})
+    resolved = resolve(store, tracking_uri, storage)
+    outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
+                  max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device,
+                  study=study, store=resolved, echo=click.echo)
+    click.echo("")
+    click.echo(f"study '{outcome.study_name}' in experiment '{outcome.experiment}': "
+               f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed")
+    if outcome.best_run_id:
+        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, "
+                   f"{config.tuning.metric} {outcome.best_value:.6g}")
+    click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    click.echo(f"study:  {outcome.optuna_storage}")
+    if resolved.artifact_root:
+        click.echo(f"browse: bnet ui --store {resolved.root}  then  {runs_link(resolved, outcome.experiment_id)}")

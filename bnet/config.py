@@ -1,0 +1,273 @@
+"""Project configs and search spaces.
+
+One YAML file per study with sections ``data``, ``model``, ``training``, ``compute`` (the
+four BehaveNet JSON configs, whose files are accepted unchanged) and ``tuning``. Every
+value is a search dimension:
+
+* a scalar is fixed;
+* a list is categorical (BehaveNet's grid-search lists become Optuna choices);
+* a mapping with ``low``/``high`` (optional ``log``, ``step``) is a range, integer when both
+  bounds are integers.
+
+Unknown keys are errors naming the key and the section. CLI options override the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from bnet.errors import ConfigError
+
+SECTIONS = ("data", "model", "training", "compute")
+
+# Keys each section accepts. BehaveNet put the split keys in its training JSON and bnet's
+# design puts them under data: both are accepted.
+SECTION_KEYS: dict[str, set[str]] = {
+    "data": {
+        "data", "data_dir", "save_dir", "lab", "expt", "animal", "session", "trial_splits",
+        "rng_seed_data", "train_frac", "n_input_channels", "y_pixels", "x_pixels",
+        "use_output_mask", "use_label_mask", "neural_bin_size", "neural_type",
+        "approx_batch_size", "sessions_csv", "all_source",
+    },
+    "model": {
+        "model_class", "model_type", "n_ae_latents", "l2_reg", "rng_seed_model",
+        "fit_sess_io_layers", "ae_arch_json", "experiment_name",
+    },
+    "training": {
+        "learning_rate", "max_n_epochs", "min_n_epochs", "enable_early_stop",
+        "early_stop_history", "val_check_interval", "batch_size", "rng_seed_train",
+        "export_latents", "export_train_plots", "export_latents_best", "as_numpy",
+        "batch_load", "rng_seed_data", "train_frac", "trial_splits", "sessions_csv",
+    },
+    "compute": {
+        "device", "precision", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",
+        "tt_n_cpu_trials", "tt_n_cpu_workers", "mem_limit_gb", "slurm", "slurm_log_path",
+        "slurm_param_file",
+    },
+}
+
+# BehaveNet keys about its own machinery (test-tube workers, paths, loaders): accepted so
+# its JSON files load unchanged, and they change nothing in bnet.
+BEHAVENET_ONLY_KEYS = {
+    "save_dir", "all_source", "approx_batch_size", "sessions_csv", "export_latents_best",
+    "as_numpy", "batch_load", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",
+    "tt_n_cpu_trials", "tt_n_cpu_workers", "mem_limit_gb", "slurm", "slurm_log_path",
+    "slurm_param_file", "neural_bin_size", "neural_type", "use_label_mask", "experiment_name",
+}
+
+# Keys that name things rather than tune them: a list here is not a search dimension.
+NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name"}
+
+
+@dataclass(frozen=True)
+class Categorical:
+    choices: tuple
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+Dimension = Union[Categorical, Range]
+
+
+@dataclass
+class TuningConfig:
+    """The search itself.
+
+    Attributes:
+        n_trials: finished (complete or pruned) trials the study should hold; re-running
+            a command tops the study up to this number, so a killed study resumes.
+        sampler: ``tpe`` (Bayesian, default), ``random`` or ``grid``.
+        pruner: ``median``, ``hyperband`` or ``none``; prunes on the per-epoch val loss.
+        metric: the run metric that ranks trials.
+        direction: ``minimize`` or ``maximize``.
+        seed: sampler seed.
+        study: Optuna study name (default: the experiment name).
+    """
+
+    n_trials: int = 10
+    sampler: str = "tpe"
+    pruner: str = "median"
+    metric: str = "best_val_loss"
+    direction: str = "minimize"
+    seed: int | None = 0
+    study: str | None = None
+
+    def validate(self) -> None:
+        if self.n_trials < 1:
+            raise ConfigError(f"n_trials must be at least 1, got {self.n_trials}")
+        choices = {"sampler": ("tpe", "random", "grid"),
+                   "pruner": ("median", "hyperband", "none"),
+                   "direction": ("minimize", "maximize")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"tuning.{name} '{getattr(self, name)}' is not one of {', '.join(allowed)}"
+                )
+
+
+@dataclass
+class ProjectConfig:
+    """A parsed study config: fixed values and search dimensions by hyperparameter name."""
+
+    experiment: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    sources: list[str] = field(default_factory=list)
+
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.values.items() if not isinstance(v, (Categorical, Range))}
+
+    def dimensions(self) -> dict[str, Dimension]:
+        return {k: v for k, v in self.values.items() if isinstance(v, (Categorical, Range))}
+
+    def override(self, **values: Any) -> None:
+        """Set fixed values from CLI options (None leaves the file's value)."""
+        for key, value in values.items():
+            if value is not None:
+                self.values[key] = value
+
+
+def parse_value(key: str, value: Any, where: str) -> Any:
+    """Turn one config value into a fixed value or a search dimension."""
+    if key in NOT_SEARCHABLE:
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}: '{key}' is an empty list (an empty search range)")
+        return value[0] if len(value) == 1 else Categorical(tuple(value))
+    if isinstance(value, dict):
+        unknown = set(value) - {"low", "high", "log", "step"}
+        if unknown or not {"low", "high"} <= set(value):
+            raise ConfigError(
+                f"{where}: '{key}' must be a scalar, a list, or a mapping with low/high "
+                f"(and optional log, step); got keys {sorted(value)}"
+            )
+        low, high = value["low"], value["high"]
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (low, high)):
+            raise ConfigError(f"{where}: '{key}' range bounds must be numbers, got {low!r}, {high!r}")
+        if low > high:
+            raise ConfigError(f"{where}: '{key}' range is empty (low {low} > high {high})")
+        log = bool(value.get("log", False))
+        if log and low <= 0:
+            raise ConfigError(f"{where}: '{key}' log range needs low > 0, got {low}")
+        step = value.get("step")
+        if log and step is not None:
+            raise ConfigError(f"{where}: '{key}' cannot have both log and step")
+        return Range(low, high, log, step)
+    return value
+
+
+def _merge_section(config: ProjectConfig, section: str, content: Any, source: str) -> None:
+    if content is None:
+        return
+    if not isinstance(content, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping")
+    allowed = SECTION_KEYS[section]
+    for key, value in content.items():
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown key '{key}' in section '{section}'")
+        config.values[key] = parse_value(key, value, f"{source} [{section}]")
+    if section == "model" and "experiment_name" in content and config.experiment is None:
+        config.experiment = str(content["experiment_name"])
+
+
+def read_behavenet_json(path: str | Path) -> dict[str, Any]:
+    """Read a BehaveNet JSON config: ``#`` comments and trailing commas allowed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    lines = []
+    for line in text.splitlines():
+        in_string = False
+        for i, char in enumerate(line):
+            if char == '"' and (i == 0 or line[i - 1] != "\\"):
+                in_string = not in_string
+            elif char == "#" and not in_string:
+                line = line[:i]
+                break
+        lines.append(line)
+    cleaned = re.sub(r",(\s*[}\]])", r"\1", "\n".join(lines))
+    try:
+        content = json.loads(cleaned)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return content
+
+
+def load_project_config(
+    yaml_path: str | Path | None = None, behavenet_jsons: dict[str, str | Path] | None = None
+) -> ProjectConfig:
+    """Read a project YAML and/or BehaveNet's JSON configs (``{section: path}``).
+
+    JSON files are applied after the YAML, so they win where both set a key.
+    """
+    config = ProjectConfig()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        config.sources.append(str(path))
+        for key, value in content.items():
+            if key == "experiment":
+                config.experiment = str(value)
+            elif key == "tuning":
+                config.tuning = _tuning(value, str(path))
+            elif key in SECTIONS:
+                _merge_section(config, key, value, str(path))
+            else:
+                raise ConfigError(
+                    f"{path}: unknown section '{key}' (expected experiment, "
+                    f"{', '.join(SECTIONS)}, tuning)"
+                )
+    for section, json_path in (behavenet_jsons or {}).items():
+        if json_path is None:
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown BehaveNet config section '{section}'")
+        config.sources.append(str(json_path))
+        _merge_section(config, section, read_behavenet_json(json_path), str(json_path))
+    return config
+
+
+def _tuning(content: Any, source: str) -> TuningConfig:
+    if not isinstance(content, dict):
+        raise ConfigError(f"{source}: section 'tuning' must be a mapping")
+    names = {f.name for f in fields(TuningConfig)}
+    for key in content:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{key}' in section 'tuning'")
+    tuning = TuningConfig(**content)
+    tuning.validate()
+    return tuning
+
+
+def dataclass_from_values(cls: type, values: dict[str, Any]):
+    """Build a config dataclass from the flat hyperparameters it has fields for."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

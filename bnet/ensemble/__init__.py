@@ -1,0 +1,1 @@
+"""Top-N ensembles of study runs (see the decoders and ensembles issue)."""

@@ -1,0 +1,69 @@
+"""Models built by name.
+
+Each model file registers its classes with :func:`register`; everything else builds models
+with :func:`build_model` from a config whose ``model_class`` names the entry, and rebuilds
+them from checkpoints the same way. Adding a model is one file and one decorator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from bnet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model class: how to configure it and how to build it."""
+
+    model_class: str
+    family: str
+    config_type: type
+    builder: Callable[[Any], Any]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(model_class: str, family: str, config_type: type) -> Callable:
+    """Class decorator: make ``model_class`` buildable from a ``config_type`` instance."""
+
+    def decorate(builder: Callable) -> Callable:
+        if model_class in _REGISTRY:
+            raise RuntimeError(f"model_class '{model_class}' registered twice")
+        _REGISTRY[model_class] = ModelEntry(model_class, family, config_type, builder)
+        return builder
+
+    return decorate
+
+
+def model_entry(model_class: str) -> ModelEntry:
+    _load_builtin_models()
+    try:
+        return _REGISTRY[model_class]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown model_class '{model_class}' (known: {known})") from None
+
+
+def model_classes(family: str | None = None) -> list[str]:
+    _load_builtin_models()
+    return sorted(k for k, e in _REGISTRY.items() if family is None or e.family == family)
+
+
+def build_model(config: Any):
+    """Build the model a config describes (its ``model_class`` picks the entry)."""
+    return model_entry(config.model_class).builder(config)
+
+
+def config_from_dict(values: dict[str, Any]):
+    """Rebuild a model config from the plain dict stored in a checkpoint or run params."""
+    entry = model_entry(values["model_class"])
+    names = {f.name for f in fields(entry.config_type)}
+    return entry.config_type(**{k: v for k, v in values.items() if k in names})
+
+
+def _load_builtin_models() -> None:
+    # Importing the model modules runs their @register decorators.
+    from bnet.models import ae  # noqa: F401

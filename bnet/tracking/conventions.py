@@ -1,0 +1,22 @@
+"""The tags, params and artifact paths every bnet run follows (DESIGN.md, tracking)."""
+
+TAG_ROLE = "bnet.role"  # "study" for the parent run of a study, "trial" for a fit
+TAG_FAMILY = "bnet.family"  # ae, arhmm, decoder, ensemble
+TAG_MODEL_CLASS = "bnet.model_class"
+TAG_MODEL_TYPE = "bnet.model_type"
+TAG_DATASET = "bnet.dataset"
+TAG_DATA_HASH = "bnet.data_hash"
+TAG_DATA_PATH = "bnet.data_path"
+TAG_STUDY = "bnet.study"
+TAG_TRIAL = "bnet.trial"
+TAG_TRIAL_STATE = "bnet.trial_state"  # COMPLETE, PRUNED, FAIL (Optuna's words)
+UPSTREAM_TAG_PREFIX = "bnet.upstream."  # + "<family>_run_id"
+MLFLOW_PARENT = "mlflow.parentRunId"
+MLFLOW_RUN_NAME = "mlflow.runName"
+
+ROLE_STUDY = "study"
+ROLE_TRIAL = "trial"
+
+CHECKPOINT_PATH = "checkpoint/model.pt"
+EXPORTS_DIR = "exports"
+PLOTS_DIR = "plots"

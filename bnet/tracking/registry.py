@@ -1,0 +1,107 @@
+"""The model registry: register a run's checkpoint, load a model back by URI.
+
+A model version's source is the run's ``checkpoint/`` folder; loading downloads
+``checkpoint/model.pt`` and rebuilds the model through the model registry of
+:mod:`bnet.models` with ``torch.load(weights_only=True)`` — no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+
+from bnet.errors import TrackingError
+from bnet.tracking import conventions as tags
+from bnet.tracking.query import RunSummary, get_run
+from bnet.tracking.store import Store, connect, resolve_store
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    alias: str | None
+    run_id: str
+    source: str
+
+
+def register_run(run: RunSummary, name: str, alias: str | None = "champion",
+                 store: Store | None = None) -> RegisteredVersion:
+    """Register ``run``'s checkpoint as a new version of ``name`` and point ``alias`` at it."""
+    from mlflow.exceptions import MlflowException
+
+    client = connect(store or resolve_store())
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, tags={tags.TAG_FAMILY: run.family or ""},
+            description=f"bnet {run.family} models (registered by `bnet register`)",
+        )
+    source = f"{run.artifact_uri}/{tags.CHECKPOINT_PATH.rsplit('/', 1)[0]}"
+    version = client.create_model_version(
+        name, source=source, run_id=run.run_id,
+        tags={k: v for k, v in run.tags.items() if k.startswith("bnet.")},
+    )
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return RegisteredVersion(name, str(version.version), alias, run.run_id, source)
+
+
+def resolve_model_uri(uri: str, store: Store | None = None) -> RunSummary:
+    """The run behind a run id, ``runs:/ID``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from mlflow.exceptions import MlflowException
+
+    store = store or resolve_store()
+    client = connect(store)
+    if uri.startswith("models:/"):
+        reference = uri[len("models:/"):]
+        try:
+            if "@" in reference:
+                name, alias = reference.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            elif "/" in reference:
+                name, number = reference.split("/", 1)
+                version = client.get_model_version(name, number)
+            else:
+                raise TrackingError(f"'{uri}': use models:/NAME@ALIAS or models:/NAME/VERSION")
+        except MlflowException as err:
+            raise TrackingError(f"'{uri}' does not resolve in the model registry ({err.message})") from None
+        return get_run(version.run_id, store)
+    run_id = uri[len("runs:/"):].split("/", 1)[0] if uri.startswith("runs:/") else uri
+    if not _RUN_ID.match(run_id):
+        raise TrackingError(
+            f"'{uri}' is not a run id, runs:/RUN_ID, models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    return get_run(run_id, store)
+
+
+def download_checkpoint(run: RunSummary, destination: str, store: Store | None = None) -> str:
+    import mlflow
+
+    store = store or resolve_store()
+    try:
+        return mlflow.artifacts.download_artifacts(
+            run_id=run.run_id, artifact_path=tags.CHECKPOINT_PATH, dst_path=destination,
+            tracking_uri=store.tracking_uri,
+        )
+    except Exception as err:  # MLflow raises several types for a missing artifact
+        raise TrackingError(f"run {run.run_id} has no checkpoint artifact ({err})") from None
+
+
+def load_model(uri: str, store: Store | None = None):
+    """Rebuild the model of a run id, ``runs:/ID`` or ``models:/NAME@ALIAS`` (eval mode, CPU).
+
+    The returned module carries ``run`` (the :class:`RunSummary` it came from).
+    """
+    from bnet.models.checkpoint import load_checkpoint
+
+    store = store or resolve_store()
+    run = resolve_model_uri(uri, store)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_checkpoint(download_checkpoint(run, tmp, store))
+    model.run = run
+    return model

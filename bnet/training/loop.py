@@ -1,0 +1,211 @@
+"""The training loop shared by every gradient-trained model.
+
+Adam (amsgrad, weight decay = ``l2_reg``), one validation pass per epoch, early stopping on
+the validation loss with patience and a minimum number of epochs, and the weights of the
+best validation epoch restored at the end, so test metrics are computed with the weights
+that were selected (BehaveNet evaluated the last epoch's weights by mistake). Trackers and
+pruners plug in as callbacks; a callback that raises stops training and the exception
+propagates unchanged (Optuna's ``TrialPruned`` uses this).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from bnet.errors import ConfigError
+
+
+@dataclass
+class TrainingConfig:
+    """How to fit (BehaveNet's ``training`` config keys, plus bnet's own).
+
+    Attributes:
+        learning_rate: Adam's step size.
+        max_n_epochs: epochs at most.
+        min_n_epochs: epochs before early stopping may stop training.
+        enable_early_stop: stop when the val loss has not improved for
+            ``early_stop_history`` epochs.
+        early_stop_history: the patience, in epochs.
+        val_check_interval: validate every this many epochs.
+        batch_size: frames per batch; None uses whole trials (BehaveNet's batches).
+        rng_seed_train: seed of the batch order (separate from data and model seeds).
+        export_latents: write per-trial latents as an artifact.
+        export_train_plots: write training-curve and reconstruction figures.
+    """
+
+    learning_rate: float = 1e-4
+    max_n_epochs: int = 1000
+    min_n_epochs: int = 0
+    enable_early_stop: bool = True
+    early_stop_history: int = 10
+    val_check_interval: int = 1
+    batch_size: int | None = None
+    rng_seed_train: int = 0
+    export_latents: bool = True
+    export_train_plots: bool = True
+
+    def validate(self) -> None:
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_n_epochs < 1:
+            raise ConfigError(f"max_n_epochs must be at least 1, got {self.max_n_epochs}")
+        if self.early_stop_history < 1:
+            raise ConfigError(f"early_stop_history must be at least 1, got {self.early_stop_history}")
+        if self.val_check_interval < 1:
+            raise ConfigError(f"val_check_interval must be at least 1, got {self.val_check_interval}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    seconds: float
+    frames: int
+
+
+@dataclass
+class FitResult:
+    """What a fit produced; the model holds the best-val weights."""
+
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+    train_seconds: float
+    frames_per_second: float = field(default=0.0)
+
+
+class TrainingCallback(Protocol):
+    def on_epoch_end(self, record: EpochRecord) -> None: ...
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' asked for, but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device must be cpu, cuda or auto, got '{device}'")
+    return torch.device(device)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    memory_format = torch.channels_last
+    moved = {}
+    for name, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if value.dim() == 4:
+            value = value.contiguous(memory_format=memory_format)
+        moved[name] = value
+    return moved
+
+
+def _n_frames(batch: dict[str, torch.Tensor]) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+@torch.no_grad()
+def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> float:
+    """Frame-weighted mean loss over a dataset's batches."""
+    model.eval()
+    total, frames = 0.0, 0
+    for i in range(len(batches)):
+        batch = _to_device(batches[i], device)
+        with _autocast(device, precision):
+            loss = model.loss(batch)
+        n = _n_frames(batch)
+        total += float(loss) * n
+        frames += n
+    return total / max(frames, 1)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def fit(
+    model: torch.nn.Module,
+    train_batches,
+    val_batches,
+    config: TrainingConfig,
+    weight_decay: float = 0.0,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+    callbacks: list[TrainingCallback] = (),
+) -> FitResult:
+    """Fit ``model`` (which has ``loss(batch)``) on batches of a :class:`TrialBatches`.
+
+    Returns with the best-validation weights loaded into ``model``.
+    """
+    config.validate()
+    model.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=weight_decay, amsgrad=True
+    )
+    rng = np.random.default_rng(config.rng_seed_train)
+    min_epochs = min(config.min_n_epochs, config.max_n_epochs)
+    history: list[EpochRecord] = []
+    best_val, best_epoch, best_state = math.inf, -1, None
+    stale_epochs, stopped_early = 0, False
+    started = time.perf_counter()
+    train_frames_seen, train_seconds = 0, 0.0
+
+    for epoch in range(config.max_n_epochs):
+        epoch_start = time.perf_counter()
+        model.train()
+        total, frames = 0.0, 0
+        for i in rng.permutation(len(train_batches)):
+            batch = _to_device(train_batches[int(i)], device)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, precision):
+                loss = model.loss(batch)
+            loss.backward()
+            optimizer.step()
+            n = _n_frames(batch)
+            total += float(loss.detach()) * n
+            frames += n
+        train_seconds += time.perf_counter() - epoch_start
+        train_frames_seen += frames
+        train_loss = total / max(frames, 1)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}")
+
+        val_loss = None
+        if (epoch + 1) % config.val_check_interval == 0 or epoch + 1 == config.max_n_epochs:
+            val_loss = evaluate(model, val_batches, device, precision)
+            if val_loss < best_val:
+                best_val, best_epoch, stale_epochs = val_loss, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale_epochs += config.val_check_interval
+        record = EpochRecord(epoch, train_loss, val_loss, time.perf_counter() - epoch_start, frames)
+        history.append(record)
+        for callback in callbacks:
+            callback.on_epoch_end(record)
+        if (
+            config.enable_early_stop
+            and epoch + 1 >= min_epochs
+            and stale_epochs >= config.early_stop_history
+        ):
+            stopped_early = True
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(
+        history=history,
+        best_epoch=best_epoch,
+        best_val_loss=best_val,
+        stopped_early=stopped_early,
+        train_seconds=time.perf_counter() - started,
+        frames_per_second=train_frames_seen / max(train_seconds, 1e-9),
+    )

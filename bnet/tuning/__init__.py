@@ -1,0 +1,1 @@
+"""Optuna studies and their objectives (one module per model family)."""
