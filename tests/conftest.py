@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from bnet.data import SynthConfig, synthesize  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+TINY = SynthConfig(n_trials=12, n_frames=20, y_pixels=16, x_pixels=16, n_channels=1, n_neurons=10,
+                   n_states=3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_session(tmp_path_factory) -> Path:
+    """A 12-trial, 16x16 synthetic session shared by the tests (read-only)."""
+    return synthesize(tmp_path_factory.mktemp("data") / "tiny.hdf5", TINY)
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+def write_session(path: Path, trials: dict[str, dict[str, np.ndarray]]) -> Path:
+    """A session file from {group: {dataset name: array}} (for crafting bad files)."""
+    with h5py.File(path, "w") as f:
+        for group, members in trials.items():
+            g = f.create_group(group)
+            for name, value in members.items():
+                g.create_dataset(name, data=value)
+    return path
+
+
+def frames(n: int, c: int = 1, y: int = 16, x: int = 16, dtype=np.uint8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, size=(n, c, y, x)).astype(dtype)
