@@ -41,12 +41,14 @@ def synth(out, n_trials, n_frames, y_pixels, x_pixels, n_channels, n_neurons, n_
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--trial-splits", default="8;1;1;0", show_default=True, help="train;val;test;gap trials per block.")
 @click.option("--rng-seed-data", default=0, show_default=True)
-def check(paths, trial_splits, rng_seed_data):
+@click.option("--require", multiple=True, type=click.Choice(["images", "masks", "labels", "labels_masks", "neural"]),
+              help="A group the file must have (repeatable).")
+def check(paths, trial_splits, rng_seed_data, require):
     """Validate session files and summarise them (trials, frames, shapes, groups, splits)."""
     from bnet.data import SIGNALS, open_session, split_trials
 
     for path in paths:
-        session = open_session(path, require=())
+        session = open_session(path, require=tuple(require))
         splits = split_trials(session.trials, trial_splits, rng_seed_data, source=str(session.path))
         click.echo(f"{session.path}  [{session.dataset_id}]  ok")
         lengths = session.n_frames

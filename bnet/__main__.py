@@ -1,0 +1,3 @@
+from bnet.cli.main import main
+
+main()
