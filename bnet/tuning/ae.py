@@ -7,7 +7,7 @@ keys, model class, search ranges, splits), so bad input leaves nothing in the st
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +87,14 @@ class AETrials:
         compute.validate()
         return model, training, compute
 
+    @staticmethod
+    def split_settings(hparams: dict[str, Any]) -> dict[str, Any]:
+        return {"trial_splits": str(hparams.get("trial_splits", "8;1;1;0")),
+                "rng_seed_data": int(hparams.get("rng_seed_data", 0)),
+                "train_frac": float(hparams.get("train_frac", 1.0))}
+
     def splits(self, hparams: dict[str, Any]):
-        return split_trials(
-            self.session.trials, str(hparams.get("trial_splits", "8;1;1;0")),
-            int(hparams.get("rng_seed_data", 0)), float(hparams.get("train_frac", 1.0)),
-            source=str(self.session.path),
-        )
+        return split_trials(self.session.trials, **self.split_settings(hparams), source=str(self.session.path))
 
     def batches(self, hparams: dict[str, Any], chunk: int | None) -> tuple[Any, dict[str, TrialBatches]]:
         splits = self.splits(hparams)
@@ -119,9 +121,10 @@ class AETrials:
         device = resolve_device(compute.device)
         context.run.set_tags({tags.TAG_MODEL_CLASS: model_config.model_class,
                               tags.TAG_MODEL_TYPE: model_config.model_type, "bnet.device": str(device)})
-        context.run.log_params({"n_input_channels": model_config.n_input_channels,
-                                "y_pixels": model_config.y_pixels, "x_pixels": model_config.x_pixels,
-                                **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}})
+        resolved = {**asdict(model_config), **asdict(training), **asdict(compute),
+                    **self.split_settings(hparams),
+                    **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}}
+        context.run.log_params({k: v for k, v in resolved.items() if k not in hparams})
         context.run.log_dataset(self.session.path, self.session.dataset_id, self.digest)
         model = build_model(model_config)
         echo, max_epochs = context.echo, training.max_n_epochs
