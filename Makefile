@@ -1,0 +1,37 @@
+# Two commands (see README): `make demo` sets up and runs the demo end to end,
+# `make test` sets up and runs the tests. Both create ./.venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.bnet-installed
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo test bench ui clean
+
+# torch first and pinned: 2.13.0 is the CPU wheel on disk; any other spec pulls GBs of CUDA.
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(INSTALLED)
+
+demo: install
+	$(BIN)/bnet data synth demo-data/demo.hdf5 --n-trials 40 --n-frames 50 --y-pixels 32 --x-pixels 32
+	$(BIN)/bnet tune ae --config projects/demo/ae.yaml
+	$(BIN)/bnet best ae --experiment ae-demo --top 3
+	$(BIN)/bnet register ae --experiment ae-demo --name ae-demo --alias champion
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/ae_throughput.py
+	$(BIN)/python bench/tracking_overhead.py
+
+ui: install
+	$(BIN)/bnet ui
+
+clean:
+	rm -rf bnet-store demo-data
