@@ -6,11 +6,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import mlflow
-import numpy as np
 import optuna
 import pytest
 import torch

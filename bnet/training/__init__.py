@@ -1,5 +1,11 @@
 """Pure PyTorch fitting: no MLflow, no Optuna. Progress reaches trackers through callbacks."""
 
-from bnet.training.loop import EpochRecord, FitResult, TrainingCallback, TrainingConfig, evaluate, fit, resolve_device
+from bnet.training.loop import (
+    ComputeConfig, EpochRecord, FitResult, TrainingCallback, TrainingConfig, evaluate, fit,
+    make_optimizer, prepare, resolve_device, resolve_precision, train_step,
+)
 
-__all__ = ["EpochRecord", "FitResult", "TrainingCallback", "TrainingConfig", "evaluate", "fit", "resolve_device"]
+__all__ = [
+    "ComputeConfig", "EpochRecord", "FitResult", "TrainingCallback", "TrainingConfig", "evaluate",
+    "fit", "make_optimizer", "prepare", "resolve_device", "resolve_precision", "train_step",
+]

@@ -80,11 +80,45 @@ class FitResult:
     best_val_loss: float
     stopped_early: bool
     train_seconds: float
+    precision: str
     frames_per_second: float = field(default=0.0)
 
 
 class TrainingCallback(Protocol):
     def on_epoch_end(self, record: EpochRecord) -> None: ...
+
+
+@dataclass
+class ComputeConfig:
+    """Where and how to compute (BehaveNet's ``compute`` keys, plus ``precision``).
+
+    Attributes:
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when present).
+        precision: precision of the training step: ``fp32``, ``bf16`` (bfloat16 autocast;
+            weights, optimiser state and every reported loss stay float32) or ``auto``
+            (bf16 where the hardware runs it fast: CUDA with bf16, CPUs with AMX tiles).
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        resolve_device(self.device)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on hardware with fast bfloat16 matrix units, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if amx() else "fp32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -114,22 +148,41 @@ def _n_frames(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> float:
-    """Frame-weighted mean loss over a dataset's batches."""
-    model.eval()
+def evaluate(model, batches, device: torch.device = torch.device("cpu")) -> float:
+    """Frame-weighted mean loss over a dataset's batches, in float32.
+
+    Selection and test metrics are always float32 so they do not depend on the precision
+    the model was trained in, and a reloaded model reproduces them.
+    """
+    model.to(device).eval()
     total, frames = 0.0, 0
     for i in range(len(batches)):
         batch = _to_device(batches[i], device)
-        with _autocast(device, precision):
-            loss = model.loss(batch)
         n = _n_frames(batch)
-        total += float(loss) * n
+        total += float(model.loss(batch)) * n
         frames += n
     return total / max(frames, 1)
 
 
-def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def train_step(model, optimizer, batch: dict[str, torch.Tensor], device: torch.device, precision: str) -> float:
+    """One optimiser step on one batch; returns the batch loss."""
+    batch = _to_device(batch, device)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model.loss(batch)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """BehaveNet's optimiser: Adam with amsgrad, L2 regularisation as weight decay."""
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay, amsgrad=True)
+
+
+def prepare(model, device: torch.device):
+    """Move a model to ``device`` in channels-last layout (faster convolutions)."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def fit(
@@ -139,7 +192,7 @@ def fit(
     config: TrainingConfig,
     weight_decay: float = 0.0,
     device: torch.device = torch.device("cpu"),
-    precision: str = "fp32",
+    precision: str = "auto",
     callbacks: list[TrainingCallback] = (),
 ) -> FitResult:
     """Fit ``model`` (which has ``loss(batch)``) on batches of a :class:`TrialBatches`.
@@ -147,10 +200,9 @@ def fit(
     Returns with the best-validation weights loaded into ``model``.
     """
     config.validate()
-    model.to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=weight_decay, amsgrad=True
-    )
+    precision = resolve_precision(precision, device)
+    prepare(model, device)
+    optimizer = make_optimizer(model, config.learning_rate, weight_decay)
     rng = np.random.default_rng(config.rng_seed_train)
     min_epochs = min(config.min_n_epochs, config.max_n_epochs)
     history: list[EpochRecord] = []
@@ -164,14 +216,9 @@ def fit(
         model.train()
         total, frames = 0.0, 0
         for i in rng.permutation(len(train_batches)):
-            batch = _to_device(train_batches[int(i)], device)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, precision):
-                loss = model.loss(batch)
-            loss.backward()
-            optimizer.step()
+            batch = train_batches[int(i)]
             n = _n_frames(batch)
-            total += float(loss.detach()) * n
+            total += train_step(model, optimizer, batch, device, precision) * n
             frames += n
         train_seconds += time.perf_counter() - epoch_start
         train_frames_seen += frames
@@ -181,7 +228,8 @@ def fit(
 
         val_loss = None
         if (epoch + 1) % config.val_check_interval == 0 or epoch + 1 == config.max_n_epochs:
-            val_loss = evaluate(model, val_batches, device, precision)
+            val_loss = evaluate(model, val_batches, device)
+            model.train()
             if val_loss < best_val:
                 best_val, best_epoch, stale_epochs = val_loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -207,5 +255,6 @@ def fit(
         best_val_loss=best_val,
         stopped_early=stopped_early,
         train_seconds=time.perf_counter() - started,
+        precision=precision,
         frames_per_second=train_frames_seen / max(train_seconds, 1e-9),
     )

@@ -7,7 +7,7 @@ keys, model class, search ranges, splits), so bad input leaves nothing in the st
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +24,11 @@ from bnet.models.ae import AEConfig
 from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
-from bnet.training import EpochRecord, TrainingConfig, evaluate, fit, resolve_device
+from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
 from bnet.tuning import space
 from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
 
 FAMILY = "ae"
-
-
-@dataclass
-class ComputeConfig:
-    """Where and how to compute (BehaveNet's ``compute`` keys, plus ``precision``).
-
-    Attributes:
-        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when present).
-        precision: ``fp32`` or ``bf16`` (bfloat16 autocast: tensor cores on CUDA, AMX on
-            recent Intel CPUs; weights and optimiser state stay float32).
-    """
-
-    device: str = "auto"
-    precision: str = "fp32"
-
-    def validate(self) -> None:
-        resolve_device(self.device)
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got '{self.precision}'")
 
 
 def resolve_data_path(values: dict[str, Any], data: str | None) -> Path:
@@ -120,7 +101,8 @@ class AETrials:
         splits, batches = self.batches(hparams, training.batch_size)
         device = resolve_device(compute.device)
         context.run.set_tags({tags.TAG_MODEL_CLASS: model_config.model_class,
-                              tags.TAG_MODEL_TYPE: model_config.model_type, "bnet.device": str(device)})
+                              tags.TAG_MODEL_TYPE: model_config.model_type, "bnet.device": str(device),
+                              "bnet.precision": resolve_precision(compute.precision, device)})
         resolved = {**asdict(model_config), **asdict(training), **asdict(compute),
                     **self.split_settings(hparams),
                     **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}}
@@ -141,7 +123,7 @@ class AETrials:
 
         result = fit(model, batches["train"], batches["val"], training, weight_decay=model_config.l2_reg,
                      device=device, precision=compute.precision, callbacks=[Progress()])
-        test_loss = evaluate(model, batches["test"], device, compute.precision)
+        test_loss = evaluate(model, batches["test"], device)
         best = result.history[result.best_epoch]
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
                    "train_loss_at_best": best.train_loss, "test_loss": test_loss,
