@@ -24,6 +24,17 @@ def test_conv_ae_reconstructs_any_frame_shape(shape):
     assert float(reconstruction.min()) >= 0 and float(reconstruction.max()) <= 1  # sigmoid output
 
 
+@pytest.mark.parametrize("pixels", [64, 40])
+def test_patch_gemm_layers_equal_torch_conv_kernels(pixels):
+    model = build_model(AEConfig(y_pixels=pixels, x_pixels=pixels, n_ae_latents=6, rng_seed_model=2))
+    images = torch.rand(3, 1, pixels, pixels)
+    with torch.no_grad():
+        fast = model(images)
+        model.coder.patch_gemm = False
+        stock = model(images)
+    assert torch.allclose(fast[1], stock[1], atol=1e-5) and torch.allclose(fast[0], stock[0], atol=1e-5)
+
+
 def test_same_padding_matches_tensorflow():
     assert same_padding(128, 2, 5) == (64, 1, 2)
     assert same_padding(8, 5, 5) == (2, 1, 1)

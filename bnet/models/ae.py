@@ -65,11 +65,42 @@ def same_padding(size: int, stride: int, kernel: int) -> tuple[int, int, int]:
     return out, total // 2, total - total // 2
 
 
+def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A conv whose stride equals its kernel, as one matrix product over patches.
+
+    Non-overlapping patches make the convolution a GEMM; computing it as one avoids conv
+    kernels that are slow for tiny outputs (BehaveNet's last layer: 1x1 or 2x2 outputs).
+    ``x`` must be padded to a multiple of the kernel.
+    """
+    k = conv.kernel_size[0]
+    batch, channels, height, width = x.shape
+    patches = x.reshape(batch, channels, height // k, k, width // k, k).permute(0, 2, 4, 1, 3, 5)
+    out = F.linear(patches.reshape(-1, channels * k * k), conv.weight.flatten(1), conv.bias)
+    return out.view(batch, height // k, width // k, -1).permute(0, 3, 1, 2)
+
+
+def patch_conv_transpose(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """The transposed :func:`patch_conv`: each input pixel paints its own k x k patch."""
+    k = conv.kernel_size[0]
+    batch, channels, height, width = x.shape
+    out_channels = conv.weight.shape[1]
+    patches = x.permute(0, 2, 3, 1).reshape(-1, channels) @ conv.weight.flatten(1)
+    patches = patches.view(batch, height, width, out_channels, k, k).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, out_channels, height * k, width * k) + conv.bias.view(1, -1, 1, 1)
+
+
 class ConvCoder(nn.Module):
-    """BehaveNet's conv encoder and its mirror-image decoder."""
+    """BehaveNet's conv encoder and its mirror-image decoder.
+
+    Attributes:
+        patch_gemm: compute layers whose stride equals their kernel as one GEMM (same
+            parameters, same result); False runs torch's conv kernels for every layer,
+            exactly BehaveNet's ops (benchmarks compare the two).
+    """
 
     def __init__(self, config: AEConfig):
         super().__init__()
+        self.patch_gemm = True
         self.pads: list[tuple[int, int, int, int]] = []
         self.sizes: list[tuple[int, int]] = [(config.y_pixels, config.x_pixels)]
         in_channels = config.n_input_channels
@@ -94,10 +125,15 @@ class ConvCoder(nn.Module):
             for i in reversed(range(len(CONV_CHANNELS)))
         )
 
+    def _run_layer(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+        if self.patch_gemm and conv.stride == conv.kernel_size:
+            return patch_conv_transpose(x, conv) if isinstance(conv, nn.ConvTranspose2d) else patch_conv(x, conv)
+        return conv(x)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         h = images
         for conv, pad in zip(self.encoder_convs, self.pads):
-            h = F.leaky_relu(conv(F.pad(h, pad)), LEAKY_SLOPE)
+            h = F.leaky_relu(self._run_layer(F.pad(h, pad), conv), LEAKY_SLOPE)
         return self.to_latents(h.flatten(1))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -109,7 +145,7 @@ class ConvCoder(nn.Module):
             left, _, top, _ = self.pads[layer]
             y, x = self.sizes[layer]
             # The transposed conv is the adjoint of the padded conv: crop the same padding.
-            h = conv(h)[:, :, top : top + y, left : left + x]
+            h = self._run_layer(h, conv)[:, :, top : top + y, left : left + x]
             h = torch.sigmoid(h) if layer == 0 else F.leaky_relu(h, LEAKY_SLOPE)
         return h
 
