@@ -38,12 +38,16 @@ SECTION_KEYS: dict[str, set[str]] = {
     "model": {
         "model_class", "model_type", "n_ae_latents", "l2_reg", "rng_seed_model",
         "fit_sess_io_layers", "ae_arch_json", "experiment_name",
+        # segmentation (BehaveNet's arhmm_model.json)
+        "n_arhmm_states", "n_arhmm_lags", "noise_type", "transitions", "kappa", "alpha",
+        "arhmm_es_tol", "ae_experiment_name", "ae_version", "ae_model_type",
     },
     "training": {
         "learning_rate", "max_n_epochs", "min_n_epochs", "enable_early_stop",
         "early_stop_history", "val_check_interval", "batch_size", "rng_seed_train",
         "export_latents", "export_train_plots", "export_latents_best", "as_numpy",
         "batch_load", "rng_seed_data", "train_frac", "trial_splits", "sessions_csv",
+        "n_iters", "arhmm_es_tol", "export_states",
     },
     "compute": {
         "device", "precision", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",
@@ -59,10 +63,12 @@ BEHAVENET_ONLY_KEYS = {
     "as_numpy", "batch_load", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",
     "tt_n_cpu_trials", "tt_n_cpu_workers", "mem_limit_gb", "slurm", "slurm_log_path",
     "slurm_param_file", "neural_bin_size", "neural_type", "use_label_mask", "experiment_name",
+    "ae_model_type",
 }
 
 # Keys that name things rather than tune them: a list here is not a search dimension.
-NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name"}
+NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name",
+                  "ae_experiment_name", "ae_version"}
 
 
 @dataclass(frozen=True)

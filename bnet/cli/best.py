@@ -8,7 +8,10 @@ import click
 
 from bnet.cli.options import resolve, store_option, tracking_uri_option
 
-FAMILIES = ("ae",)
+# each family's ranking metric and direction (what its studies optimise)
+FAMILIES = {"ae": ("best_val_loss", "minimize"), "arhmm": ("val_ll_per_step", "maximize")}
+SHOWN_PARAMS = ("model_type", "n_ae_latents", "learning_rate", "l2_reg", "n_arhmm_states", "n_arhmm_lags",
+                "noise_type", "transitions", "kappa")
 
 
 @click.group()
@@ -22,12 +25,14 @@ def register():
 
 
 def _best_command(family: str) -> click.Command:
+    metric_default, direction_default = FAMILIES[family]
+
     @click.command(family, help=f"The best finished {family} runs, ranked by the study metric.")
     @click.option("--experiment", required=True, help="MLflow experiment.")
     @click.option("--top", default=1, show_default=True, help="How many runs.")
     @click.option("--study", default=None, help="Only this Optuna study's trials.")
-    @click.option("--metric", default="best_val_loss", show_default=True)
-    @click.option("--direction", type=click.Choice(["minimize", "maximize"]), default="minimize", show_default=True)
+    @click.option("--metric", default=metric_default, show_default=True)
+    @click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=direction_default, show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, best first.")
     @store_option
     @tracking_uri_option
@@ -41,23 +46,26 @@ def _best_command(family: str) -> click.Command:
             return
         if not runs:
             raise TrackingError(f"experiment '{experiment}' has no finished {family} runs with metric {metric}")
+        test_metric = metric.replace("val", "test").replace("best_", "")
         for rank, run in enumerate(runs, 1):
-            searched = {k: v for k, v in run.params.items() if k in ("n_ae_latents", "learning_rate", "l2_reg", "model_type")}
+            shown = {k: run.params[k] for k in SHOWN_PARAMS if k in run.params}
             click.echo(f"{rank}. run {run.run_id}  {metric} {run.metrics.get(metric):.6g}  "
-                       f"test_loss {run.metrics.get('test_loss', float('nan')):.6g}  "
-                       f"trial {run.tags.get('bnet.trial')} of study {run.tags.get('bnet.study')}  {searched}")
+                       f"{test_metric} {run.metrics.get(test_metric, float('nan')):.6g}  "
+                       f"trial {run.tags.get('bnet.trial')} of study {run.tags.get('bnet.study')}  {shown}")
             click.echo(f"   {run.artifact_uri}")
 
     return command
 
 
 def _register_command(family: str) -> click.Command:
+    metric_default, direction = FAMILIES[family]
+
     @click.command(family, help=f"Register the best {family} run (or --run) and set an alias.")
     @click.option("--experiment", required=True, help="MLflow experiment to pick the best run from.")
     @click.option("--name", "model_name", required=True, help="Registered model name.")
     @click.option("--alias", default="champion", show_default=True)
     @click.option("--run", "run_id", default=None, help="Register this run instead of the best.")
-    @click.option("--metric", default="best_val_loss", show_default=True)
+    @click.option("--metric", default=metric_default, show_default=True)
     @store_option
     @tracking_uri_option
     def command(experiment, model_name, alias, run_id, metric, store, tracking_uri):
@@ -70,7 +78,7 @@ def _register_command(family: str) -> click.Command:
             if run.family != family:
                 raise TrackingError(f"run {run_id} is a {run.family or 'non-bnet'} run, not {family}")
         else:
-            runs = best_runs(experiment, family, 1, metric=metric, store=resolved)
+            runs = best_runs(experiment, family, 1, metric=metric, direction=direction, store=resolved)
             if not runs:
                 raise TrackingError(f"experiment '{experiment}' has no finished {family} runs to register")
             run = runs[0]

@@ -37,25 +37,67 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
             seed, device):
     """Tune convolutional (or linear) autoencoders on one session."""
     from bnet.config import load_project_config
-    from bnet.errors import ConfigError
     from bnet.tuning.ae import tune_ae as run
 
-    if n_trials is not None and n_trials < 1:
-        raise ConfigError(f"--n-trials must be at least 1, got {n_trials}")
-    if max_epochs is not None and max_epochs < 1:
-        raise ConfigError(f"--max-epochs must be at least 1, got {max_epochs}")
+    _check_counts(n_trials=n_trials, max_epochs=max_epochs)
     config = load_project_config(config_path, {"data": data_config, "model": model_config,
                                                "training": training_config, "compute": compute_config})
     resolved = resolve(store, tracking_uri, storage)
     outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
                   max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device,
                   study=study, store=resolved, echo=click.echo)
+    _summary(outcome, resolved, config.tuning.metric)
+
+
+@tune.command("arhmm")
+@click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file.")
+@click.option("--ae-experiment", default=None, help="The AE experiment that --ae best searches.")
+@click.option("--ae", "ae_ref", default=None, help="AE to segment: best, a run id or models:/NAME@ALIAS [default best].")
+@click.option("--labels", is_flag=True, help="Segment the session's labels instead (arhmm-labels).")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
+@click.option("--n-trials", type=int, default=None,
+              help="Finished trials the study should hold; re-running tops it up (resume).")
+@click.option("--max-iters", type=int, default=None, help="n_iters (EM iterations) for every trial.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Project YAML.")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm model JSON.")
+@click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm training JSON.")
+@store_option
+@click.option("--storage", default=None, help="Optuna storage URL [default the store's optuna.db].")
+@tracking_uri_option
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None, help="[default median]")
+@click.option("--study", default=None, help="Optuna study name [default the experiment name].")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default cpu, float64]")
+def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, max_iters, config_path,
+               model_config, training_config, store, storage, tracking_uri, sampler, pruner, study, seed, device):
+    """Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels."""
+    from bnet.config import load_project_config
+    from bnet.tuning.arhmm import tune_arhmm as run
+
+    _check_counts(n_trials=n_trials, max_iters=max_iters)
+    config = load_project_config(config_path, {"model": model_config, "training": training_config})
+    resolved = resolve(store, tracking_uri, storage)
+    outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
+                  config=config, n_trials=n_trials, max_iters=max_iters, sampler=sampler, pruner=pruner,
+                  seed=seed, device=device, study=study, store=resolved, echo=click.echo)
+    _summary(outcome, resolved, "val_ll_per_step")
+
+
+def _check_counts(**counts):
+    from bnet.errors import ConfigError
+
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _summary(outcome, resolved, metric: str) -> None:
     click.echo("")
     click.echo(f"study '{outcome.study_name}' in experiment '{outcome.experiment}': "
                f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed")
     if outcome.best_run_id:
-        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, "
-                   f"{config.tuning.metric} {outcome.best_value:.6g}")
+        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, {metric} {outcome.best_value:.6g}")
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:

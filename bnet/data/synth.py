@@ -149,7 +149,7 @@ def synthesize(path: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     background = np.stack(
         [0.1 + 0.08 * np.sin(2 * np.pi * (xx * (c + 1) + yy)) ** 2 for c in range(C)]
     )
-    blob_sigma = 0.06 * min(X, Y)
+    blob_sigma = 0.08 * min(X, Y)
     readout = rng.standard_normal((config.n_neurons, D)) / np.sqrt(D)
     baseline = rng.uniform(np.log(0.5), np.log(2.0), size=config.n_neurons)
 

@@ -105,3 +105,41 @@ def load_model(uri: str, store: Store | None = None):
         model = load_checkpoint(download_checkpoint(run, tmp, store))
     model.run = run
     return model
+
+
+def resolve_upstream(reference: str, family: str, experiment: str | None = None,
+                     metric: str = "best_val_loss", direction: str = "minimize",
+                     store: Store | None = None) -> RunSummary:
+    """The finished ``family`` run that ``reference`` names: ``best`` (the best run of
+    ``experiment`` by ``metric``), a run id, ``runs:/ID`` or ``models:/NAME@ALIAS``."""
+    from bnet.tracking.query import best_runs
+
+    store = store or resolve_store()
+    if reference == "best":
+        if not experiment:
+            raise TrackingError(f"--{family} best needs --{family}-experiment NAME to search")
+        runs = best_runs(experiment, family, 1, metric=metric, direction=direction, store=store)
+        if not runs:
+            raise TrackingError(f"experiment '{experiment}' has no finished {family} runs")
+        return runs[0]
+    run = resolve_model_uri(reference, store)
+    if run.family != family:
+        raise TrackingError(
+            f"'{reference}' resolves to run {run.run_id}, a {run.family or 'non-bnet'} run, not {family}"
+        )
+    if run.status != "FINISHED":
+        raise TrackingError(f"'{reference}' resolves to run {run.run_id}, which is {run.status}, not FINISHED")
+    return run
+
+
+def download_artifact(run: RunSummary, path: str, destination: str, store: Store | None = None) -> str | None:
+    """A run's artifact downloaded to ``destination``, or None if the run has no such artifact."""
+    import mlflow
+
+    store = store or resolve_store()
+    client = connect(store)
+    folder = path.rsplit("/", 1)[0] if "/" in path else None
+    if path not in {a.path for a in client.list_artifacts(run.run_id, folder)}:
+        return None
+    return mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path=path,
+                                               dst_path=destination, tracking_uri=store.tracking_uri)

@@ -25,22 +25,10 @@ from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
-from bnet.tuning import space
+from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment
 from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
 
 FAMILY = "ae"
-
-
-def resolve_data_path(values: dict[str, Any], data: str | None) -> Path:
-    """``--data``, else ``data``, else BehaveNet's ``data_dir/lab/expt/animal/session``."""
-    if data:
-        return Path(data)
-    if values.get("data"):
-        return Path(values["data"])
-    keys = ("data_dir", "lab", "expt", "animal", "session")
-    if all(values.get(k) for k in keys):
-        return Path(*(str(values[k]) for k in keys)) / "data.hdf5"
-    raise ConfigError("no data: pass --data PATH, or set data (or data_dir/lab/expt/animal/session)")
 
 
 def _check_image_shape(session: Session, values: dict[str, Any]) -> None:
@@ -198,34 +186,20 @@ def tune_ae(
     Arguments left as None come from ``config`` (a :class:`ProjectConfig`), then defaults.
     """
     config = config or ProjectConfig()
-    config.override(max_n_epochs=max_epochs, device=device)
-    tuning = config.tuning
-    for name, value in (("n_trials", n_trials), ("sampler", sampler), ("pruner", pruner),
-                        ("seed", seed), ("study", study)):
-        if value is not None:
-            setattr(tuning, name, value)
-    tuning.validate()
-    experiment = experiment or config.experiment
-    if not experiment:
-        raise ConfigError("no experiment name: pass --experiment NAME or set experiment in the config")
+    tuning = apply_options(config, {"n_trials": n_trials, "sampler": sampler, "pruner": pruner,
+                                    "seed": seed, "study": study},
+                           {"max_n_epochs": max_epochs, "device": device})
+    experiment = resolve_experiment(experiment, config)
     values = config.values
     values.setdefault("model_class", "ae")
-    data_path = resolve_data_path(values, data)
-    session = open_session(data_path, require=("images",))
+    session = open_session(resolve_data_path(values, data), require=("images",))
     _check_image_shape(session, values)
     values["data"] = str(session.path)
-
-    dimensions = config.dimensions()
-    fixed = config.fixed()
     trials = AETrials(session, session.digest()[:16])
-    for key, dim in dimensions.items():
-        # every categorical choice must be a valid point on its own (model_class, model_type, ...)
-        for choice in getattr(dim, "choices", ()):
-            trials.check({**fixed, **space.first_values(dimensions), key: choice})
-    trials.check({**fixed, **space.first_values(dimensions)})
+    check_every_choice(config, trials.check)
 
     spec = StudySpec(
-        experiment=experiment, family=FAMILY, tuning=tuning, fixed=fixed, dimensions=dimensions,
+        experiment=experiment, family=FAMILY, tuning=tuning, fixed=config.fixed(), dimensions=config.dimensions(),
         store=store or resolve_store(),
         run_tags={tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: trials.digest,
                   tags.TAG_DATA_PATH: str(session.path)},

@@ -1,0 +1,303 @@
+"""`bnet tune arhmm`: an Optuna study of ARHMMs over AE latents (or labels).
+
+The input is resolved by an MLflow query (``--ae best|RUN_ID|models:/NAME@ALIAS``): latents
+come from the AE run's exported artifact, or are computed by loading its model. The
+objective is the held-out log-likelihood per time step and dimension on the val split
+(BehaveNet's number), and the parameters that earn it are the ones saved.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bnet.config import ProjectConfig, dataclass_from_values
+from bnet.data import open_session, split_trials
+from bnet.data.exports import read_export, write_export
+from bnet.data.session import Session, trial_name
+from bnet.data.splits import TrialSplits
+from bnet.errors import ConfigError, DataError
+from bnet.models import build_model, model_entry, save_checkpoint
+from bnet.models.arhmm.registered import SegmentationConfig
+from bnet.plotting.arhmm import plot_durations, plot_dynamics, plot_state_raster, plot_transition_matrix, run_lengths
+from bnet.tracking import conventions as tags
+from bnet.tracking.query import RunSummary
+from bnet.tracking.registry import download_artifact, load_model, resolve_upstream
+from bnet.tracking.store import Store, resolve_store
+from bnet.training import resolve_device
+from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment
+from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
+
+FAMILY = "arhmm"
+METRIC = "val_ll_per_step"
+
+
+@dataclass
+class SegmentationFitConfig:
+    """How to fit an ARHMM (BehaveNet's ``arhmm_training.json`` keys).
+
+    Attributes:
+        n_iters: EM iterations at most.
+        arhmm_es_tol: stop when the relative change of the training log-likelihood is at
+            most this (0: run every iteration).
+        export_states: write Viterbi states and posteriors per trial as an artifact.
+        export_train_plots: write the figures (rasters, durations, transitions, dynamics).
+        device: ``cpu`` (float64), ``cuda`` (float32) or ``auto``.
+    """
+
+    n_iters: int = 150
+    arhmm_es_tol: float = 0.0
+    export_states: bool = True
+    export_train_plots: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class Observations:
+    """What the ARHMM is fitted to, per trial, and where it came from."""
+
+    values: dict[int, np.ndarray]
+    splits: TrialSplits
+    name: str  # "latent" or "label"
+    upstream: RunSummary | None = None
+
+    @property
+    def n_dims(self) -> int:
+        return next(iter(self.values.values())).shape[1]
+
+    def split(self, name: str) -> list[np.ndarray]:
+        return [self.values[t] for t in self.splits[name]]
+
+
+def ae_observations(session: Session, ae_run: RunSummary, store: Store) -> Observations:
+    """The AE run's exported latents, or latents computed by loading its model."""
+    if ae_run.tags.get(tags.TAG_DATA_HASH) not in (None, session.digest()[:16]):
+        raise DataError(
+            f"{session.path}: AE run {ae_run.run_id} was trained on other data "
+            f"(data hash {ae_run.tags.get(tags.TAG_DATA_HASH)}, this file {session.digest()[:16]})"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(ae_run, f"{tags.EXPORTS_DIR}/latents.hdf5", tmp, store)
+        if path is not None:
+            latents, splits = read_export(path, "latents")
+        else:
+            from bnet.tuning.ae import encode_session
+
+            model = load_model(ae_run.run_id, store)
+            latents = encode_session(model, session, torch.device("cpu"))
+            params = ae_run.params
+            splits = split_trials(session.trials, params.get("trial_splits", "8;1;1;0"),
+                                  int(params.get("rng_seed_data", 0)), float(params.get("train_frac", 1.0)))
+    missing = sorted(set(session.trials) - set(latents))
+    if missing:
+        raise DataError(f"AE run {ae_run.run_id}: its latents lack {trial_name(missing[0])} of {session.path}")
+    return Observations(latents, splits, "latent", ae_run)
+
+
+def label_observations(session: Session, values: dict[str, Any]) -> Observations:
+    labels = dict(zip(session.trials, session.read_all("labels")))
+    splits = split_trials(session.trials, str(values.get("trial_splits", "8;1;1;0")),
+                          int(values.get("rng_seed_data", 0)), float(values.get("train_frac", 1.0)),
+                          source=str(session.path))
+    return Observations({t: x.astype(np.float64) for t, x in labels.items()}, splits, "label")
+
+
+def check_observations(observations: Observations, source: str) -> None:
+    for trial, x in observations.values.items():
+        if not np.all(np.isfinite(x)):
+            bad = int(np.argwhere(~np.isfinite(x))[0][0])
+            raise DataError(f"{source}: {trial_name(trial)} has NaN or infinite {observations.name}s (frame {bad})")
+
+
+class ARHMMTrials:
+    """Fits one ARHMM per trial on fixed observations and logs it (the study's FitTrial)."""
+
+    def __init__(self, observations: Observations, session: Session, source: str, conditional_kappa: bool):
+        """``conditional_kappa``: kappa or transitions are searched, so trials whose
+        transitions are not sticky run with kappa = 0 (kappa only acts on sticky
+        transitions); with both fixed, kappa > 0 and non-sticky transitions is an error."""
+        self.observations = observations
+        self.session = session
+        self.source = source
+        self.conditional_kappa = conditional_kappa
+
+    def configs(self, hparams: dict[str, Any]) -> tuple[SegmentationConfig, SegmentationFitConfig]:
+        values = dict(hparams)
+        if self.conditional_kappa and values.get("transitions", "stationary") != "sticky":
+            values["kappa"] = 0.0
+        if values.get("model_class") == "hmm":
+            values.setdefault("n_arhmm_lags", 0)
+        fit = dataclass_from_values(SegmentationFitConfig, values)
+        device = resolve_device(fit.device)
+        model = dataclass_from_values(SegmentationConfig, {**values, "n_iters": fit.n_iters,
+                                                           "arhmm_es_tol": fit.arhmm_es_tol,
+                                                           "device": str(device)})
+        for name in ("n_arhmm_states", "n_arhmm_lags", "n_iters"):
+            setattr(model, name, int(getattr(model, name)))
+        model.validate()
+        return model, fit
+
+    def check(self, hparams: dict[str, Any]) -> None:
+        model_class = str(hparams.get("model_class", "arhmm"))
+        if model_entry(model_class).family != FAMILY:
+            raise ConfigError(f"model_class '{model_class}' is not a segmentation model (hmm, arhmm, arhmm-labels)")
+        model, _ = self.configs(hparams)
+        shortest = min(len(x) for x in self.observations.values.values())
+        if model.n_arhmm_lags >= shortest:
+            raise DataError(f"{self.source}: n_arhmm_lags={model.n_arhmm_lags} is not less than the "
+                            f"shortest trial ({shortest} frames)")
+        n_train = sum(len(x) - model.n_arhmm_lags for x in self.observations.split("train"))
+        if model.n_arhmm_states > n_train:
+            raise DataError(f"{self.source}: n_arhmm_states={model.n_arhmm_states} is more than the "
+                            f"{n_train} training frames")
+
+    def __call__(self, context: TrialContext) -> dict[str, float]:
+        config, fit_config = self.configs(context.hparams)
+        obs = self.observations
+        context.run.set_tags({tags.TAG_MODEL_CLASS: config.model_class, tags.TAG_MODEL_TYPE: config.noise_type})
+        resolved = {**asdict(config), **asdict(fit_config), "n_dims": obs.n_dims, "effective_kappa": config.kappa,
+                    **{f"n_{k}_trials": len(v) for k, v in obs.splits.as_dict().items()}}
+        context.run.log_params({k: v for k, v in resolved.items() if k not in context.hparams})
+        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.digest()[:16])
+        model = build_model(config)
+        engine = model.engine
+        train, val, test = (obs.split(name) for name in ("train", "val", "test"))
+        scale = {name: sum(len(x) for x in xs) * obs.n_dims for name, xs in
+                 (("train", train), ("val", val), ("test", test))}
+        engine.initialize(train)
+        best = {"value": engine.log_likelihood(val) / scale["val"], "iteration": 0,
+                "state": engine.state_dict()}
+
+        def on_iteration(iteration: int, train_ll: float, val_ll: float | None) -> bool:
+            # per-iteration series get their own names: MLflow's "latest" value of a metric is
+            # the one with the highest step, so the final val_ll_per_step must not share a key
+            per_step = {"train_ll": train_ll / scale["train"], "val_ll": val_ll / scale["val"]}
+            if per_step["val_ll"] > best["value"]:
+                best.update(value=per_step["val_ll"], iteration=iteration, state=engine.state_dict())
+            if iteration == 1 or iteration % 10 == 0:
+                context.echo(f"  trial {context.number} EM iteration {iteration}/{config.n_iters}  "
+                             f"train ll/step {per_step['train_ll']:.4f}  val {per_step['val_ll']:.4f}")
+            context.on_epoch_end(iteration, per_step)
+            return False
+
+        history = engine.fit(train, callback=on_iteration, val_sequences=val)
+        model.load_state_dict(best["state"])
+        engine = model.engine
+        engine.permute_states_by_usage(train)
+        val_score = engine.log_likelihood(val) / scale["val"]
+        if not math.isclose(val_score, best["value"], rel_tol=1e-6, abs_tol=1e-9):
+            raise RuntimeError(f"saved parameters score {val_score}, selected {best['value']}")
+
+        trials = list(self.session.trials)
+        sequences = [obs.values[t] for t in trials]
+        states = [z.cpu().numpy().astype(np.int64) for z in engine.viterbi(sequences)]
+        probs = [p.cpu().numpy() for p in engine.expected_states(sequences).expected_states]
+        durations = run_lengths(states, config.n_arhmm_states)
+        usage = np.bincount(np.concatenate(states), minlength=config.n_arhmm_states) / sum(len(z) for z in states)
+        all_durations = [d for per_state in durations for d in per_state]
+        metrics = {
+            METRIC: val_score,
+            "train_ll_per_step": engine.log_likelihood(train) / scale["train"],
+            "test_ll_per_step": engine.log_likelihood(test) / scale["test"],
+            "best_iteration": best["iteration"],
+            "n_iters_run": history.n_iters,
+            "median_state_duration": float(np.median(all_durations)),
+            "n_states_used": int((usage > 0).sum()),
+            **{f"state_usage_{k}": float(u) for k, u in enumerate(usage)},
+        }
+        self._log_artifacts(context, model, config, fit_config, trials, states, probs, durations)
+        return metrics
+
+    def _log_artifacts(self, context, model, config, fit_config, trials, states, probs, durations) -> None:
+        run, obs = context.run, self.observations
+        with tempfile.TemporaryDirectory() as tmp:
+            upstream = obs.upstream.run_id if obs.upstream else ""
+            checkpoint = save_checkpoint(Path(tmp) / "model.pt", model,
+                                         {"run_id": run.run_id, "dataset": self.session.dataset_id,
+                                          "upstream_ae_run_id": upstream, "observations": obs.name})
+            run.log_file(checkpoint, "checkpoint")
+            if fit_config.export_states:
+                path = write_export(Path(tmp) / "states.hdf5",
+                                    {"states": dict(zip(trials, states)), "probs": dict(zip(trials, probs))},
+                                    obs.splits, {"run_id": run.run_id, "dataset": self.session.dataset_id})
+                run.log_file(path, tags.EXPORTS_DIR)
+        if fit_config.export_train_plots:
+            shown = list(obs.splits.test[:2]) + list(obs.splits.val[:2])
+            index = {t: i for i, t in enumerate(trials)}
+            run.log_figure(plot_state_raster([obs.values[t] for t in shown], [states[index[t]] for t in shown],
+                                             [f"held-out {trial_name(t)}" for t in shown], config.n_arhmm_states,
+                                             obs.name), "state_raster")
+            run.log_figure(plot_durations(durations), "state_durations")
+            params = model.engine.parameters
+            if params.log_Ps is not None:
+                matrix = torch.softmax(params.log_Ps, dim=-1).cpu().numpy()
+                run.log_figure(plot_transition_matrix(matrix), "transition_matrix")
+            if config.n_arhmm_lags > 0:
+                run.log_figure(plot_dynamics(params.As.cpu().numpy()), "ar_dynamics")
+
+
+def tune_arhmm(
+    data: str | Path | None = None,
+    experiment: str | None = None,
+    ae: str | None = None,
+    ae_experiment: str | None = None,
+    labels: bool = False,
+    config: ProjectConfig | None = None,
+    n_trials: int | None = None,
+    max_iters: int | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    study: str | None = None,
+    store: Store | None = None,
+    echo: Echo = print,
+) -> StudyOutcome:
+    """Run (or resume) an ARHMM study; the Python face of ``bnet tune arhmm``.
+
+    Args:
+        ae: ``best``, a run id or ``models:/NAME@ALIAS`` of the AE whose latents to segment.
+        ae_experiment: the experiment ``ae="best"`` searches.
+        labels: segment the session's labels instead (``arhmm-labels``).
+    """
+    config = config or ProjectConfig()
+    store = store or resolve_store()
+    tuning = apply_options(config, {"n_trials": n_trials, "sampler": sampler, "pruner": pruner,
+                                    "seed": seed, "study": study},
+                           {"n_iters": max_iters, "device": device})
+    tuning.metric, tuning.direction = METRIC, "maximize"
+    experiment = resolve_experiment(experiment, config)
+    values = config.values
+    if labels and ae:
+        raise ConfigError("--labels and --ae are alternatives: segment labels or AE latents, not both")
+    values.setdefault("model_class", "arhmm-labels" if labels else "arhmm")
+    session = open_session(resolve_data_path(values, data), require=("labels",) if labels else ())
+    values["data"] = str(session.path)
+    if labels:
+        observations = label_observations(session, values)
+        run_tags = {}
+    else:
+        reference = ae or values.get("ae_version") or "best"
+        ae_run = resolve_upstream(str(reference), "ae", ae_experiment or values.get("ae_experiment_name"), store=store)
+        observations = ae_observations(session, ae_run, store)
+        run_tags = {f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id": ae_run.run_id}
+        values.setdefault("ae_experiment_name", ae_experiment or "")
+    source = f"{session.path} ({'labels' if labels else 'latents of AE run ' + observations.upstream.run_id})"
+    check_observations(observations, source)
+    searched = config.dimensions()
+    trials = ARHMMTrials(observations, session, source, "kappa" in searched or "transitions" in searched)
+    check_every_choice(config, trials.check)
+
+    spec = StudySpec(
+        experiment=experiment, family=FAMILY, tuning=tuning, fixed=config.fixed(),
+        dimensions=config.dimensions(), store=store, objective_key="val_ll",
+        run_tags={tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.digest()[:16],
+                  tags.TAG_DATA_PATH: str(session.path), **run_tags},
+    )
+    return run_study(spec, trials, echo)

@@ -1,0 +1,193 @@
+"""`bnet tune arhmm`: upstream resolution, tracking, exports, bad input, and a science check."""
+
+import json
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from scipy.optimize import linear_sum_assignment
+
+import bnet
+from bnet.cli.main import cli
+from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials, synthesize
+from bnet.errors import DataError
+from bnet.models.arhmm import ARHMM, ARHMMConfig
+from bnet.tracking import resolve_store
+from bnet.tuning.arhmm import Observations, check_observations
+from conftest import frames, write_session
+from test_cli_bad_input import assert_clean_failure
+
+AE_YAML = """
+experiment: ae-up
+model: {model_type: linear, n_ae_latents: 3}
+training: {learning_rate: 0.003, max_n_epochs: 3}
+tuning: {n_trials: 1, pruner: none}
+"""
+ARHMM_YAML = """
+experiment: arhmm-test
+model:
+  n_arhmm_states: [2, 3]
+  n_arhmm_lags: 1
+  transitions: [stationary, sticky]
+  kappa: {low: 1.0, high: 100.0, log: true}
+training: {n_iters: 8}
+tuning: {n_trials: 3, pruner: none, seed: 0}
+"""
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, tiny_session):
+    root = tmp_path_factory.mktemp("arhmm")
+    (root / "ae.yaml").write_text(AE_YAML)
+    (root / "arhmm.yaml").write_text(ARHMM_YAML)
+    store = root / "store"
+    invoke("tune", "ae", "--data", tiny_session, "--config", root / "ae.yaml", "--store", store)
+    output = invoke("tune", "arhmm", "--data", tiny_session, "--ae-experiment", "ae-up", "--ae", "best",
+                    "--config", root / "arhmm.yaml", "--store", store)
+    return {"root": root, "store": store, "output": output, "data": tiny_session}
+
+
+@pytest.mark.slow
+def test_arhmm_study_over_best_ae_latents(upstream, tmp_path):
+    resolved = resolve_store(upstream["store"])
+    client = MlflowClient(resolved.tracking_uri)
+    ae_run = bnet.best_runs("ae-up", family="ae", store=resolved)[0]
+    runs = bnet.best_runs("arhmm-test", family="arhmm", top=5, metric="val_ll_per_step",
+                          direction="maximize", store=resolved)
+    assert len(runs) == 3
+    scores = [r.metrics["val_ll_per_step"] for r in runs]
+    assert scores == sorted(scores, reverse=True)
+    best = runs[0]
+    assert best.tags["bnet.upstream.ae_run_id"] == ae_run.run_id
+    assert best.tags["bnet.data_hash"] == ae_run.tags["bnet.data_hash"]
+    assert {"test_ll_per_step", "median_state_duration", "state_usage_0", "best_iteration"} <= set(best.metrics)
+    history = client.get_metric_history(best.run_id, "val_ll")
+    assert len(history) >= 2 and [m.step for m in history][:2] == [1, 2]
+    # the selected iteration's val score is the run's val_ll_per_step
+    assert max(m.value for m in history) == pytest.approx(best.metrics["val_ll_per_step"], rel=1e-9) or \
+        best.metrics["best_iteration"] == 0
+    # non-sticky trials ran with kappa = 0 (kappa only acts on sticky transitions)
+    for run in runs:
+        if run.params["transitions"] != "sticky":
+            assert float(run.params["effective_kappa"]) == 0.0
+    plots = {a.path for a in client.list_artifacts(best.run_id, "plots")}
+    assert {"plots/state_raster.png", "plots/state_durations.png", "plots/transition_matrix.png",
+            "plots/ar_dynamics.png"} <= plots
+
+    local = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path="exports/states.hdf5",
+                                                dst_path=str(tmp_path), tracking_uri=resolved.tracking_uri)
+    session = open_session(upstream["data"])
+    K = int(best.params["n_arhmm_states"])
+    with h5py.File(local) as f:
+        assert len(f["states"]) == session.n_trials
+        z, p = f["states/trial_0000"][()], f["probs/trial_0000"][()]
+        assert z.shape == (20,) and p.shape == (20, K) and z.max() < K
+        assert np.allclose(p.sum(1), 1)
+        assert list(f["splits/val"][()]) == list(split_trials(session.trials).val)
+
+    # the saved parameters are the ones that earned the logged score
+    model = bnet.load_model(best.run_id, store=resolved)
+    latents_path = mlflow.artifacts.download_artifacts(run_id=ae_run.run_id, artifact_path="exports/latents.hdf5",
+                                                       dst_path=str(tmp_path / "ae"), tracking_uri=resolved.tracking_uri)
+    with h5py.File(latents_path) as f:
+        val = [f[f"latents/trial_{t:04d}"][()] for t in split_trials(session.trials).val]
+    assert model.engine.log_likelihood_per_step(val) == pytest.approx(best.metrics["val_ll_per_step"], rel=1e-9)
+
+    listed = json.loads(invoke("best", "arhmm", "--experiment", "arhmm-test", "--json", "--store", upstream["store"]))
+    assert listed[0]["run_id"] == best.run_id
+    assert "version 1" in invoke("register", "arhmm", "--experiment", "arhmm-test", "--name", "seg",
+                                 "--store", upstream["store"])
+    assert bnet.load_model("models:/seg@champion", store=resolved).run.run_id == best.run_id
+
+
+@pytest.mark.slow
+def test_arhmm_labels_study(tmp_path, tiny_session):
+    store = tmp_path / "store"
+    output = invoke("tune", "arhmm", "--data", tiny_session, "--labels", "--experiment", "labels-seg",
+                    "--n-trials", 1, "--max-iters", 3, "--store", store)
+    assert "1 complete" in output
+    run = bnet.best_runs("labels-seg", family="arhmm", metric="val_ll_per_step", direction="maximize",
+                         store=resolve_store(store))[0]
+    assert run.tags["bnet.model_class"] == "arhmm-labels" and "bnet.upstream.ae_run_id" not in run.tags
+    assert run.params["n_dims"] == "4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ae_ref, fragment", [
+    ("0123456789abcdef0123456789abcdef", "no run with id '0123456789abcdef0123456789abcdef'"),
+    ("models:/nothing@champion", "'models:/nothing@champion' does not resolve"),
+    ("arhmm-run", "a arhmm run, not ae"),
+])
+def test_ae_reference_that_resolves_to_nothing_or_the_wrong_family(upstream, ae_ref, fragment):
+    resolved = resolve_store(upstream["store"])
+    if ae_ref == "arhmm-run":
+        ae_ref = bnet.best_runs("arhmm-test", family="arhmm", metric="val_ll_per_step", direction="maximize",
+                                store=resolved)[0].run_id
+    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(upstream["data"]), "--ae", ae_ref,
+                                      "--experiment", "never-created", "--n-trials", "1", "--store", str(upstream["store"])])
+    assert_clean_failure(result, fragment)
+    assert MlflowClient(resolved.tracking_uri).get_experiment_by_name("never-created") is None
+
+
+@pytest.mark.slow
+def test_ae_best_in_an_experiment_without_ae_runs(upstream):
+    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(upstream["data"]), "--ae", "best",
+                                      "--ae-experiment", "arhmm-test", "--experiment", "never-created",
+                                      "--n-trials", "1", "--store", str(upstream["store"])])
+    assert_clean_failure(result, "experiment 'arhmm-test' has no finished ae runs")
+
+
+@pytest.mark.parametrize("yaml_text, fragments", [
+    ("model: {n_arhmm_states: 3, transitions: stationary, kappa: 100}", ["kappa=100", "transitions='sticky'"]),
+    ("model: {n_arhmm_states: 500}", ["n_arhmm_states=500 is more than the", "training frames"]),
+    ("model: {n_arhmm_states: 2, n_arhmm_lags: 20}", ["n_arhmm_lags=20 is not less than the shortest trial (20 frames)"]),
+    ("model: {n_arhmm_states: 2, noise_type: laplace}", ["noise_type must be one of"]),
+    ("model: {model_class: [arhmm-labels, ae]}", ["model_class 'ae' is not a segmentation model"]),
+])
+def test_bad_arhmm_configs_fail_before_anything_is_logged(tmp_path, tiny_session, yaml_text, fragments):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    store = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(tiny_session), "--labels", "--experiment", "x",
+                                      "--n-trials", "1", "--config", str(config), "--store", str(store)])
+    assert_clean_failure(result, *fragments, store=store)
+
+
+def test_nan_observations_name_the_trial(tmp_path):
+    images = {f"trial_{i:04d}": frames(10) for i in range(10)}
+    labels = {f"trial_{i:04d}": np.ones((10, 2)) for i in range(10)}
+    labels["trial_0006"][4, 1] = np.nan
+    path = write_session(tmp_path / "nan.hdf5", {"images": images, "labels": labels})
+    store = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(path), "--labels", "--experiment", "x",
+                                      "--n-trials", "1", "--store", str(store)])
+    assert_clean_failure(result, "nan.hdf5", "trial_0006 has NaN or infinite labels (frame 4)", store=store)
+    latents = Observations({3: np.array([[0.0, np.nan]])}, split_trials(list(range(10))), "latent")
+    with pytest.raises(DataError, match="trial_0003 has NaN or infinite latents"):
+        check_observations(latents, "AE run abc")
+
+
+def test_arhmm_recovers_true_states_from_true_latents(tmp_path):
+    """Science check: on the generator's own latents the states come back (>= 95%)."""
+    path = synthesize(tmp_path / "s.hdf5", SynthConfig(n_trials=20, n_frames=100, y_pixels=8, x_pixels=8,
+                                                       n_neurons=0, n_states=4, seed=1))
+    states = read_ground_truth(path, "states")
+    latents = read_ground_truth(path, "latents")
+    model = ARHMM(ARHMMConfig(n_arhmm_states=4, n_arhmm_lags=1, transitions="sticky", kappa=100.0,
+                              n_iters=50, arhmm_es_tol=1e-7))
+    model.fit(latents[:16], val_sequences=latents[16:])
+    found = np.concatenate([z.numpy() for z in model.viterbi(latents[16:])])
+    true = np.concatenate(states[16:])
+    overlap = np.zeros((4, 4))
+    np.add.at(overlap, (true, found), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    assert overlap[rows, cols].sum() / len(true) >= 0.95
