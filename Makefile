@@ -22,6 +22,8 @@ demo: install
 	$(BIN)/bnet tune ae --config projects/demo/ae.yaml
 	$(BIN)/bnet best ae --experiment ae-demo --top 3
 	$(BIN)/bnet register ae --experiment ae-demo --name ae-demo --alias champion
+	$(BIN)/bnet tune arhmm --data demo-data/demo.hdf5 --ae-experiment ae-demo --ae best --config projects/demo/arhmm.yaml
+	$(BIN)/bnet best arhmm --experiment arhmm-demo --top 3
 
 test: install
 	$(BIN)/pytest -q
@@ -29,6 +31,8 @@ test: install
 bench: install
 	$(BIN)/python bench/ae_throughput.py
 	$(BIN)/python bench/tracking_overhead.py
+	$(BIN)/python bench/arhmm_em.py
+	$(BIN)/python bench/arhmm_science.py
 
 ui: install
 	$(BIN)/bnet ui
