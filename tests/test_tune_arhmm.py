@@ -191,3 +191,20 @@ def test_arhmm_recovers_true_states_from_true_latents(tmp_path):
     np.add.at(overlap, (true, found), 1)
     rows, cols = linear_sum_assignment(-overlap)
     assert overlap[rows, cols].sum() / len(true) >= 0.95
+
+
+@pytest.mark.slow
+def test_syllable_movie(upstream, tmp_path):
+    resolved = resolve_store(upstream["store"])
+    run = bnet.best_runs("arhmm-test", family="arhmm", metric="val_ll_per_step", direction="maximize", store=resolved)[0]
+    out = tmp_path / "syllables.gif"
+    output = invoke("plot", "syllables", run.run_id, "--out", out, "--min-frames", 1, "--clips", 2,
+                    "--store", upstream["store"])
+    assert "wrote" in output and out.stat().st_size > 1000
+    from PIL import Image
+    with Image.open(out) as movie:
+        assert movie.n_frames > 5
+    if not __import__("matplotlib.animation").animation.writers.is_available("ffmpeg"):
+        result = CliRunner().invoke(cli, ["plot", "syllables", run.run_id, "--out", str(tmp_path / "m.mp4"),
+                                          "--store", str(upstream["store"])])
+        assert_clean_failure(result, "needs ffmpeg")

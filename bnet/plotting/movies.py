@@ -1,0 +1,66 @@
+"""Syllable movies: clips of frames from each discrete state, one panel per state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.animation as animation  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bnet.errors import BnetError  # noqa: E402
+
+
+def state_segments(states: dict[int, np.ndarray], state: int, min_frames: int) -> list[tuple[int, int, int]]:
+    """(trial, start, stop) of every run of ``state`` at least ``min_frames`` long."""
+    segments = []
+    for trial, z in sorted(states.items()):
+        inside = np.concatenate([[False], z == state, [False]])
+        edges = np.flatnonzero(np.diff(inside.astype(np.int8)))
+        for start, stop in zip(edges[::2], edges[1::2]):
+            if stop - start >= min_frames:
+                segments.append((trial, int(start), int(stop)))
+    return segments
+
+
+def write_syllable_movie(panels: list[np.ndarray], titles: list[str], path: str | Path, fps: int = 20) -> Path:
+    """Write a movie with one panel per state; ``panels[k]`` is (T, Y, X) in [0, 1].
+
+    ``.mp4`` needs ffmpeg (matplotlib's FFMpegWriter); ``.gif`` is written with Pillow.
+    """
+    path = Path(path)
+    if path.suffix == ".gif":
+        writer = animation.PillowWriter(fps=fps)
+    elif path.suffix == ".mp4":
+        if not animation.writers.is_available("ffmpeg"):
+            raise BnetError(f"{path}: writing .mp4 needs ffmpeg on the PATH (apt-get install ffmpeg), "
+                            f"or ask for a .gif instead")
+        writer = animation.FFMpegWriter(fps=fps)
+    else:
+        raise BnetError(f"{path}: movies are .mp4 (ffmpeg) or .gif")
+    n = len(panels)
+    columns = min(n, 4)
+    rows = int(np.ceil(n / columns))
+    length = max(len(p) for p in panels)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    images = []
+    for ax, panel, title in zip(axes.flat, panels, titles):
+        images.append(ax.imshow(panel[0], cmap="gray", vmin=0, vmax=1))
+        ax.set_title(title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    def draw(i):
+        for image, panel in zip(images, panels):
+            image.set_data(panel[i] if i < len(panel) else np.zeros_like(panel[0]))
+        return images
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    animation.FuncAnimation(figure, draw, frames=length, blit=True).save(path, writer=writer)
+    plt.close(figure)
+    return path
