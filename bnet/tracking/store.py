@@ -24,8 +24,8 @@ class Store:
         root: the store folder.
         tracking_uri: MLflow tracking (and registry) URI.
         optuna_storage: Optuna storage URL (any SQLAlchemy URL).
-        artifact_root: where new experiments keep artifacts, when the tracking store is
-            the embedded one (a tracking server decides for itself otherwise).
+        artifact_root: where new experiments keep artifacts, when tracking goes straight to
+            a database (a tracking server decides for itself otherwise).
     """
 
     root: Path
@@ -38,13 +38,33 @@ def resolve_store(
     store: str | Path | None = None, tracking_uri: str | None = None, storage: str | None = None
 ) -> Store:
     root = Path(store or os.environ.get("BNET_STORE") or DEFAULT_STORE).resolve()
-    tracking_uri = tracking_uri or os.environ.get("BNET_TRACKING_URI")
-    artifact_root = None
-    if not tracking_uri:
-        tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-        artifact_root = root / "artifacts"
+    tracking_uri = tracking_uri or os.environ.get("BNET_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    # a database URL (SQLite, PostgreSQL) keeps artifacts in the store; a tracking server
+    # (http[s]://) decides where its artifacts go
+    artifact_root = None if tracking_uri.startswith(("http://", "https://")) else root / "artifacts"
     storage = storage or os.environ.get("BNET_OPTUNA_STORAGE") or f"sqlite:///{root / 'optuna.db'}"
     return Store(root, tracking_uri, storage, artifact_root)
+
+
+def retry_schema_race(create, attempts: int = 6):
+    """Run ``create`` (which may create database tables), retrying when another worker
+    started on the same fresh database at the same moment and created them first."""
+    import random
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts):
+        try:
+            return create()
+        except Exception as err:  # MLflow wraps SQLAlchemy's errors in its own
+            cause = err if isinstance(err, DBAPIError) else err.__cause__ or err.__context__
+            racing = isinstance(cause, DBAPIError) and (
+                "already exists" in str(cause) or "duplicate key" in str(cause)
+            )
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
 
 
 def connect(store: Store):
@@ -59,11 +79,12 @@ def connect(store: Store):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    if store.tracking_uri.startswith("sqlite:") or store.optuna_storage.startswith("sqlite:"):
+    if store.artifact_root is not None or store.optuna_storage.startswith("sqlite:"):
         store.root.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.tracking_uri)
-    return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+    # the first client on a fresh database creates MLflow's schema
+    return retry_schema_race(lambda: MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri))
 
 
 def ensure_experiment(client, store: Store, name: str) -> str:

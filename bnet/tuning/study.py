@@ -21,7 +21,7 @@ from bnet.config import Dimension, TuningConfig
 from bnet.errors import BnetError, ConfigError
 from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, create_run
-from bnet.tracking.store import Store, connect, ensure_experiment
+from bnet.tracking.store import Store, connect, ensure_experiment, retry_schema_race
 from bnet.tuning import space
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
@@ -112,12 +112,12 @@ def open_study(spec: StudySpec) -> optuna.Study:
     """Create or load the Optuna study (same name in the same storage = the same study)."""
     # heartbeats (to fail trials of killed workers) and grouped TPE are marked experimental
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = optuna.storages.RDBStorage(
+    storage = retry_schema_race(lambda: optuna.storages.RDBStorage(
         spec.store.optuna_storage,
         heartbeat_interval=60,
         grace_period=180,
         engine_kwargs={"connect_args": {"timeout": 60}} if spec.store.optuna_storage.startswith("sqlite") else {},
-    )
+    ))
     study = optuna.create_study(
         study_name=spec.study_name, storage=storage, load_if_exists=True,
         direction=spec.tuning.direction, sampler=make_sampler(spec.tuning, spec.dimensions),
