@@ -208,3 +208,38 @@ def test_syllable_movie(upstream, tmp_path):
         result = CliRunner().invoke(cli, ["plot", "syllables", run.run_id, "--out", str(tmp_path / "m.mp4"),
                                           "--store", str(upstream["store"])])
         assert_clean_failure(result, "needs ffmpeg")
+
+
+def test_engine_ssm_without_ssm_is_a_clear_error(tmp_path, tiny_session):
+    try:
+        import ssm  # noqa: F401
+        pytest.skip("ssm is importable here")
+    except Exception:
+        pass
+    store = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(tiny_session), "--labels", "--engine", "ssm",
+                                      "--experiment", "x", "--n-trials", "1", "--store", str(store)])
+    assert_clean_failure(result, "engine 'ssm' asked for, but ssm cannot be imported", store=store)
+
+
+def test_ssm_parameters_move_into_the_bnet_engine():
+    """The conversion from a fitted ssm.HMM's attributes, checked on ssm's own reference fit."""
+    from types import SimpleNamespace
+
+    from bnet.models.arhmm.ssm_engine import parameters_from_ssm
+    from conftest import SHARED
+
+    path = SHARED / "reference" / "arhmm" / "arhmm_robust_ar_sticky_lags1.npz"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    ref = np.load(path, allow_pickle=False)
+    hmm = SimpleNamespace(
+        init_state_distn=SimpleNamespace(log_pi0=ref["fit_log_pi0"]),
+        transitions=SimpleNamespace(log_Ps=ref["fit_log_Ps"]),
+        observations=SimpleNamespace(As=ref["fit_As"], bs=ref["fit_bs"], Sigmas=ref["fit_Sigmas"], nus=ref["fit_nus"]),
+    )
+    config = ARHMMConfig(n_arhmm_states=int(ref["K"]), n_arhmm_lags=1, noise_type="studentst",
+                         transitions="sticky", kappa=float(ref["kappa"]))
+    model = parameters_from_ssm(config, hmm)
+    test = [ref["test_x"][i, :n] for i, n in enumerate(ref["test_lengths"])]
+    assert model.log_likelihood(test) == pytest.approx(float(ref["ll_test_fit"]), rel=1e-10)

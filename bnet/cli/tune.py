@@ -69,14 +69,18 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
 @click.option("--study", default=None, help="Optuna study name [default the experiment name].")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default cpu, float64]")
+@click.option("--engine", type=click.Choice(["bnet", "ssm"]), default=None,
+              help="Fit with bnet's engine or with ssm where it is importable [default bnet].")
 def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, max_iters, config_path,
-               model_config, training_config, store, storage, tracking_uri, sampler, pruner, study, seed, device):
+               model_config, training_config, store, storage, tracking_uri, sampler, pruner, study, seed, device,
+               engine):
     """Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels."""
     from bnet.config import load_project_config
     from bnet.tuning.arhmm import tune_arhmm as run
 
     _check_counts(n_trials=n_trials, max_iters=max_iters)
     config = load_project_config(config_path, {"model": model_config, "training": training_config})
+    config.override(engine=engine)
     resolved = resolve(store, tracking_uri, storage)
     outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
                   config=config, n_trials=n_trials, max_iters=max_iters, sampler=sampler, pruner=pruner,

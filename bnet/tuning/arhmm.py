@@ -25,6 +25,7 @@ from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_entry, save_checkpoint
 from bnet.models.arhmm.registered import SegmentationConfig
+from bnet.models.arhmm.ssm_engine import fit_with_ssm, import_ssm, ssm_model_arguments
 from bnet.plotting.arhmm import plot_durations, plot_dynamics, plot_state_raster, plot_transition_matrix, run_lengths
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
@@ -49,6 +50,8 @@ class SegmentationFitConfig:
         export_states: write Viterbi states and posteriors per trial as an artifact.
         export_train_plots: write the figures (rasters, durations, transitions, dynamics).
         device: ``cpu`` (float64), ``cuda`` (float32) or ``auto``.
+        engine: ``bnet`` (the PyTorch engine) or ``ssm`` (the ssm library, where it is
+            importable; no per-iteration metrics or pruning, as ssm's EM has no callback).
     """
 
     n_iters: int = 150
@@ -56,6 +59,7 @@ class SegmentationFitConfig:
     export_states: bool = True
     export_train_plots: bool = True
     device: str = "cpu"
+    engine: str = "bnet"
 
 
 @dataclass
@@ -147,7 +151,12 @@ class ARHMMTrials:
         model_class = str(hparams.get("model_class", "arhmm"))
         if model_entry(model_class).family != FAMILY:
             raise ConfigError(f"model_class '{model_class}' is not a segmentation model (hmm, arhmm, arhmm-labels)")
-        model, _ = self.configs(hparams)
+        model, fit = self.configs(hparams)
+        if fit.engine not in ("bnet", "ssm"):
+            raise ConfigError(f"engine must be bnet or ssm, got '{fit.engine}'")
+        if fit.engine == "ssm":
+            import_ssm()
+            ssm_model_arguments(model.engine_config())
         shortest = min(len(x) for x in self.observations.values.values())
         if model.n_arhmm_lags >= shortest:
             raise DataError(f"{self.source}: n_arhmm_lags={model.n_arhmm_lags} is not less than the "
@@ -186,7 +195,13 @@ class ARHMMTrials:
             context.on_epoch_end(iteration, per_step)
             return False
 
-        history = engine.fit(train, callback=on_iteration, val_sequences=val)
+        if fit_config.engine == "ssm":
+            fitted = fit_with_ssm(config.engine_config(), train, config.n_iters)
+            best.update(value=fitted.log_likelihood(val) / scale["val"], iteration=config.n_iters,
+                        state=fitted.state_dict())
+            n_iters_run = config.n_iters
+        else:
+            n_iters_run = engine.fit(train, callback=on_iteration, val_sequences=val).n_iters
         model.load_state_dict(best["state"])
         engine = model.engine
         engine.permute_states_by_usage(train)
@@ -206,7 +221,7 @@ class ARHMMTrials:
             "train_ll_per_step": engine.log_likelihood(train) / scale["train"],
             "test_ll_per_step": engine.log_likelihood(test) / scale["test"],
             "best_iteration": best["iteration"],
-            "n_iters_run": history.n_iters,
+            "n_iters_run": n_iters_run,
             "median_state_duration": float(np.median(all_durations)),
             "n_states_used": int((usage > 0).sum()),
             **{f"state_usage_{k}": float(u) for k, u in enumerate(usage)},
