@@ -80,16 +80,10 @@ def resolve_model_uri(uri: str, store: Store | None = None) -> RunSummary:
 
 
 def download_checkpoint(run: RunSummary, destination: str, store: Store | None = None) -> str:
-    import mlflow
-
-    store = store or resolve_store()
-    try:
-        return mlflow.artifacts.download_artifacts(
-            run_id=run.run_id, artifact_path=tags.CHECKPOINT_PATH, dst_path=destination,
-            tracking_uri=store.tracking_uri,
-        )
-    except Exception as err:  # MLflow raises several types for a missing artifact
-        raise TrackingError(f"run {run.run_id} has no checkpoint artifact ({err})") from None
+    path = download_artifact(run, tags.CHECKPOINT_PATH, destination, store)
+    if path is None:
+        raise TrackingError(f"run {run.run_id} has no {tags.CHECKPOINT_PATH} artifact")
+    return path
 
 
 def load_model(uri: str, store: Store | None = None):
