@@ -66,5 +66,5 @@ def config_from_dict(values: dict[str, Any]):
 
 def _load_builtin_models() -> None:
     # Importing the model modules runs their @register decorators.
-    from bnet.models import ae  # noqa: F401
+    from bnet.models import ae, decoders, ensemble  # noqa: F401
     from bnet.models.arhmm import registered  # noqa: F401

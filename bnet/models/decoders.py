@@ -1,0 +1,245 @@
+"""BehaveNet's decoders: MLPs over a window of frames, neural activity <-> behaviour.
+
+One architecture serves every direction (``model_class``): neural activity to AE latents
+(``neural-ae``), to their motion energy (``neural-ae-me``), to ARHMM states
+(``neural-arhmm``) or to labels (``neural-labels``), and the encoding direction, AE latents
+or ARHMM state probabilities to neural activity (``ae-neural``, ``arhmm-neural``).
+
+As in BehaveNet, the first layer is a 1-D convolution over time with kernel
+``2 * n_lags + 1`` and 'same' zero padding, so the output at frame t sees inputs
+t - n_lags .. t + n_lags; ``n_hid_layers - 1`` linear layers follow, then the output layer.
+With no hidden layers the convolution maps straight to the outputs: a linear filter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from itertools import pairwise
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnet.errors import ConfigError
+from bnet.models.registry import register
+
+MODEL_CLASSES = ("neural-ae", "neural-ae-me", "neural-arhmm", "neural-labels", "ae-neural", "arhmm-neural")
+MODEL_TYPES = ("mlp", "mlp-mv")
+NOISE_DISTS = ("gaussian", "gaussian-full", "categorical", "poisson")
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "lrelu": partial(F.leaky_relu, negative_slope=0.05),  # BehaveNet's slope
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "linear": _identity,
+}
+
+DEFAULT_NOISE_DIST = {
+    "neural-ae": "gaussian",
+    "neural-ae-me": "gaussian",
+    "neural-arhmm": "categorical",
+    "neural-labels": "gaussian",
+    # BehaveNet's choice for spike counts; set "gaussian" for calcium traces.
+    "ae-neural": "poisson",
+    "arhmm-neural": "poisson",
+}
+
+POISSON_EPS = 1e-8
+"""Added to rates inside the log: softplus underflows to exactly 0 for very negative inputs."""
+
+
+@dataclass
+class DecoderConfig:
+    """A decoder (BehaveNet's decoding ``model`` config keys).
+
+    Attributes:
+        model_class: the direction, one of :data:`MODEL_CLASSES`.
+        model_type: ``mlp``, or ``mlp-mv``: an MLP whose Gaussian noise has a learned full
+            covariance over the outputs (requires ``noise_dist`` ``gaussian-full``). The
+            covariance is one for all frames; BehaveNet predicted a precision per frame.
+        n_input: input dimensions (neurons, latents or states; filled from the data).
+        n_output: output dimensions; for ``categorical`` noise, the number of classes.
+        n_lags: frames of context either side: the output at t sees inputs t-n_lags..t+n_lags.
+        n_hid_layers: hidden layers; 0 is a linear filter.
+        n_hid_units: units per hidden layer.
+        activation: ``relu``, ``lrelu`` (slope 0.05), ``sigmoid``, ``tanh`` or ``linear``.
+        l2_reg: weight decay of the optimiser.
+        rng_seed_model: seed of the weight initialisation.
+        noise_dist: ``gaussian`` (loss: MSE), ``gaussian-full`` (full-covariance NLL),
+            ``categorical`` (cross-entropy over ``n_output`` classes) or ``poisson``
+            (softplus rates, Poisson NLL). None picks :data:`DEFAULT_NOISE_DIST` of the
+            model class (``gaussian-full`` for ``mlp-mv``).
+        n_max_lags: frames dropped from both ends of every batch before the loss; None
+            means ``n_lags``. A study over ``n_lags`` should fix it at the largest
+            ``n_lags`` searched, so every trial is scored on the same frames.
+    """
+
+    model_class: str = "neural-ae"
+    model_type: str = "mlp"
+    n_input: int = 1
+    n_output: int = 1
+    n_lags: int = 4
+    n_hid_layers: int = 1
+    n_hid_units: int = 32
+    activation: str = "relu"
+    l2_reg: float = 0.0
+    rng_seed_model: int = 0
+    noise_dist: str | None = None
+    n_max_lags: int | None = None
+
+    def __post_init__(self) -> None:
+        # Resolved here so checkpoints and run params record the values actually used.
+        if self.noise_dist is None:
+            default = DEFAULT_NOISE_DIST.get(self.model_class)
+            self.noise_dist = "gaussian-full" if self.model_type == "mlp-mv" else default
+        if self.n_max_lags is None:
+            self.n_max_lags = self.n_lags
+
+    def validate(self) -> None:
+        for name, value, known in (
+            ("model_class", self.model_class, MODEL_CLASSES),
+            ("model_type", self.model_type, MODEL_TYPES),
+            ("noise_dist", self.noise_dist, NOISE_DISTS),
+            ("activation", self.activation, tuple(ACTIVATIONS)),
+        ):
+            if value not in known:
+                raise ConfigError(f"{name} '{value}' is not a decoder {name} (known: {', '.join(known)})")
+        if (self.model_type == "mlp-mv") != (self.noise_dist == "gaussian-full"):
+            raise ConfigError(
+                f"model_type '{self.model_type}' with noise_dist '{self.noise_dist}': the full "
+                f"covariance belongs to model_type 'mlp-mv', which needs noise_dist 'gaussian-full'"
+            )
+        if (self.model_class == "neural-arhmm") != (self.noise_dist == "categorical"):
+            raise ConfigError(
+                f"model_class '{self.model_class}' with noise_dist '{self.noise_dist}': ARHMM "
+                f"states are the only categorical targets (neural-arhmm needs 'categorical')"
+            )
+        minimum_output = 2 if self.noise_dist == "categorical" else 1
+        for name, value, minimum in (
+            ("n_input", self.n_input, 1),
+            ("n_output", self.n_output, minimum_output),
+            ("n_lags", self.n_lags, 0),
+            ("n_hid_layers", self.n_hid_layers, 0),
+            ("n_hid_units", self.n_hid_units, 1),
+        ):
+            if value < minimum:
+                raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        if self.n_max_lags < self.n_lags:
+            raise ConfigError(
+                f"n_max_lags ({self.n_max_lags}) must be at least n_lags ({self.n_lags}), or the "
+                f"loss scores frames whose window reaches into the zero padding"
+            )
+        if self.l2_reg < 0:
+            raise ConfigError(f"l2_reg must be non-negative, got {self.l2_reg}")
+
+
+class Decoder(nn.Module):
+    """BehaveNet's MLP decoder; ``noise_dist`` sets the output nonlinearity and the loss.
+
+    ``forward`` returns what the loss consumes: means (``gaussian``, ``gaussian-full``),
+    logits (``categorical``) or rates (``poisson``).
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.activation = ACTIVATIONS[config.activation]
+        widths = [config.n_hid_units] * config.n_hid_layers + [config.n_output]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.rng_seed_model)
+            self.conv = nn.Conv1d(
+                config.n_input, widths[0], kernel_size=2 * config.n_lags + 1, padding=config.n_lags
+            )
+            self.linears = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in pairwise(widths))
+        if config.noise_dist == "gaussian-full":
+            # Cholesky factor of the precision, its diagonal stored as logs so it stays
+            # positive; zeros start at unit covariance.
+            self.precision_factor = nn.Parameter(torch.zeros(config.n_output, config.n_output))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(T, n_input)`` -> ``(T, n_output)`` (a leading batch axis of trials also works)."""
+        h = self.conv(inputs.transpose(-1, -2)).transpose(-1, -2)
+        for linear in self.linears:
+            h = linear(self.activation(h))
+        return F.softplus(h) if self.config.noise_dist == "poisson" else h
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Means, class probabilities or rates of ``inputs`` ``(T, n_input)``."""
+        outputs = self(inputs)
+        return torch.softmax(outputs, dim=-1) if self.config.noise_dist == "categorical" else outputs
+
+    def precision_cholesky(self) -> torch.Tensor:
+        """Lower-triangular L with precision ``L @ L.T`` (``gaussian-full`` only)."""
+        factor = self.precision_factor
+        return torch.tril(factor, diagonal=-1) + torch.diag(torch.exp(torch.diagonal(factor)))
+
+    @torch.no_grad()
+    def covariance(self) -> torch.Tensor:
+        """The learned ``(n_output, n_output)`` noise covariance (``gaussian-full`` only)."""
+        return torch.cholesky_inverse(self.precision_cholesky())
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean negative log-likelihood of ``batch['targets']`` given ``batch['inputs']``.
+
+        ``inputs`` is ``(T, n_input)``; ``targets`` is ``(T, n_output)``, or ``(T,)`` class
+        indices for ``categorical``. The first and last ``n_max_lags`` frames are
+        predicted (they are context) but not scored. Per noise: ``gaussian`` the mean
+        squared error (BehaveNet's loss: unit-variance NLL up to scale and a constant);
+        ``gaussian-full`` the exact NLL per frame; ``categorical`` the cross-entropy per
+        frame; ``poisson`` the exact NLL per frame and dimension.
+        """
+        inputs, targets = batch["inputs"], batch["targets"]
+        n_frames, n_max_lags = inputs.shape[0], self.config.n_max_lags
+        if n_frames <= 2 * n_max_lags:
+            raise ConfigError(
+                f"a batch of {n_frames} frames has none left once n_max_lags={n_max_lags} frames "
+                f"are dropped at each end; use longer batches or fewer lags"
+            )
+        scored = slice(n_max_lags, n_frames - n_max_lags)
+        # float32 whatever the autocast precision: the NLLs are sums of logs and squares.
+        outputs = self(inputs)[scored].float()
+        targets = targets[scored]
+        noise = self.config.noise_dist
+        if noise == "gaussian":
+            return F.mse_loss(outputs, targets.float())
+        if noise == "categorical":
+            # Datasets serve every signal as float; states are whole numbers.
+            return F.cross_entropy(outputs, targets.long())
+        if noise == "poisson":
+            targets = targets.float()
+            return (outputs - targets * torch.log(outputs + POISSON_EPS) + torch.lgamma(targets + 1)).mean()
+        return self._full_gaussian_nll(outputs, targets.float())
+
+    def _full_gaussian_nll(self, means: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cholesky = self.precision_cholesky()
+        whitened = (targets - means) @ cholesky  # rows are L.T @ (y - mu)
+        log_det_precision = 2.0 * torch.diagonal(self.precision_factor).sum()
+        n_output = self.config.n_output
+        per_frame = 0.5 * (whitened**2).sum(-1) - 0.5 * log_det_precision + 0.5 * n_output * math.log(2 * math.pi)
+        return per_frame.mean()
+
+
+for _model_class in MODEL_CLASSES:
+    register(_model_class, family="decoder", config_type=DecoderConfig)(Decoder)
+
+
+def motion_energy(latents: np.ndarray) -> np.ndarray:
+    """BehaveNet's motion energy of ``(T, D)`` latents: ``|x_t - x_{t-1}|``, frame 0 is 0.
+
+    The targets of ``neural-ae-me``; compute it per trial, so no difference spans two trials.
+    """
+    latents = np.asarray(latents)
+    energy = np.zeros_like(latents)
+    energy[1:] = np.abs(np.diff(latents, axis=0))
+    return energy
