@@ -34,6 +34,8 @@ SECTION_KEYS: dict[str, set[str]] = {
         "rng_seed_data", "train_frac", "n_input_channels", "y_pixels", "x_pixels",
         "use_output_mask", "use_label_mask", "neural_bin_size", "neural_type",
         "approx_batch_size", "sessions_csv", "all_source",
+        "subsample_method", "subsample_idxs_group_0", "subsample_idxs_group_1",
+        "subsample_idxs_dataset",
     },
     "model": {
         "model_class", "model_type", "n_ae_latents", "l2_reg", "rng_seed_model",
@@ -41,6 +43,9 @@ SECTION_KEYS: dict[str, set[str]] = {
         # segmentation (BehaveNet's arhmm_model.json)
         "n_arhmm_states", "n_arhmm_lags", "noise_type", "transitions", "kappa", "alpha",
         "arhmm_es_tol", "ae_experiment_name", "ae_version", "ae_model_type",
+        # decoders (BehaveNet's decoding_*_model.json)
+        "n_lags", "n_max_lags", "n_hid_layers", "n_hid_units", "activation", "noise_dist",
+        "arhmm_experiment_name", "arhmm_version", "arhmm_model_type",
     },
     "training": {
         "learning_rate", "max_n_epochs", "min_n_epochs", "enable_early_stop",
@@ -63,12 +68,13 @@ BEHAVENET_ONLY_KEYS = {
     "as_numpy", "batch_load", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",
     "tt_n_cpu_trials", "tt_n_cpu_workers", "mem_limit_gb", "slurm", "slurm_log_path",
     "slurm_param_file", "neural_bin_size", "neural_type", "use_label_mask", "experiment_name",
-    "ae_model_type",
+    "ae_model_type", "arhmm_model_type", "subsample_idxs_group_1",
 }
 
 # Keys that name things rather than tune them: a list here is not a search dimension.
 NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name",
-                  "ae_experiment_name", "ae_version"}
+                  "ae_experiment_name", "ae_version", "arhmm_experiment_name", "arhmm_version",
+                  "subsample_idxs_dataset"}
 
 
 @dataclass(frozen=True)

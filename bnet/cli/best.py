@@ -9,9 +9,10 @@ import click
 from bnet.cli.options import resolve, store_option, tracking_uri_option
 
 # each family's ranking metric and direction (what its studies optimise)
-FAMILIES = {"ae": ("best_val_loss", "minimize"), "arhmm": ("val_ll_per_step", "maximize")}
+FAMILIES = {"ae": ("best_val_loss", "minimize"), "arhmm": ("val_ll_per_step", "maximize"),
+            "decoder": ("val_r2", "maximize")}
 SHOWN_PARAMS = ("model_type", "n_ae_latents", "learning_rate", "l2_reg", "n_arhmm_states", "n_arhmm_lags",
-                "noise_type", "transitions", "kappa")
+                "noise_type", "transitions", "kappa", "n_lags", "n_hid_layers", "n_hid_units")
 
 
 @click.group()

@@ -12,6 +12,7 @@ import click
 
 from bnet.cli.best import best, register
 from bnet.cli.data import data
+from bnet.cli.ensemble import ensemble, lineage
 from bnet.cli.plot import plot
 from bnet.cli.tune import tune
 from bnet.cli.ui import ui
@@ -38,7 +39,7 @@ def cli():
     """bnet: BehaveNet studies tracked in MLflow and tuned by Optuna."""
 
 
-for command in (data, tune, best, register, plot, ui):
+for command in (data, tune, best, register, ensemble, lineage, plot, ui):
     cli.add_command(command)
 
 

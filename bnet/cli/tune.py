@@ -88,6 +88,48 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
     _summary(outcome, resolved, "val_ll_per_step")
 
 
+@tune.command("decoder")
+@click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file (with neural).")
+@click.option("--target", type=click.Choice(["ae", "ae-me", "arhmm", "labels"]), required=True,
+              help="Behaviour to decode (or, with model_class ae-neural/arhmm-neural, to encode from).")
+@click.option("--ae-experiment", default=None, help="The AE experiment that --ae best searches.")
+@click.option("--ae", "ae_ref", default=None, help="AE: best, a run id or models:/NAME@ALIAS [default best].")
+@click.option("--arhmm-experiment", default=None, help="The ARHMM experiment that --arhmm best searches.")
+@click.option("--arhmm", "arhmm_ref", default=None, help="ARHMM: best, a run id or models:/NAME@ALIAS [default best].")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
+@click.option("--n-trials", type=int, default=None, help="Finished trials the study should hold (resume tops up).")
+@click.option("--max-epochs", type=int, default=None, help="max_n_epochs for every trial.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Project YAML.")
+@click.option("--data-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding data JSON.")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding model JSON.")
+@click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
+@store_option
+@click.option("--storage", default=None, help="Optuna storage URL [default the store's optuna.db].")
+@tracking_uri_option
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None, help="[default median]")
+@click.option("--study", default=None, help="Optuna study name [default the experiment name].")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
+def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arhmm_ref, experiment, n_trials,
+                 max_epochs, config_path, data_config, model_config, training_config, store, storage, tracking_uri,
+                 sampler, pruner, study, seed, device):
+    """Tune neural decoders of AE latents, their motion energy, ARHMM states or labels."""
+    from bnet.config import load_project_config
+    from bnet.tuning.decoder import tune_decoder as run
+
+    _check_counts(n_trials=n_trials, max_epochs=max_epochs)
+    config = load_project_config(config_path, {"data": data_config, "model": model_config,
+                                               "training": training_config})
+    resolved = resolve(store, tracking_uri, storage)
+    outcomes = run(data=data_path, target=target, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment,
+                   arhmm=arhmm_ref, arhmm_experiment=arhmm_experiment, config=config, n_trials=n_trials,
+                   max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device, study=study,
+                   store=resolved, echo=click.echo)
+    for outcome in outcomes:
+        _summary(outcome, resolved, "the selection metric")
+
+
 def _check_counts(**counts):
     from bnet.errors import ConfigError
 

@@ -1,1 +1,5 @@
-"""Top-N ensembles of study runs (see the decoders and ensembles issue)."""
+"""Top-N ensembles of study runs, N chosen on validation, and their re-validation."""
+
+from bnet.ensemble.build import EnsembleOutcome, build_ensemble, verify_ensemble
+
+__all__ = ["EnsembleOutcome", "build_ensemble", "verify_ensemble"]

@@ -1,0 +1,49 @@
+"""True vs predicted traces of decoders."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_predictions(targets: list[np.ndarray], predictions: list[np.ndarray], titles: list[str], kind: str,
+                     max_dims: int = 4):
+    """One row per trial: true (black) and predicted (colour) traces; for states, the true
+    state and the predicted probability of each state."""
+    n = len(targets)
+    figure, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, true, predicted, title in zip(axes[:, 0], targets, predictions, titles):
+        frames = np.arange(len(predicted))
+        if kind == "categorical":
+            ax.imshow(predicted.T, aspect="auto", cmap="Greys", vmin=0, vmax=1, origin="lower",
+                      extent=(0, len(predicted), -0.5, predicted.shape[1] - 0.5), interpolation="nearest")
+            ax.plot(frames + 0.5, true, color="tab:red", linewidth=1.2, label="true state")
+            ax.set_ylabel("state")
+        else:
+            for d in range(min(max_dims, predicted.shape[1])):
+                ax.plot(frames, true[:, d], color="k", linewidth=1.0, alpha=0.7)
+                ax.plot(frames, predicted[:, d], color=colours(d), linewidth=1.0)
+            ax.set_ylabel("value")
+        ax.set_title(title + ("" if kind == "categorical" else "  (black: true, colour: predicted)"),
+                     fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("frame")
+    figure.tight_layout()
+    return figure
+
+
+def plot_ensemble_curve(sizes: list[int], val_scores: list[float], test_scores: list[float], chosen: int,
+                        metric: str):
+    figure, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(sizes, val_scores, marker="o", label=f"{metric} (val)")
+    ax.plot(sizes, test_scores, marker="s", label=metric.replace("val", "test", 1) + " (test)")
+    ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen N = {chosen}")
+    ax.set_xlabel("ensemble size N (top-N members)")
+    ax.set_ylabel(metric.replace("val_", ""))
+    ax.legend(frameon=False, fontsize=8)
+    figure.tight_layout()
+    return figure

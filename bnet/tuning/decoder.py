@@ -1,0 +1,349 @@
+"""`bnet tune decoder`: Optuna studies of neural decoders (and encoders).
+
+Behaviour targets come from upstream runs resolved by MLflow queries (AE latents, their
+motion energy, ARHMM states) or from the session's labels; the decoder run records the
+upstream run ids and the data digest so `bnet lineage` can walk back to the data. Every
+metric drops the first and last ``n_max_lags`` frames of each trial (the largest window in
+the study), so decoders with different lags are scored on the same frames.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values
+from bnet.data import open_session, split_trials
+from bnet.data.exports import read_export, write_export
+from bnet.data.session import Session, trial_name
+from bnet.data.splits import TrialSplits
+from bnet.errors import ConfigError, DataError
+from bnet.models import build_model, model_entry, save_checkpoint
+from bnet.models.decoder_metrics import accuracy, categorical_log_likelihood, poisson_log_likelihood, r2_score, score_trials
+from bnet.models.decoders import DecoderConfig, motion_energy
+from bnet.plotting.decoders import plot_predictions
+from bnet.tracking import conventions as tags
+from bnet.tracking.query import RunSummary
+from bnet.tracking.registry import download_artifact, resolve_upstream
+from bnet.tracking.store import Store, resolve_store
+from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
+from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment
+from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
+
+FAMILY = "decoder"
+TARGETS = ("ae", "ae-me", "arhmm", "labels")
+ENCODERS = {"ae-neural": "ae", "arhmm-neural": "arhmm"}
+SUBSAMPLE_METHODS = ("none", "single", "loo")
+
+# the selection metric of each kind of prediction (maximised)
+METRICS = {"continuous": "val_r2", "categorical": "val_ll", "counts": "val_ll"}
+
+
+@dataclass
+class DecodingData:
+    """Per-trial inputs and targets of one decoding problem, and where they came from."""
+
+    inputs: dict[int, np.ndarray]
+    targets: dict[int, np.ndarray]
+    splits: TrialSplits
+    kind: str  # continuous, categorical, counts
+    n_classes: int = 0
+    upstream: dict[str, RunSummary] = field(default_factory=dict)
+
+    @property
+    def n_input(self) -> int:
+        return next(iter(self.inputs.values())).shape[1]
+
+    @property
+    def n_output(self) -> int:
+        if self.kind == "categorical":
+            return self.n_classes
+        return next(iter(self.targets.values())).shape[1]
+
+
+class TrialArrays(torch.utils.data.Dataset):
+    """Whole trials as batches ``{"inputs", "targets"}`` (the lag window needs contiguous frames)."""
+
+    def __init__(self, data: DecodingData, trials, inputs: dict[int, np.ndarray] | None = None):
+        self.trials = list(trials)
+        source = data.inputs if inputs is None else inputs
+        self.items = []
+        for t in self.trials:
+            target = torch.from_numpy(np.ascontiguousarray(data.targets[t]))
+            self.items.append({"inputs": torch.from_numpy(np.ascontiguousarray(source[t], dtype=np.float32)),
+                               "targets": target.long() if data.kind == "categorical" else target.float()})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+def _upstream_export(run: RunSummary, name: str, group: str, session: Session, store: Store):
+    if run.tags.get(tags.TAG_DATA_HASH) != session.digest()[:16]:
+        raise DataError(f"{session.path}: {run.family} run {run.run_id} was fitted to other data "
+                        f"(data hash {run.tags.get(tags.TAG_DATA_HASH)}, this file {session.digest()[:16]})")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run, f"{tags.EXPORTS_DIR}/{name}.hdf5", tmp, store)
+        if path is None:
+            raise DataError(f"{run.family} run {run.run_id} has no exports/{name}.hdf5 to decode")
+        values, splits = read_export(path, group)
+    missing = sorted(set(session.trials) - set(values))
+    if missing:
+        raise DataError(f"{run.family} run {run.run_id}: its {group} lack {trial_name(missing[0])} of {session.path}")
+    return values, splits
+
+
+def behaviour(target: str, session: Session, values: dict[str, Any], refs: dict[str, tuple[str, str | None]],
+              store: Store):
+    """(per-trial behaviour, splits, kind, n_classes, upstream runs) for a target."""
+    if target == "labels":
+        if "labels" not in session.signals:
+            raise DataError(f"{session.path}: no group 'labels' to decode")
+        labels = dict(zip(session.trials, (x.astype(np.float32) for x in session.read_all("labels"))))
+        splits = split_trials(session.trials, str(values.get("trial_splits", "8;1;1;0")),
+                              int(values.get("rng_seed_data", 0)), float(values.get("train_frac", 1.0)),
+                              source=str(session.path))
+        return labels, splits, "continuous", 0, {}
+    family = "arhmm" if target == "arhmm" else "ae"
+    reference, experiment = refs[family]
+    metric = ("val_ll_per_step", "maximize") if family == "arhmm" else ("best_val_loss", "minimize")
+    run = resolve_upstream(reference or "best", family, experiment, *metric, store=store)
+    upstream = {family: run}
+    if family == "arhmm":
+        states, splits = _upstream_export(run, "states", "states", session, store)
+        if run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"):
+            upstream["ae"] = resolve_upstream(run.tags[f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"], "ae", store=store)
+        return states, splits, "categorical", int(run.params["n_arhmm_states"]), upstream
+    latents, splits = _upstream_export(run, "latents", "latents", session, store)
+    if target == "ae-me":
+        latents = {t: motion_energy(x) for t, x in latents.items()}
+    return {t: x.astype(np.float32) for t, x in latents.items()}, splits, "continuous", 0, upstream
+
+
+def neuron_subsets(session: Session, values: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    """``{name: neuron indices}`` to fit, from BehaveNet's subsample options (None: all)."""
+    method = values.get("subsample_method", "none")
+    if method not in SUBSAMPLE_METHODS:
+        raise ConfigError(f"subsample_method must be one of {', '.join(SUBSAMPLE_METHODS)}, got '{method}'")
+    if method == "none":
+        return {"": None}
+    if not session.regions:
+        raise DataError(f"{session.path}: subsample_method '{method}' needs a 'regions' group")
+    grouping = values.get("subsample_idxs_group_0") or next(iter(session.regions))
+    if grouping not in session.regions:
+        raise DataError(f"{session.path}: no region grouping regions/{grouping} "
+                        f"(has {', '.join(session.regions)})")
+    regions = session.regions[grouping]
+    wanted = values.get("subsample_idxs_dataset", "all")
+    names = list(regions) if wanted == "all" else [wanted]
+    for name in names:
+        if name not in regions:
+            raise DataError(f"{session.path}: no region regions/{grouping}/{name} (has {', '.join(regions)})")
+    if method == "single":
+        return {name: regions[name] for name in names}
+    everyone = np.arange(session.n_neurons)
+    return {f"loo-{name}": np.setdiff1d(everyone, regions[name]) for name in names}
+
+
+def assemble(model_class: str, target: str, session: Session, values, refs, store, neurons) -> DecodingData:
+    beh, splits, kind, n_classes, upstream = behaviour(target, session, values, refs, store)
+    if "neural" not in session.signals:
+        raise DataError(f"{session.path}: no group 'neural' (decoders need neural activity)")
+    neural = dict(zip(session.trials, session.read_all("neural")))
+    if neurons is not None:
+        neural = {t: x[:, neurons] for t, x in neural.items()}
+    for t in session.trials:
+        if len(neural[t]) != len(beh[t]):
+            raise DataError(f"{session.path}: {trial_name(t)} has {len(neural[t])} neural frames "
+                            f"but {len(beh[t])} {target} frames")
+    if model_class in ENCODERS:
+        if kind == "categorical":
+            beh = {t: np.eye(n_classes, dtype=np.float32)[z] for t, z in beh.items()}
+        counts = all(np.all(x >= 0) and np.all(x == np.round(x)) for x in neural.values())
+        return DecodingData(beh, {t: x.astype(np.float32) for t, x in neural.items()}, splits,
+                            "counts" if counts else "continuous", 0, upstream)
+    return DecodingData({t: x.astype(np.float32) for t, x in neural.items()}, beh, splits, kind, n_classes, upstream)
+
+
+def score_predictions(data: DecodingData, predictions: dict[int, np.ndarray], split: str,
+                      n_max_lags: int) -> dict[str, float]:
+    """``<split>_r2`` (and per dimension) or ``<split>_accuracy`` / ``<split>_ll``."""
+    trials = data.splits[split]
+    true, predicted = [data.targets[t] for t in trials], [predictions[t] for t in trials]
+    if data.kind == "categorical":
+        return {f"{split}_accuracy": score_trials(accuracy, true, predicted, n_max_lags),
+                f"{split}_ll": score_trials(categorical_log_likelihood, true, predicted, n_max_lags)}
+    r2, per_dim = score_trials(r2_score, true, predicted, n_max_lags)
+    scores = {f"{split}_r2": r2, **{f"{split}_r2_{d}": float(v) for d, v in enumerate(per_dim)}}
+    if data.kind == "counts":
+        scores[f"{split}_ll"] = score_trials(poisson_log_likelihood, true, predicted, n_max_lags)
+    return scores
+
+
+def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
+    """The session and decoding problem a decoder run was fitted to (for ensembles and checks)."""
+    session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=("neural",))
+    values = dict(run.params)
+    refs = {family: (run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id"), None) for family in ("ae", "arhmm")}
+    subsets = neuron_subsets(session, values)
+    neurons = subsets.get(run.tags.get("bnet.neuron_subset", "all"), subsets.get(""))
+    data = assemble(values["model_class"], run.tags["bnet.target"], session, values, refs, store, neurons)
+    return session, data
+
+
+def noise_dist(kind: str, model_type: str) -> str:
+    if kind == "categorical":
+        return "categorical"
+    if kind == "counts":
+        return "poisson"
+    return "gaussian-full" if model_type == "mlp-mv" else "gaussian"
+
+
+class DecoderTrials:
+    """Fits one decoder per trial (the study's FitTrial)."""
+
+    def __init__(self, data: DecodingData, session: Session, n_max_lags: int, subset: str):
+        self.data = data
+        self.session = session
+        self.n_max_lags = n_max_lags
+        self.subset = subset
+        self.batches = {name: TrialArrays(data, data.splits[name]) for name in ("train", "val", "test")}
+
+    def configs(self, hparams: dict[str, Any]) -> tuple[DecoderConfig, TrainingConfig, ComputeConfig]:
+        model_type = str(hparams.get("model_type", "mlp"))
+        model = dataclass_from_values(DecoderConfig, {
+            **hparams, "model_type": model_type, "n_input": self.data.n_input, "n_output": self.data.n_output,
+            "n_max_lags": self.n_max_lags, "noise_dist": noise_dist(self.data.kind, model_type)})
+        model.validate()
+        training = dataclass_from_values(TrainingConfig, hparams)
+        training.validate()
+        compute = dataclass_from_values(ComputeConfig, hparams)
+        compute.validate()
+        return model, training, compute
+
+    def check(self, hparams: dict[str, Any]) -> None:
+        model_class = str(hparams.get("model_class"))
+        if model_entry(model_class).family != FAMILY:
+            raise ConfigError(f"model_class '{model_class}' is not a decoder")
+        model, _, _ = self.configs(hparams)
+        shortest = min(len(x) for x in self.data.inputs.values())
+        if 2 * self.n_max_lags >= shortest:
+            raise DataError(f"{self.session.path}: n_lags={self.n_max_lags} leaves no frames to score in the "
+                            f"shortest trial ({shortest} frames; 2 x n_lags are dropped)")
+
+    def predict(self, model, trials) -> dict[int, np.ndarray]:
+        model.eval()
+        with torch.no_grad():
+            return {t: model.predict(torch.from_numpy(np.ascontiguousarray(self.data.inputs[t], np.float32))).numpy()
+                    for t in trials}
+
+    def __call__(self, context: TrialContext) -> dict[str, float]:
+        model_config, training, compute = self.configs(context.hparams)
+        device = resolve_device(compute.device)
+        context.run.set_tags({tags.TAG_MODEL_CLASS: model_config.model_class,
+                              tags.TAG_MODEL_TYPE: model_config.model_type, "bnet.target_kind": self.data.kind,
+                              "bnet.neuron_subset": self.subset or "all"})
+        resolved = {**asdict(model_config), **asdict(training),
+                    **{f"n_{k}_trials": len(v) for k, v in self.data.splits.as_dict().items()}}
+        context.run.log_params({k: v for k, v in resolved.items() if k not in context.hparams})
+        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.digest()[:16])
+        model = build_model(model_config)
+        echo, max_epochs = context.echo, training.max_n_epochs
+
+        class Progress:
+            def on_epoch_end(self, record: EpochRecord) -> None:
+                if record.epoch % 10 == 0 or record.epoch + 1 == max_epochs:
+                    echo(f"  trial {context.number} epoch {record.epoch + 1}/{max_epochs}  "
+                         f"train {record.train_loss:.5f}  val {record.val_loss:.5f}")
+                context.on_epoch_end(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss})
+
+        result = fit(model, self.batches["train"], self.batches["val"], training, weight_decay=model_config.l2_reg,
+                     device=device, precision="fp32", callbacks=[Progress()])
+        model.cpu()
+        predictions = self.predict(model, self.session.trials)
+        metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+                   "n_epochs": len(result.history)}
+        for split in ("val", "test"):
+            metrics.update(score_predictions(self.data, predictions, split, self.n_max_lags))
+        self._log_artifacts(context, model, predictions)
+        return metrics
+
+    def _log_artifacts(self, context, model, predictions) -> None:
+        run = context.run
+        with tempfile.TemporaryDirectory() as tmp:
+            run.log_file(save_checkpoint(Path(tmp) / "model.pt", model, {"run_id": run.run_id}), "checkpoint")
+            path = write_export(Path(tmp) / "predictions.hdf5", {"predictions": predictions}, self.data.splits,
+                                {"run_id": run.run_id, "kind": self.data.kind})
+            run.log_file(path, tags.EXPORTS_DIR)
+        shown = list(self.data.splits.test[:3])
+        run.log_figure(plot_predictions([self.data.targets[t] for t in shown], [predictions[t] for t in shown],
+                                        [f"held-out {trial_name(t)}" for t in shown], self.data.kind), "predictions")
+
+
+def tune_decoder(
+    data: str | Path | None = None,
+    target: str = "ae",
+    experiment: str | None = None,
+    ae: str | None = None,
+    ae_experiment: str | None = None,
+    arhmm: str | None = None,
+    arhmm_experiment: str | None = None,
+    config: ProjectConfig | None = None,
+    n_trials: int | None = None,
+    max_epochs: int | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    study: str | None = None,
+    store: Store | None = None,
+    echo: Echo = print,
+) -> list[StudyOutcome]:
+    """Run (or resume) decoder studies (one per neuron subset); the Python face of ``bnet tune decoder``."""
+    if target not in TARGETS:
+        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    config = config or ProjectConfig()
+    store = store or resolve_store()
+    tuning = apply_options(config, {"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
+                                    "study": study}, {"max_n_epochs": max_epochs, "device": device})
+    experiment = resolve_experiment(experiment, config)
+    values = config.values
+    default_class = "neural-labels" if target == "labels" else f"neural-{target}"
+    model_class = str(values.setdefault("model_class", default_class))
+    if isinstance(config.values["model_class"], (Categorical, Range)):
+        raise ConfigError("model_class cannot be searched in a decoder study (each class has its own target)")
+    wanted_target = ENCODERS.get(model_class) or model_class.removeprefix("neural-")
+    if wanted_target != target and not (model_class == "neural-labels" and target == "labels"):
+        raise ConfigError(f"model_class '{model_class}' does not fit --target {target}")
+    session = open_session(resolve_data_path(values, data), require=("neural",))
+    values["data"] = str(session.path)
+    lags = config.dimensions().get("n_lags")
+    n_max_lags = int(max(lags.choices) if isinstance(lags, Categorical) else lags.high if lags else values.get("n_lags", 0))
+    refs = {"ae": (ae or values.get("ae_version"), ae_experiment or values.get("ae_experiment_name")),
+            "arhmm": (arhmm or values.get("arhmm_version"), arhmm_experiment or values.get("arhmm_experiment_name"))}
+    plans = []
+    for subset, neurons in neuron_subsets(session, values).items():
+        decoding = assemble(model_class, target, session, values, refs, store, neurons)
+        trials = DecoderTrials(decoding, session, n_max_lags, subset)
+        check_every_choice(config, trials.check)
+        plans.append((subset, decoding, trials))
+    outcomes = []
+    for subset, decoding, trials in plans:
+        metric = METRICS[decoding.kind]
+        run_tags = {tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.digest()[:16],
+                    tags.TAG_DATA_PATH: str(session.path), "bnet.target": target,
+                    **{f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id": run.run_id
+                       for family, run in decoding.upstream.items()}}
+        subset_tuning = dataclass_from_values(type(tuning), {**asdict(tuning), "metric": metric, "direction": "maximize",
+                                                             "study": "-".join(filter(None, [tuning.study or experiment, subset]))})
+        spec = StudySpec(experiment=experiment, family=FAMILY, tuning=subset_tuning, fixed=config.fixed(),
+                         dimensions=config.dimensions(), store=store, run_tags=run_tags)
+        outcomes.append(run_study(spec, trials, echo))
+    return outcomes
