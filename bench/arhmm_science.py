@@ -66,13 +66,20 @@ def main():
 
         model, _ = segment(pick(true_latents, "train"), pick(true_latents, "val"), pick(true_latents, "test"), K)
         found = np.concatenate([z.numpy() for z in model.viterbi(pick(true_latents, "test"))])
-        print(f"ARHMM on true latents: state accuracy {matched_accuracy(z_test, found, K, K):.3f} (test trials)")
+        print(f"ARHMM on true latents: state accuracy {matched_accuracy(z_test, found, K, K):.3f} (test trials)",
+              flush=True)
 
         batches = {n: TrialBatches(session, splits[n], chunk_size=32) for n in ("train", "val")}
         ae = build_model(AEConfig(y_pixels=args.pixels, x_pixels=args.pixels, n_ae_latents=4))
         started = time.perf_counter()
+        class Progress:
+            def on_epoch_end(self, record):
+                print(f"  AE epoch {record.epoch + 1}: train {record.train_loss:.5f} val {record.val_loss:.5f} "
+                      f"({record.frames / record.seconds:.0f} frames/s)", flush=True)
+
         result = fit(ae, batches["train"], batches["val"],
-                     TrainingConfig(learning_rate=1e-3, max_n_epochs=args.ae_epochs, early_stop_history=8))
+                     TrainingConfig(learning_rate=1e-3, max_n_epochs=args.ae_epochs, early_stop_history=8),
+                     callbacks=[Progress()])
         latents = encode_session(ae, session, torch.device("cpu"))
         Z = np.concatenate([latents[t] for t in session.trials])
         T = np.concatenate([true_latents[t] for t in session.trials])

@@ -52,7 +52,7 @@ import torch
 
 import bnet
 from bnet.tracking import conventions as tags
-from bnet.tracking.store import connect, ensure_experiment
+from bnet.tracking.store import Store, connect, ensure_experiment
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "projects" / "demo" / "ae.yaml"
 SESSION = {"n_trials": 20, "n_frames": 50, "y_pixels": 32, "x_pixels": 32}
@@ -280,7 +280,7 @@ class RunCopier:
 
 @dataclass
 class FilledStore:
-    store: object
+    store: Store
     experiment: str
     experiment_id: str
     expected: list[tuple[float, str]]  # (best_val_loss, run id) of the finished trials, best first
@@ -343,8 +343,8 @@ def fill_store(root: Path, n_finished: int, source_engine, trial_id: str, parent
         first, last = study * TRIALS_PER_STUDY, min((study + 1) * TRIALS_PER_STUDY, n_finished)
         parent_start, clock_ms = clock_ms, clock_ms + 1000
         common = {tags.MLFLOW_PARENT: parent_run, tags.TAG_STUDY: study_name}
-        for number, loss in enumerate(losses[first:last]):
-            run_id = uuid.uuid4().hex
+        run_ids = [uuid.uuid4().hex for _ in range(first, last)]
+        for number, (run_id, loss) in enumerate(zip(run_ids, losses[first:last])):
             add(trial_copier.copy(run_id, f"{study_name}-trial-{number:03d}", clock_ms, "FINISHED",
                                   {**common, tags.TAG_TRIAL: str(number), tags.TAG_TRIAL_STATE: "COMPLETE"},
                                   {METRIC: float(loss)}))
@@ -356,10 +356,12 @@ def fill_store(root: Path, n_finished: int, source_engine, trial_id: str, parent
                                   {**common, tags.TAG_TRIAL: str(number), tags.TAG_TRIAL_STATE: "PRUNED"},
                                   {}, keep_metric=lambda key: key in epoch_keys))
             clock_ms += 60_000
+        best = int(np.argmin(losses[first:last]))
         # The parent run carries the study's best value under the same metric name, which
         # is why an unfiltered "lowest best_val_loss" can return a parent instead of a trial.
         add(parent_copier.copy(parent_run, f"study {study_name}", parent_start, "FINISHED",
-                               {tags.TAG_STUDY: study_name, "bnet.best_trial": "0"},
+                               {tags.TAG_STUDY: study_name, "bnet.best_trial": str(best),
+                                "bnet.best_run_id": run_ids[best]},
                                {METRIC: float(losses[first:last].min()),
                                 "n_complete": float(last - first), "n_pruned": float(n_pruned_each)}))
 
@@ -452,7 +454,7 @@ def best_of_n_queries(filled: FilledStore) -> list[tuple[str, Callable[[], list]
             ("search_runs, no filter, top 1", unfiltered(1)), ("search_runs, no filter, top 10", unfiltered(10))]
 
 
-def measure_queries(workdir: Path, sizes: list[int], study_store, outcome, repeats: int) -> None:
+def measure_queries(workdir: Path, sizes: list[int], study_store: Store, outcome, repeats: int) -> None:
     from sqlalchemy import create_engine
 
     print(f"\n== 2. Best-of-N queries (SQLite); runs copied from trial run {outcome.best_run_id[:8]} "
