@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python bench/tracking_overhead.py
 	$(BIN)/python bench/arhmm_em.py
 	$(BIN)/python bench/arhmm_science.py
+	$(BIN)/python bench/decoder_ensemble.py
 
 ui: install
 	$(BIN)/bnet ui

@@ -64,3 +64,21 @@ def check(paths, trial_splits, rng_seed_data, require):
             click.echo(f"  regions/{grouping}: " + ", ".join(f"{r} ({len(i)})" for r, i in regions.items()))
         click.echo(f"  splits   '{trial_splits}' seed {rng_seed_data}: " + ", ".join(
             f"{name} {len(splits[name])}" for name in ("train", "val", "test")))
+
+
+@data.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--mat", "mat_path", type=click.Path(dir_okay=False), default=None,
+              help="m1_stevenson_2011.mat [default ../shared/data/spykesml_m1_s1/ beside the working folder].")
+@click.option("--trial-frames", default=100, show_default=True, help="Bins (50 ms) per pseudo-trial.")
+def m1(out, mat_path, trial_frames):
+    """Build a neural-only session from real macaque M1 spikes (labels = hand velocity)."""
+    from pathlib import Path
+
+    from bnet.data import open_session
+    from bnet.data.m1 import build_m1_session
+
+    mat_path = mat_path or Path("..") / "shared" / "data" / "spykesml_m1_s1" / "m1_stevenson_2011.mat"
+    session = open_session(build_m1_session(mat_path, out, trial_frames), require=("neural", "labels"))
+    click.echo(f"wrote {session.path}: {session.n_trials} trials x {trial_frames} bins, "
+               f"{session.n_neurons} neurons, labels = hand velocity (x, y)")
