@@ -24,6 +24,8 @@ demo: install
 	$(BIN)/bnet register ae --experiment ae-demo --name ae-demo --alias champion
 	$(BIN)/bnet tune arhmm --data demo-data/demo.hdf5 --ae-experiment ae-demo --ae best --config projects/demo/arhmm.yaml
 	$(BIN)/bnet best arhmm --experiment arhmm-demo --top 3
+	$(BIN)/bnet tune decoder --data demo-data/demo.hdf5 --target ae --ae-experiment ae-demo --config projects/demo/decoder.yaml
+	$(BIN)/bnet ensemble --experiment decoder-demo --max-members 4 --name decoder-demo-ensemble
 
 test: install
 	$(BIN)/pytest -q

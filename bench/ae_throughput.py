@@ -91,8 +91,9 @@ def main():
         baseline = args.batch / best["cpu fp32 NCHW (BehaveNet)"]
         for name in rows:
             fps = args.batch / best[name]
-            print(f"{size:>6}  {name:<28} {fps:>9.1f}  {fps / baseline:>11.2f}x  "
-                  f"{fps / BEHAVENET_FRAMES_PER_S[size]:>15.2f}x")
+            reference = BEHAVENET_FRAMES_PER_S.get(size)
+            versus = f"{fps / reference:>15.2f}x" if reference else f"{'-':>16}"
+            print(f"{size:>6}  {name:<28} {fps:>9.1f}  {fps / baseline:>11.2f}x  {versus}")
 
 
 if __name__ == "__main__":
