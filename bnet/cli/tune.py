@@ -46,7 +46,7 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
     outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
                   max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device,
                   study=study, store=resolved, echo=click.echo)
-    _summary(outcome, resolved, config.tuning.metric)
+    _summary(outcome, resolved)
 
 
 @tune.command("arhmm")
@@ -85,7 +85,7 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
     outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
                   config=config, n_trials=n_trials, max_iters=max_iters, sampler=sampler, pruner=pruner,
                   seed=seed, device=device, study=study, store=resolved, echo=click.echo)
-    _summary(outcome, resolved, "val_ll_per_step")
+    _summary(outcome, resolved)
 
 
 @tune.command("decoder")
@@ -127,7 +127,7 @@ def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arh
                    max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device, study=study,
                    store=resolved, echo=click.echo)
     for outcome in outcomes:
-        _summary(outcome, resolved, "the selection metric")
+        _summary(outcome, resolved)
 
 
 def _check_counts(**counts):
@@ -138,12 +138,12 @@ def _check_counts(**counts):
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def _summary(outcome, resolved, metric: str) -> None:
+def _summary(outcome, resolved) -> None:
     click.echo("")
     click.echo(f"study '{outcome.study_name}' in experiment '{outcome.experiment}': "
                f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed")
     if outcome.best_run_id:
-        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, {metric} {outcome.best_value:.6g}")
+        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, {outcome.metric} {outcome.best_value:.6g}")
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:

@@ -86,6 +86,7 @@ class StudyOutcome:
     tracking_uri: str
     optuna_storage: str
     ran_now: int
+    metric: str
 
 
 FitTrial = Callable[[TrialContext], dict[str, float]]
@@ -267,7 +268,7 @@ def run_study(spec: StudySpec, fit_trial: FitTrial, echo: Echo = print) -> Study
         parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
         n_failed=counts["FAIL"], best_trial=best_trial, best_value=best_value,
         best_run_id=best_run, tracking_uri=spec.store.tracking_uri,
-        optuna_storage=spec.store.optuna_storage, ran_now=to_run,
+        optuna_storage=spec.store.optuna_storage, ran_now=to_run, metric=spec.tuning.metric,
     )
 
 
