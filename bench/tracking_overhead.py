@@ -24,7 +24,8 @@ Two measurements, in one process, on the embedded SQLite store in a temporary fo
 
     python bench/tracking_overhead.py [--runs 1000 10000] [--trials 3] [--epochs 3] [--repeats 7]
 
-Runs on 1 CPU thread and takes a few minutes (most of it filling the 10,000-run store).
+Trains on 1 CPU thread; about 3 minutes on a 2-core machine, most of it the study and the
+multi-second 10,000-run queries before ANALYZE.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def open_session(path: str | Path, require: tuple[str, ...] = ("images",)) -> Se
     Raises:
         DataError: naming the file, group and trial at fault.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # runs record where the data is, from any folder
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 
@@ -21,6 +22,7 @@ def plot_training_curves(epochs, train_loss, val_epochs, val_loss, best_epoch: i
     values = np.concatenate([np.asarray(train_loss, float), np.asarray(val_loss, float)])
     if values.size and np.all(values > 0):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(title)

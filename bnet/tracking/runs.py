@@ -87,9 +87,19 @@ def _param_text(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
 
 
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers
+        return "unknown"
+
+
 def create_run(client, experiment_id: str, run_name: str, run_tags: dict[str, Any],
                parent_run_id: str | None = None) -> RunLogger:
-    all_tags = {tags.MLFLOW_RUN_NAME: run_name, **run_tags}
+    all_tags = {tags.MLFLOW_RUN_NAME: run_name, "mlflow.user": _user(), "mlflow.source.type": "LOCAL",
+                "mlflow.source.name": "bnet", **run_tags}
     if parent_run_id:
         all_tags[tags.MLFLOW_PARENT] = parent_run_id
     run = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()},

@@ -99,3 +99,18 @@ def ensure_experiment(client, store: Store, name: str) -> str:
         store.artifact_root.mkdir(parents=True, exist_ok=True)
         location = (store.artifact_root / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+def refresh_statistics(store: Store) -> None:
+    """Give an embedded SQLite store the table statistics its query planner needs.
+
+    MLflow never runs ANALYZE; without statistics SQLite scans the metric table once per
+    candidate run when ``best_runs`` orders by a metric (8.5 s at 10,000 runs, 0.15 s after
+    ANALYZE; see bench/tracking_overhead.py).
+    """
+    if not store.tracking_uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    with sqlite3.connect(store.tracking_uri[len("sqlite:///"):], timeout=60) as connection:
+        connection.execute("ANALYZE")

@@ -21,7 +21,7 @@ from bnet.config import Dimension, TuningConfig
 from bnet.errors import BnetError, ConfigError
 from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, create_run
-from bnet.tracking.store import Store, connect, ensure_experiment, retry_schema_race
+from bnet.tracking.store import Store, connect, ensure_experiment, refresh_statistics, retry_schema_race
 from bnet.tuning import space
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
@@ -173,6 +173,9 @@ def _count(study: optuna.Study) -> dict[str, int]:
 def run_study(spec: StudySpec, fit_trial: FitTrial, echo: Echo = print) -> StudyOutcome:
     """Run (or resume) a study until it holds ``spec.tuning.n_trials`` finished trials."""
     spec.tuning.validate()
+    if not spec.dimensions and spec.tuning.n_trials > 1:
+        echo("note: the config searches nothing (no lists or ranges): every trial repeats the same "
+             "hyperparameters; pass --config with a search space")
     if spec.tuning.sampler == "grid" and space.grid_size(spec.dimensions) < spec.tuning.n_trials:
         echo(f"note: the grid has {space.grid_size(spec.dimensions)} points; the study stops there")
     client = connect(spec.store)
@@ -261,6 +264,7 @@ def run_study(spec: StudySpec, fit_trial: FitTrial, echo: Echo = print) -> Study
                             "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"]})
         parent.set_tags({"bnet.best_trial": best_trial, "bnet.best_run_id": best_run})
     parent.terminate("KILLED" if interrupted else "FINISHED")
+    refresh_statistics(spec.store)
     if interrupted:
         raise interrupted
     return StudyOutcome(
