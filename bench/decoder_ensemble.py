@@ -3,7 +3,7 @@
 Two problems, each through the real study machinery (a temporary SQLite store):
   * synthetic: neural (Poisson) -> the generator's latents (`neural-labels` on a session whose
     labels are replaced by the true latents), and neural -> true states (accuracy vs chance).
-    The noise ceiling is estimated by the same decoder family fitted to 10x more data from
+    The noise ceiling is estimated by the same decoder family fitted to 5x more data from
     the same generator (the R² that more data alone would buy).
   * M1: real macaque M1 spikes -> hand velocity, beside the ridge-regression floor computed
     on the same split.
@@ -87,16 +87,16 @@ def report(name: str, store, best, metric: str, seconds: float, trials: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=25)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = latent_session(root / "synthetic.hdf5", 60, seed=0)
         store, best, seconds = study(root, data, "synthetic", args.trials, args.epochs)
         report("synthetic", store, best, "val_r2", seconds, args.trials)
-        big = latent_session(root / "ceiling.hdf5", 600, seed=0)
+        big = latent_session(root / "ceiling.hdf5", 300, seed=0)
         _, ceiling, _ = study(root, big, "ceiling", 2, args.epochs)
-        print(f"{'':<16} noise ceiling estimate (same generator, 10x the trials): test_r2 {ceiling.metrics['test_r2']:.3f}")
+        print(f"{'':<16} noise ceiling estimate (same generator, 5x the trials): test_r2 {ceiling.metrics['test_r2']:.3f}")
         # states: an ARHMM on the true latents (stored as labels), then neural -> its states
         tune_arhmm(data=data, labels=True, experiment="segment", store=store, echo=lambda line: None,
                    config=load_project_config(None), n_trials=1, max_iters=50)
