@@ -7,6 +7,23 @@ import click
 from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
 
 
+def study_options(command):
+    """The options every `bnet tune` command shares: where the study lives and how it samples."""
+    for option in reversed([
+        store_option,
+        click.option("--storage", default=None,
+                     help="Optuna storage URL (SQLAlchemy, e.g. postgresql://...) [default the store's optuna.db]."),
+        tracking_uri_option,
+        click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]"),
+        click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None,
+                     help="[default median]"),
+        click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
+        click.option("--seed", type=int, default=None, help="Sampler seed."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group()
 def tune():
     """Run (or resume) a hyperparameter study."""
@@ -24,13 +41,7 @@ def tune():
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet model JSON.")
 @click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
 @click.option("--compute-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet compute JSON.")
-@store_option
-@click.option("--storage", default=None, help="Optuna storage URL (SQLAlchemy, e.g. postgresql://...) [default the store's optuna.db].")
-@tracking_uri_option
-@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]")
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None, help="[default median]")
-@click.option("--study", default=None, help="Optuna study name [default the experiment name].")
-@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@study_options
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_config, model_config,
             training_config, compute_config, store, storage, tracking_uri, sampler, pruner, study,
@@ -61,13 +72,7 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Project YAML.")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm model JSON.")
 @click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm training JSON.")
-@store_option
-@click.option("--storage", default=None, help="Optuna storage URL [default the store's optuna.db].")
-@tracking_uri_option
-@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]")
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None, help="[default median]")
-@click.option("--study", default=None, help="Optuna study name [default the experiment name].")
-@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@study_options
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default cpu, float64]")
 @click.option("--engine", type=click.Choice(["bnet", "ssm"]), default=None,
               help="Fit with bnet's engine or with ssm where it is importable [default bnet].")
@@ -103,13 +108,7 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
 @click.option("--data-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding data JSON.")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding model JSON.")
 @click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
-@store_option
-@click.option("--storage", default=None, help="Optuna storage URL [default the store's optuna.db].")
-@tracking_uri_option
-@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]")
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None, help="[default median]")
-@click.option("--study", default=None, help="Optuna study name [default the experiment name].")
-@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@study_options
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arhmm_ref, experiment, n_trials,
                  max_epochs, config_path, data_config, model_config, training_config, store, storage, tracking_uri,
