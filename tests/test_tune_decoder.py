@@ -224,3 +224,13 @@ def test_region_subsets_fit_one_study_per_region(tmp_path, tiny_session):
                           store=resolve_store(tmp_path / "store"))
     assert sorted(r.tags["bnet.neuron_subset"] for r in runs) == ["region-0", "region-1"]
     assert {r.params["n_input"] for r in runs} == {"5"}
+
+
+def test_constant_targets_are_refused(tmp_path):
+    neural = {f"trial_{i:04d}": np.random.default_rng(i).poisson(1.0, (20, 4)).astype(float) for i in range(10)}
+    labels = {k: np.ones((20, 2)) for k in neural}
+    path = write_session(tmp_path / "flat.hdf5", {"neural": neural, "labels": labels})
+    store = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(path), "--target", "labels",
+                                      "--experiment", "x", "--n-trials", "1", "--store", str(store)])
+    assert_clean_failure(result, "flat.hdf5", "labels dimension 0 is constant", store=store)

@@ -163,6 +163,12 @@ def assemble(model_class: str, target: str, session: Session, values, refs, stor
         if len(neural[t]) != len(beh[t]):
             raise DataError(f"{session.path}: {trial_name(t)} has {len(neural[t])} neural frames "
                             f"but {len(beh[t])} {target} frames")
+    if kind == "continuous":
+        spread = np.concatenate([beh[t] for t in splits.train]).std(axis=0)
+        if np.any(spread < 1e-8):
+            where = f"{next(iter(upstream.values())).family} run {next(iter(upstream.values())).run_id}" if upstream else str(session.path)
+            raise DataError(f"{where}: {target} dimension {int(np.argmin(spread))} is constant over the training "
+                            f"trials (an AE stuck at the mean image?): there is nothing to decode")
     if model_class in ENCODERS:
         if kind == "categorical":
             beh = {t: np.eye(n_classes, dtype=np.float32)[z] for t, z in beh.items()}
