@@ -70,6 +70,7 @@ def retry_schema_race(create, attempts: int = 6):
 def connect(store: Store):
     """An MlflowClient on the store (creating the folder for embedded stores)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download is noise in a CLI
     import logging
 
     import mlflow
