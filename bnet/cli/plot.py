@@ -43,7 +43,7 @@ def syllables(run_id, out, clips, min_frames, fps, store, tracking_uri):
             raise TrackingError(f"run {run.run_id} exported no states (export_states was off)")
         states, _ = read_export(path, "states")
     session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=("images",))
-    if session.digest()[:16] != run.tags.get(tags.TAG_DATA_HASH):
+    if session.data_hash != run.tags.get(tags.TAG_DATA_HASH):
         raise TrackingError(f"{session.path} has changed since run {run.run_id} was fitted (data hash differs)")
     n_states = int(run.params["n_arhmm_states"])
     panels, titles = [], []

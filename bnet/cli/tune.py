@@ -146,4 +146,4 @@ def _summary(outcome, resolved) -> None:
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:
-        click.echo(f"browse: bnet ui --store {resolved.root}  then  {runs_link(resolved, outcome.experiment_id)}")
+        click.echo(f"browse: bnet ui --store {resolved.root}  then  {runs_link(outcome.experiment_id)}")

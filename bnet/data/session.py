@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -86,17 +87,15 @@ class Session:
             group = f[signal]
             return [group[trial_name(t)][()] for t in wanted]
 
-    def digest(self) -> str:
-        """sha256 of the file's bytes: the data identity every run records."""
-        return file_digest(self.path)
-
-
-def file_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            sha.update(block)
-    return sha.hexdigest()
+    @cached_property
+    def data_hash(self) -> str:
+        """The data identity every run records: the first 16 hex digits of the file's sha256
+        (read once per session object; the file can be large)."""
+        sha = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+        return sha.hexdigest()[:16]
 
 
 def open_session(path: str | Path, require: tuple[str, ...] = ("images",)) -> Session:

@@ -25,7 +25,7 @@ from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
-from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment
+from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment, session_tags
 from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
 
 FAMILY = "ae"
@@ -41,9 +41,8 @@ def _check_image_shape(session: Session, values: dict[str, Any]) -> None:
 class AETrials:
     """Fits one autoencoder per trial on a session and logs it (the study's FitTrial)."""
 
-    def __init__(self, session: Session, digest: str):
+    def __init__(self, session: Session):
         self.session = session
-        self.digest = digest
         self._batches: dict[tuple, dict[str, TrialBatches]] = {}
 
     def configs(self, hparams: dict[str, Any]) -> tuple[AEConfig, TrainingConfig, ComputeConfig]:
@@ -95,7 +94,7 @@ class AETrials:
                     **self.split_settings(hparams),
                     **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}}
         context.run.log_params({k: v for k, v in resolved.items() if k not in hparams})
-        context.run.log_dataset(self.session.path, self.session.dataset_id, self.digest)
+        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.data_hash)
         model = build_model(model_config)
         echo, max_epochs = context.echo, training.max_n_epochs
 
@@ -125,7 +124,7 @@ class AETrials:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = save_checkpoint(
                 Path(tmp) / "model.pt", model,
-                {"run_id": run.run_id, "dataset": self.session.dataset_id, "data_hash": self.digest,
+                {"run_id": run.run_id, "dataset": self.session.dataset_id, "data_hash": self.session.data_hash,
                  "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss},
             )
             run.log_file(checkpoint, "checkpoint")
@@ -195,14 +194,13 @@ def tune_ae(
     session = open_session(resolve_data_path(values, data), require=("images",))
     _check_image_shape(session, values)
     values["data"] = str(session.path)
-    trials = AETrials(session, session.digest()[:16])
+    trials = AETrials(session)
     check_every_choice(config, trials.check)
 
     spec = StudySpec(
         experiment=experiment, family=FAMILY, tuning=tuning, fixed=config.fixed(), dimensions=config.dimensions(),
         store=store or resolve_store(),
-        run_tags={tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: trials.digest,
-                  tags.TAG_DATA_PATH: str(session.path)},
+        run_tags=session_tags(session),
     )
     return run_study(spec, trials, echo)
 

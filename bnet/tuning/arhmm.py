@@ -32,7 +32,9 @@ from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import download_artifact, load_model, resolve_upstream
 from bnet.tracking.store import Store, resolve_store
 from bnet.training import resolve_device
-from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment
+from bnet.tuning.common import (
+    apply_options, check_every_choice, check_same_data, resolve_data_path, resolve_experiment, session_tags,
+)
 from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
 
 FAMILY = "arhmm"
@@ -81,11 +83,7 @@ class Observations:
 
 def ae_observations(session: Session, ae_run: RunSummary, store: Store) -> Observations:
     """The AE run's exported latents, or latents computed by loading its model."""
-    if ae_run.tags.get(tags.TAG_DATA_HASH) not in (None, session.digest()[:16]):
-        raise DataError(
-            f"{session.path}: AE run {ae_run.run_id} was trained on other data "
-            f"(data hash {ae_run.tags.get(tags.TAG_DATA_HASH)}, this file {session.digest()[:16]})"
-        )
+    check_same_data(ae_run, session)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_artifact(ae_run, f"{tags.EXPORTS_DIR}/latents.hdf5", tmp, store)
         if path is not None:
@@ -138,13 +136,12 @@ class ARHMMTrials:
         if values.get("model_class") == "hmm":
             values.setdefault("n_arhmm_lags", 0)
         fit = dataclass_from_values(SegmentationFitConfig, values)
-        device = resolve_device(fit.device)
-        model = dataclass_from_values(SegmentationConfig, {**values, "n_iters": fit.n_iters,
-                                                           "arhmm_es_tol": fit.arhmm_es_tol,
-                                                           "device": str(device)})
-        for name in ("n_arhmm_states", "n_arhmm_lags", "n_iters"):
-            setattr(model, name, int(getattr(model, name)))
-        model.validate()
+        for name in ("n_arhmm_states", "n_arhmm_lags"):  # YAML ranges may hand floats
+            if name in values:
+                values[name] = int(values[name])
+        model = dataclass_from_values(SegmentationConfig, {
+            **values, "n_iters": int(fit.n_iters), "arhmm_es_tol": fit.arhmm_es_tol,
+            "device": str(resolve_device(fit.device))})
         return model, fit
 
     def check(self, hparams: dict[str, Any]) -> None:
@@ -156,7 +153,7 @@ class ARHMMTrials:
             raise ConfigError(f"engine must be bnet or ssm, got '{fit.engine}'")
         if fit.engine == "ssm":
             import_ssm()
-            ssm_model_arguments(model.engine_config())
+            ssm_model_arguments(model)
         shortest = min(len(x) for x in self.observations.values.values())
         if model.n_arhmm_lags >= shortest:
             raise DataError(f"{self.source}: n_arhmm_lags={model.n_arhmm_lags} is not less than the "
@@ -173,7 +170,7 @@ class ARHMMTrials:
         resolved = {**asdict(config), **asdict(fit_config), "n_dims": obs.n_dims, "effective_kappa": config.kappa,
                     **{f"n_{k}_trials": len(v) for k, v in obs.splits.as_dict().items()}}
         context.run.log_params({k: v for k, v in resolved.items() if k not in context.hparams})
-        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.digest()[:16])
+        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.data_hash)
         model = build_model(config)
         engine = model.engine
         train, val, test = (obs.split(name) for name in ("train", "val", "test"))
@@ -196,7 +193,7 @@ class ARHMMTrials:
             return False
 
         if fit_config.engine == "ssm":
-            fitted = fit_with_ssm(config.engine_config(), train, config.n_iters)
+            fitted = fit_with_ssm(config, train, config.n_iters)
             best.update(value=fitted.log_likelihood(val) / scale["val"], iteration=config.n_iters,
                         state=fitted.state_dict())
             n_iters_run = config.n_iters
@@ -312,7 +309,6 @@ def tune_arhmm(
     spec = StudySpec(
         experiment=experiment, family=FAMILY, tuning=tuning, fixed=config.fixed(),
         dimensions=config.dimensions(), store=store, objective_key="val_ll",
-        run_tags={tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.digest()[:16],
-                  tags.TAG_DATA_PATH: str(session.path), **run_tags},
+        run_tags={**session_tags(session), **run_tags},
     )
     return run_study(spec, trials, echo)

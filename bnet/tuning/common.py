@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bnet.config import ProjectConfig, TuningConfig
-from bnet.errors import ConfigError
+from bnet.data.session import Session
+from bnet.errors import ConfigError, DataError
+from bnet.tracking import conventions as tags
+from bnet.tracking.query import RunSummary
 from bnet.tuning import space
 
 
@@ -38,6 +41,20 @@ def resolve_data_path(values: dict[str, Any], data: str | Path | None) -> Path:
     if all(values.get(k) for k in keys):
         return Path(*(str(values[k]) for k in keys)) / "data.hdf5"
     raise ConfigError("no data: pass --data PATH, or set data (or data_dir/lab/expt/animal/session)")
+
+
+def session_tags(session: Session) -> dict[str, str]:
+    """The tags that tie every run of a study to its session file."""
+    return {tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.data_hash,
+            tags.TAG_DATA_PATH: str(session.path)}
+
+
+def check_same_data(upstream: RunSummary, session: Session) -> None:
+    """An upstream run must have been fitted to this very file (its data hash)."""
+    recorded = upstream.tags.get(tags.TAG_DATA_HASH)
+    if recorded != session.data_hash:
+        raise DataError(f"{session.path}: {upstream.family} run {upstream.run_id} was fitted to other data "
+                        f"(data hash {recorded}, this file {session.data_hash})")
 
 
 def check_every_choice(config: ProjectConfig, check: Callable[[dict[str, Any]], None]) -> None:

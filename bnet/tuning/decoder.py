@@ -32,7 +32,9 @@ from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import download_artifact, resolve_upstream
 from bnet.tracking.store import Store, resolve_store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
-from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment
+from bnet.tuning.common import (
+    apply_options, check_every_choice, check_same_data, resolve_data_path, resolve_experiment, session_tags,
+)
 from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
 
 FAMILY = "decoder"
@@ -69,13 +71,12 @@ class DecodingData:
 class TrialArrays(torch.utils.data.Dataset):
     """Whole trials as batches ``{"inputs", "targets"}`` (the lag window needs contiguous frames)."""
 
-    def __init__(self, data: DecodingData, trials, inputs: dict[int, np.ndarray] | None = None):
+    def __init__(self, data: DecodingData, trials):
         self.trials = list(trials)
-        source = data.inputs if inputs is None else inputs
         self.items = []
         for t in self.trials:
             target = torch.from_numpy(np.ascontiguousarray(data.targets[t]))
-            self.items.append({"inputs": torch.from_numpy(np.ascontiguousarray(source[t], dtype=np.float32)),
+            self.items.append({"inputs": torch.from_numpy(np.ascontiguousarray(data.inputs[t], dtype=np.float32)),
                                "targets": target.long() if data.kind == "categorical" else target.float()})
 
     def __len__(self) -> int:
@@ -86,9 +87,7 @@ class TrialArrays(torch.utils.data.Dataset):
 
 
 def _upstream_export(run: RunSummary, name: str, group: str, session: Session, store: Store):
-    if run.tags.get(tags.TAG_DATA_HASH) != session.digest()[:16]:
-        raise DataError(f"{session.path}: {run.family} run {run.run_id} was fitted to other data "
-                        f"(data hash {run.tags.get(tags.TAG_DATA_HASH)}, this file {session.digest()[:16]})")
+    check_same_data(run, session)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_artifact(run, f"{tags.EXPORTS_DIR}/{name}.hdf5", tmp, store)
         if path is None:
@@ -259,7 +258,7 @@ class DecoderTrials:
         resolved = {**asdict(model_config), **asdict(training),
                     **{f"n_{k}_trials": len(v) for k, v in self.data.splits.as_dict().items()}}
         context.run.log_params({k: v for k, v in resolved.items() if k not in context.hparams})
-        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.digest()[:16])
+        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.data_hash)
         model = build_model(model_config)
         echo, max_epochs = context.echo, training.max_n_epochs
 
@@ -343,8 +342,7 @@ def tune_decoder(
     outcomes = []
     for subset, decoding, trials in plans:
         metric = METRICS[decoding.kind]
-        run_tags = {tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.digest()[:16],
-                    tags.TAG_DATA_PATH: str(session.path), "bnet.target": target,
+        run_tags = {**session_tags(session), "bnet.target": target,
                     **{f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id": run.run_id
                        for family, run in decoding.upstream.items()}}
         subset_tuning = dataclass_from_values(type(tuning), {**asdict(tuning), "metric": metric, "direction": "maximize",

@@ -7,7 +7,7 @@ and ``bnet.load_model`` treat segmentation models like every other model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -17,35 +17,21 @@ from bnet.models.arhmm.model import ARHMM
 from bnet.models.registry import register
 
 
-@dataclass
-class SegmentationConfig:
-    """``model_class`` plus the engine's hyperparameters (see :class:`ARHMMConfig`).
+@dataclass(frozen=True)
+class SegmentationConfig(ARHMMConfig):
+    """The engine's hyperparameters (:class:`ARHMMConfig`) plus the registry's ``model_class``.
 
     ``hmm`` is an ARHMM with ``n_arhmm_lags = 0``; ``arhmm-labels`` is an ARHMM fitted to
-    labels instead of AE latents.
+    labels instead of AE latents. ``n_arhmm_states`` defaults to BehaveNet's 8 here.
     """
 
-    model_class: str = "arhmm"
     n_arhmm_states: int = 8
-    n_arhmm_lags: int = 1
-    noise_type: str = "gaussian"
-    transitions: str = "stationary"
-    kappa: float = 0.0
-    alpha: float = 1.0
-    n_iters: int = 150
-    arhmm_es_tol: float = 0.0
-    rng_seed_model: int = 0
-    dtype: str | None = None
-    device: str = "cpu"
+    model_class: str = "arhmm"
 
-    def engine_config(self) -> ARHMMConfig:
+    def __post_init__(self):
         if self.model_class == "hmm" and self.n_arhmm_lags != 0:
             raise ARHMMConfigError(f"model_class 'hmm' has no AR dynamics: n_arhmm_lags must be 0, got {self.n_arhmm_lags}")
-        names = {f.name for f in fields(ARHMMConfig)}
-        return ARHMMConfig(**{k: v for k, v in asdict(self).items() if k in names})
-
-    def validate(self) -> None:
-        self.engine_config()
+        super().__post_init__()
 
 
 class SegmentationModel:
@@ -53,7 +39,7 @@ class SegmentationModel:
 
     def __init__(self, config: SegmentationConfig):
         self.config = config
-        self.engine = ARHMM(config.engine_config())
+        self.engine = ARHMM(config)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.state_dict()
