@@ -234,3 +234,13 @@ def test_constant_targets_are_refused(tmp_path):
     result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(path), "--target", "labels",
                                       "--experiment", "x", "--n-trials", "1", "--store", str(store)])
     assert_clean_failure(result, "flat.hdf5", "labels dimension 0 is constant", store=store)
+
+
+def test_default_decoder_config_runs(tmp_path, tiny_session):
+    """No config at all: DecoderConfig's own n_lags sets the frames every metric drops."""
+    output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "plain",
+                    "--n-trials", 1, "--max-epochs", 2, "--store", tmp_path / "store")
+    assert "1 complete" in output
+    run = bnet.best_runs("plain", family="decoder", metric="val_r2", direction="maximize",
+                         store=resolve_store(tmp_path / "store"))[0]
+    assert run.params["n_max_lags"] == run.params["n_lags"] == "4"

@@ -203,6 +203,18 @@ def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
     return session, data
 
 
+def largest_window(config: ProjectConfig) -> int:
+    """``n_max_lags``: the largest ``n_lags`` any trial of the study can use (or the config's own)."""
+    if "n_max_lags" in config.fixed():
+        return int(config.fixed()["n_max_lags"])
+    lags = config.dimensions().get("n_lags")
+    if isinstance(lags, Categorical):
+        return int(max(lags.choices))
+    if isinstance(lags, Range):
+        return int(lags.high)
+    return int(config.values.get("n_lags", DecoderConfig.n_lags))
+
+
 def noise_dist(kind: str, model_type: str) -> str:
     if kind == "categorical":
         return "categorical"
@@ -329,8 +341,7 @@ def tune_decoder(
         raise ConfigError(f"model_class '{model_class}' does not fit --target {target}")
     session = open_session(resolve_data_path(values, data), require=("neural",))
     values["data"] = str(session.path)
-    lags = config.dimensions().get("n_lags")
-    n_max_lags = int(max(lags.choices) if isinstance(lags, Categorical) else lags.high if lags else values.get("n_lags", 0))
+    n_max_lags = largest_window(config)
     refs = {"ae": (ae or values.get("ae_version"), ae_experiment or values.get("ae_experiment_name")),
             "arhmm": (arhmm or values.get("arhmm_version"), arhmm_experiment or values.get("arhmm_experiment_name"))}
     plans = []
