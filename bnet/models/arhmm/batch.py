@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -92,6 +93,11 @@ class SequenceBatch:
     @property
     def n_frames(self) -> int:
         return int(self.lengths.sum())
+
+    @cached_property
+    def regression_frames(self) -> torch.Tensor:
+        """(N*Tmax, D*L + 1 + D) rows [x~_t, x_t]: every frame's regressors, then its target."""
+        return torch.cat([self.design, self.x], dim=-1).view(-1, self.design.shape[-1] + self.n_dims)
 
     def unpad(self, padded: torch.Tensor) -> list[torch.Tensor]:
         """Split a (N, Tmax, ...) tensor back into per-sequence tensors."""

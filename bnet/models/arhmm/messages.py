@@ -8,10 +8,13 @@ Every function takes
 * ``log_likes``: (N, Tmax, K) log p(x_t | z_t = k, past),
 * ``mask``: (N, Tmax) True on real frames (each sequence fills the start of its row).
 
-The only Python loops run over time; each step works on the whole batch. Messages are kept
-in log space, but each step propagates probabilities (``exp`` of the log message minus its
-maximum) through the transition matrix, as ssm does: one matrix product per step, and
-stable in float32 because the largest propagated entry is always 1.
+The only Python loops run over time; each step works on the whole batch, in place, with
+three or four tensor operations. The recursions are the scaled (Rabiner) ones in probability
+space: emission likelihoods are exponentiated relative to their per-frame maximum (so the
+largest is 1) and every forward message is renormalised, its sum kept as the step's
+scale; the log-normaliser is the sum of the log scales and maxima. Padding needs no
+branch: a padded frame gets likelihood 1 and scale 1, so the forward messages past a
+sequence's end never feed back into it and its backward messages there stay 1.
 """
 
 from __future__ import annotations
@@ -34,22 +37,6 @@ class ForwardBackward(NamedTuple):
     """(N, K, K) sum over t of E[z_t = i, z_{t+1} = j]."""
 
 
-def _exp_below(log_values: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
-    """exp(log_values - peak) for a peak >= every value.
-
-    Differences below log(smallest normal float) are raised to it: such terms are far below
-    the resolution of the sums they enter, and exp runs many times slower when its result
-    underflows into subnormals.
-    """
-    floor = math.log(torch.finfo(log_values.dtype).tiny)
-    return (log_values - peak).clamp_min(floor).exp()
-
-
-def _exp_relative_to_max(log_values: torch.Tensor) -> torch.Tensor:
-    """exp(log_values - their max over the last axis): the largest entry is 1."""
-    return _exp_below(log_values, log_values.amax(-1, keepdim=True))
-
-
 def _time_major(trans: torch.Tensor) -> torch.Tensor:
     """(N, T-1, K, K) -> contiguous (T-1, N, K, K); a shared (K, K) matrix stays as it is."""
     return trans if trans.dim() == 2 else trans.transpose(0, 1).contiguous()
@@ -60,69 +47,63 @@ def _step_matrix(trans: torch.Tensor, t: int) -> torch.Tensor:
     return trans if trans.dim() == 2 else trans[t]
 
 
-def _propagate_forward(prob: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """sum_i prob[n, i] matrix[(n,) i, j]."""
-    if matrix.dim() == 2:
-        return prob @ matrix
-    return (prob.unsqueeze(1) @ matrix).squeeze(1)
-
-
-def _propagate_backward(prob: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """sum_j matrix[(n,) i, j] prob[n, j]."""
-    if matrix.dim() == 2:
-        return prob @ matrix.T
-    return (matrix @ prob.unsqueeze(-1)).squeeze(-1)
-
-
 def forward_backward(log_pi0: torch.Tensor, log_trans: torch.Tensor, log_likes: torch.Tensor,
                      mask: torch.Tensor) -> ForwardBackward:
     """Log-normalisers, posterior marginals and summed pairwise posteriors."""
     n_steps = log_likes.shape[1]
-    trans = _time_major(log_trans.exp())
-    # Time-major copies make every per-step slice contiguous.
-    likes = log_likes.transpose(0, 1).contiguous()
     valid = mask.transpose(0, 1).unsqueeze(-1)
+    likes = log_likes.transpose(0, 1).masked_fill(~valid, 0.0)
+    peak = likes.amax(-1, keepdim=True)
+    # Likelihoods below the smallest normal float relative to the frame's best are raised to
+    # it: far below the resolution of the sums they enter, and exp and the products run many
+    # times slower on subnormals.
+    floor = math.log(torch.finfo(likes.dtype).tiny)
+    emission = (likes - peak).clamp_min_(floor).exp_()
+    shared = log_trans.dim() == 2
+    trans = log_trans.exp() if shared else _time_major(log_trans.exp())
+    trans_t = trans.T.contiguous() if shared else None
 
-    log_alpha = torch.empty_like(likes)
-    log_alpha[0] = log_pi0 + likes[0]
-    for t in range(1, n_steps):
-        previous = log_alpha[t - 1]
-        peak = previous.amax(-1, keepdim=True)
-        predicted = _propagate_forward(_exp_below(previous, peak), _step_matrix(trans, t - 1))
-        # Finished sequences carry their last message forward, so the final one is theirs.
-        log_alpha[t] = torch.where(valid[t], predicted.log() + peak + likes[t], previous)
-    log_normalizers = torch.logsumexp(log_alpha[-1], dim=-1)
+    # alpha[t] = p(z_t | x_0..t), scale[t] = p(x_t | x_0..t-1) / exp(peak[t]).
+    alpha = torch.empty_like(emission)
+    scale = torch.empty_like(peak)
+    torch.mul(emission[0], log_pi0.exp(), out=alpha[0])
+    for t in range(n_steps):
+        if t > 0:
+            if shared:
+                torch.mm(alpha[t - 1], trans, out=alpha[t])
+            else:
+                torch.bmm(alpha[t - 1].unsqueeze(1), trans[t - 1], out=alpha[t].unsqueeze(1))
+            alpha[t].mul_(emission[t])
+        torch.sum(alpha[t], -1, keepdim=True, out=scale[t])
+        alpha[t].div_(scale[t])
+    scale = torch.where(valid, scale, 1.0)
+    log_normalizers = (scale.log() + peak).mul_(valid).sum((0, 2))
 
-    log_beta = torch.zeros_like(likes)
+    # weighted[t] = p(x_t | z_t) beta[t] / scale[t] (relative to the peak), beta[t] =
+    # p(x_t+1.. | z_t) / p(x_t+1.. | x_0..t): what the backward step and the pairwise
+    # posteriors both need.
+    weighted = torch.empty_like(emission)
+    torch.div(emission[-1], scale[-1], out=weighted[-1])
     for t in range(n_steps - 2, -1, -1):
-        following = likes[t + 1] + log_beta[t + 1]
-        peak = following.amax(-1, keepdim=True)
-        propagated = _propagate_backward(_exp_below(following, peak), _step_matrix(trans, t))
-        log_beta[t] = torch.where(valid[t + 1], propagated.log() + peak, 0.0)
+        if shared:
+            torch.mm(weighted[t + 1], trans_t, out=weighted[t])
+        else:
+            torch.bmm(trans[t], weighted[t + 1].unsqueeze(-1), out=weighted[t].unsqueeze(-1))
+        weighted[t].mul_(emission[t]).div_(scale[t])
+    beta_next = weighted[1:] @ trans_t if shared else (trans @ weighted[1:].unsqueeze(-1)).squeeze(-1)
 
-    expected_states = torch.softmax(log_alpha + log_beta, dim=-1) * valid
-    expected_joints = _summed_joints(log_alpha, log_beta, likes, trans, valid)
-    return ForwardBackward(log_normalizers, expected_states.transpose(0, 1).contiguous(), expected_joints)
-
-
-def _summed_joints(log_alpha, log_beta, likes, trans, valid) -> torch.Tensor:
-    """sum_t E[z_t = i, z_{t+1} = j] per sequence, without a (T, N, K, K) posterior tensor
-    when the transition matrix is shared.
-
-    E[z_t = i, z_{t+1} = j] = a_ti P_t(i, j) b_tj / Z_t with a = exp(log alpha_t - max),
-    b = exp(log p(x_{t+1} | z_{t+1}) + log beta_{t+1} - max) and Z_t its sum over (i, j):
-    normalising each step, as ssm does, keeps every term in range.
-    """
-    a = _exp_relative_to_max(log_alpha[:-1])
-    b = _exp_relative_to_max(likes[1:] + log_beta[1:])
-    tiny = torch.finfo(a.dtype).tiny
-    if trans.dim() == 2:
-        normalizer = ((a @ trans) * b).sum(-1)
-        weight = torch.where(valid[1:, :, 0], 1.0 / normalizer.clamp_min(tiny), 0.0)
-        return trans * torch.einsum("tni,tnj->nij", a * weight.unsqueeze(-1), b)
-    normalizer = torch.einsum("tni,tnij,tnj->tn", a, trans, b)
-    weight = torch.where(valid[1:, :, 0], 1.0 / normalizer.clamp_min(tiny), 0.0)
-    return torch.einsum("tni,tnij,tnj->nij", a * weight.unsqueeze(-1), trans, b)
+    posterior = alpha.clone()
+    posterior[:-1].mul_(beta_next)
+    # Each step's marginal sums to 1 up to rounding; dividing by its sum removes that, and it
+    # is also the sum over (i, j) of the step's pairwise posterior.
+    total = posterior.sum(-1, keepdim=True)
+    expected_states = (posterior * (valid / total)).transpose(0, 1).contiguous()
+    left = alpha[:-1] * (valid[1:] / total[:-1])
+    if shared:
+        expected_joints = trans * torch.einsum("tni,tnj->nij", left, weighted[1:])
+    else:
+        expected_joints = torch.einsum("tni,tnij,tnj->nij", left, trans, weighted[1:])
+    return ForwardBackward(log_normalizers, expected_states, expected_joints)
 
 
 def viterbi(log_pi0: torch.Tensor, log_trans: torch.Tensor, log_likes: torch.Tensor,
