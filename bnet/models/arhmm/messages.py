@@ -63,33 +63,39 @@ def forward_backward(log_pi0: torch.Tensor, log_trans: torch.Tensor, log_likes: 
     trans = log_trans.exp() if shared else _time_major(log_trans.exp())
     trans_t = trans.T.contiguous() if shared else None
 
-    # alpha[t] = p(z_t | x_0..t), scale[t] = p(x_t | x_0..t-1) / exp(peak[t]).
-    alpha = torch.empty_like(emission)
-    scale = torch.empty_like(peak)
-    torch.mul(emission[0], log_pi0.exp(), out=alpha[0])
-    for t in range(n_steps):
-        if t > 0:
-            if shared:
-                torch.mm(alpha[t - 1], trans, out=alpha[t])
-            else:
-                torch.bmm(alpha[t - 1].unsqueeze(1), trans[t - 1], out=alpha[t].unsqueeze(1))
-            alpha[t].mul_(emission[t])
-        torch.sum(alpha[t], -1, keepdim=True, out=scale[t])
-        alpha[t].div_(scale[t])
-    scale = torch.where(valid, scale, 1.0)
+    # alpha[t] = p(z_t | x_0..t), scale[t] = p(x_t | x_0..t-1) / exp(peak[t]). The loops run
+    # in inference mode over per-step views made once: both cut the fixed cost of each of the
+    # ~4 T small operations, which is the whole cost of these loops.
+    with torch.inference_mode():
+        alpha, scale = torch.empty_like(emission), torch.empty_like(peak)
+        alphas, scales, emissions = alpha.unbind(0), scale.unbind(0), emission.unbind(0)
+        steps = trans.unbind(0) if not shared else None
+        torch.mul(emissions[0], log_pi0.exp(), out=alphas[0])
+        for t in range(n_steps):
+            if t > 0:
+                if shared:
+                    torch.mm(alphas[t - 1], trans, out=alphas[t])
+                else:
+                    torch.bmm(alphas[t - 1].unsqueeze(1), steps[t - 1], out=alphas[t].unsqueeze(1))
+                alphas[t].mul_(emissions[t])
+            torch.sum(alphas[t], -1, keepdim=True, out=scales[t])
+            alphas[t].div_(scales[t])
+        scale.masked_fill_(~valid, 1.0)
     log_normalizers = (scale.log() + peak).mul_(valid).sum((0, 2))
 
     # weighted[t] = p(x_t | z_t) beta[t] / scale[t] (relative to the peak), beta[t] =
     # p(x_t+1.. | z_t) / p(x_t+1.. | x_0..t): what the backward step and the pairwise
     # posteriors both need.
-    weighted = torch.empty_like(emission)
-    torch.div(emission[-1], scale[-1], out=weighted[-1])
-    for t in range(n_steps - 2, -1, -1):
-        if shared:
-            torch.mm(weighted[t + 1], trans_t, out=weighted[t])
-        else:
-            torch.bmm(trans[t], weighted[t + 1].unsqueeze(-1), out=weighted[t].unsqueeze(-1))
-        weighted[t].mul_(emission[t]).div_(scale[t])
+    with torch.inference_mode():
+        weighted = torch.empty_like(emission)
+        weights = weighted.unbind(0)
+        torch.div(emissions[-1], scales[-1], out=weights[-1])
+        for t in range(n_steps - 2, -1, -1):
+            if shared:
+                torch.mm(weights[t + 1], trans_t, out=weights[t])
+            else:
+                torch.bmm(steps[t], weights[t + 1].unsqueeze(-1), out=weights[t].unsqueeze(-1))
+            weights[t].mul_(emissions[t]).div_(scales[t])
     beta_next = weighted[1:] @ trans_t if shared else (trans @ weighted[1:].unsqueeze(-1)).squeeze(-1)
 
     posterior = alpha.clone()

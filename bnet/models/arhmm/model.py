@@ -344,8 +344,13 @@ class ARHMM:
     # ----------------------------------------------------------------- fitting
 
     def initialize(self, train_sequences: Sequences) -> None:
-        """k-means on the AR frames (seeded by ``rng_seed_model``), then per-cluster least
-        squares with ssm's regularisers; uniform pi0, sticky-looking transitions."""
+        """k-means on the AR frames, each dimension standardised (seeded by
+        ``rng_seed_model``), then per-cluster least squares with ssm's regularisers; uniform
+        pi0, sticky-looking transitions.
+
+        Standardising makes the start independent of each dimension's scale: AE latents come
+        in arbitrary units, and on raw latents the widest one decides the clusters alone.
+        """
         config = self.config
         batch = self._as_batch(train_sequences)
         n_states, n_dims = config.n_arhmm_states, batch.n_dims
@@ -355,7 +360,9 @@ class ARHMM:
                 f"n_arhmm_states={n_states} is more than the {frames.shape[0]} frames the AR model "
                 f"can fit (frames after the first n_arhmm_lags={config.n_arhmm_lags} of each sequence)")
         generator = torch.Generator(device=batch.x.device).manual_seed(config.rng_seed_model)
-        labels = kmeans(frames, n_states, generator)
+        spread = frames.std(0) if frames.shape[0] > 1 else torch.ones_like(frames[0])
+        standardised = (frames - frames.mean(0)) / torch.where(spread > 0, spread, 1.0)
+        labels = kmeans(standardised, n_states, generator)
         weights = torch.zeros(*batch.mask.shape, n_states, dtype=batch.x.dtype, device=batch.x.device)
         weights[batch.ar_mask] = torch.nn.functional.one_hot(labels, n_states).to(weights.dtype)
         As, bs, Sigmas = observations.gaussian_m_step(batch, weights, config.is_diagonal)
