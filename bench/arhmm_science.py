@@ -1,12 +1,15 @@
 """Science check of the segmentation stage on synthetic data with known states.
 
-1. ARHMM fitted to the generator's *true* latents: state accuracy after Hungarian matching.
-2. The full pipeline: a conv AE trained on the frames, an ARHMM fitted to its latents:
-   state accuracy after Hungarian matching, and how well the latents encode the truth (R²).
-3. Model selection: held-out log-likelihood per step for K = 2 ... 2K_true.
+For each seed: a synthetic session (``bnet data synth``), then
+1. an ARHMM fitted to the generator's *true* latents: state accuracy after Hungarian matching;
+2. the full pipeline: a conv AE trained on the frames, an ARHMM fitted to its latents: state
+   accuracy after Hungarian matching, and how well the latents encode the truth (linear R²);
+3. for the first seed, model selection: held-out log-likelihood per step for K = 2 ... 2K_true,
+   on the true latents and on the AE latents.
 Accuracy is over all frames of the test trials. No MLflow: the pure data/models/training API.
 
-    python bench/arhmm_science.py [--n-trials 40] [--n-frames 100] [--pixels 32] [--ae-epochs 30]
+    python bench/arhmm_science.py [--seeds 0 1 2] [--n-trials 40] [--n-frames 100] [--pixels 32]
+                                  [--ae-epochs 15]
 """
 
 from __future__ import annotations
@@ -36,67 +39,103 @@ def matched_accuracy(true: np.ndarray, found: np.ndarray, n_true: int, n_found: 
     return overlap[rows, cols].sum() / len(true)
 
 
-def segment(train, val, test, n_states, seed=0, n_iters=100):
+def segment(train, val, n_states, seed=0, n_iters=100):
     model = ARHMM(ARHMMConfig(n_arhmm_states=n_states, n_arhmm_lags=1, transitions="sticky", kappa=100.0,
                               n_iters=n_iters, arhmm_es_tol=1e-7, rng_seed_model=seed))
     model.fit(train, val_sequences=val)
-    return model, model.log_likelihood_per_step(test)
+    return model
+
+
+class Split:
+    """Per-trial values of one session, picked by split."""
+
+    def __init__(self, values: dict[int, np.ndarray], splits):
+        self.values, self.splits = values, splits
+
+    def __getitem__(self, name: str) -> list[np.ndarray]:
+        return [self.values[t] for t in self.splits[name]]
+
+
+def state_accuracy(observations: Split, true_states: Split, n_states: int) -> float:
+    model = segment(observations["train"], observations["val"], n_states)
+    found = np.concatenate([z.numpy() for z in model.viterbi(observations["test"])])
+    return matched_accuracy(np.concatenate(true_states["test"]), found, n_states, n_states)
+
+
+def train_ae(session, splits, pixels: int, n_latents: int, epochs: int) -> tuple[dict[int, np.ndarray], str]:
+    batches = {n: TrialBatches(session, splits[n], chunk_size=32) for n in ("train", "val")}
+    ae = build_model(AEConfig(y_pixels=pixels, x_pixels=pixels, n_ae_latents=n_latents))
+    started = time.perf_counter()
+
+    class Progress:
+        def on_epoch_end(self, record):
+            print(f"    AE epoch {record.epoch + 1}: train {record.train_loss:.5f} val {record.val_loss:.5f} "
+                  f"({record.frames / record.seconds:.0f} frames/s)", flush=True)
+
+    result = fit(ae, batches["train"], batches["val"],
+                 TrainingConfig(learning_rate=1e-3, max_n_epochs=epochs, early_stop_history=8),
+                 callbacks=[Progress()])
+    summary = (f"{len(result.history)} epochs in {time.perf_counter() - started:.0f} s, "
+               f"best val loss {result.best_val_loss:.5f}")
+    return encode_session(ae, session, torch.device("cpu")), summary
+
+
+def linear_r2(latents: dict[int, np.ndarray], truth: dict[int, np.ndarray]) -> np.ndarray:
+    Z = np.concatenate([latents[t] for t in sorted(latents)])
+    T = np.concatenate([truth[t] for t in sorted(latents)])
+    design = np.c_[Z, np.ones(len(Z))]
+    fitted = design @ np.linalg.lstsq(design, T, rcond=None)[0]
+    return 1 - ((fitted - T) ** 2).sum(0) / ((T - T.mean(0)) ** 2).sum(0)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-trials", type=int, default=40)
     parser.add_argument("--n-frames", type=int, default=100)
     parser.add_argument("--pixels", type=int, default=32)
     parser.add_argument("--n-states", type=int, default=4)
-    parser.add_argument("--ae-epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ae-epochs", type=int, default=15)
     args = parser.parse_args()
     K = args.n_states
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = synthesize(Path(tmp) / "science.hdf5", SynthConfig(
-            n_trials=args.n_trials, n_frames=args.n_frames, y_pixels=args.pixels, x_pixels=args.pixels,
-            n_states=K, seed=args.seed))
-        session = open_session(path)
-        splits = split_trials(session.trials)
-        true_states = dict(zip(session.trials, read_ground_truth(path, "states")))
-        true_latents = dict(zip(session.trials, read_ground_truth(path, "latents")))
-        pick = lambda values, name: [values[t] for t in splits[name]]  # noqa: E731
-        z_test = np.concatenate(pick(true_states, "test"))
+        for index, seed in enumerate(args.seeds):
+            print(f"seed {seed}: {args.n_trials} trials x {args.n_frames} frames of {args.pixels}x{args.pixels}, "
+                  f"{K} states", flush=True)
+            path = synthesize(Path(tmp) / f"science{seed}.hdf5", SynthConfig(
+                n_trials=args.n_trials, n_frames=args.n_frames, y_pixels=args.pixels, x_pixels=args.pixels,
+                n_states=K, seed=seed))
+            session = open_session(path)
+            splits = split_trials(session.trials)
+            true_states = Split(dict(zip(session.trials, read_ground_truth(path, "states"))), splits)
+            true_latents = Split(dict(zip(session.trials, read_ground_truth(path, "latents"))), splits)
+            on_truth = state_accuracy(true_latents, true_states, K)
+            print(f"  ARHMM on true latents: state accuracy {on_truth:.3f} (test trials)", flush=True)
 
-        model, _ = segment(pick(true_latents, "train"), pick(true_latents, "val"), pick(true_latents, "test"), K)
-        found = np.concatenate([z.numpy() for z in model.viterbi(pick(true_latents, "test"))])
-        print(f"ARHMM on true latents: state accuracy {matched_accuracy(z_test, found, K, K):.3f} (test trials)",
-              flush=True)
+            latents, summary = train_ae(session, splits, args.pixels, 4, args.ae_epochs)
+            ae_latents = Split(latents, splits)
+            r2 = linear_r2(latents, true_latents.values)
+            on_ae = state_accuracy(ae_latents, true_states, K)
+            print(f"  conv AE: {summary}; R² of true latents from AE latents (linear): "
+                  + ", ".join(f"{v:.3f}" for v in r2))
+            print(f"  AE latents -> ARHMM: state accuracy {on_ae:.3f} (test trials)", flush=True)
+            rows.append((seed, on_truth, on_ae, r2.min()))
 
-        batches = {n: TrialBatches(session, splits[n], chunk_size=32) for n in ("train", "val")}
-        ae = build_model(AEConfig(y_pixels=args.pixels, x_pixels=args.pixels, n_ae_latents=4))
-        started = time.perf_counter()
-        class Progress:
-            def on_epoch_end(self, record):
-                print(f"  AE epoch {record.epoch + 1}: train {record.train_loss:.5f} val {record.val_loss:.5f} "
-                      f"({record.frames / record.seconds:.0f} frames/s)", flush=True)
+            if index == 0:
+                print("  held-out log-likelihood per step and dimension (test trials), by K:")
+                print(f"  {'K':>4}{'true latents':>14}{'AE latents':>12}")
+                for k in range(2, 2 * K + 1):
+                    scores = [segment(obs["train"], obs["val"], k).log_likelihood_per_step(obs["test"])
+                              for obs in (true_latents, ae_latents)]
+                    print(f"  {k:>4}{scores[0]:>14.4f}{scores[1]:>12.4f}{'  <- generator K' if k == K else ''}",
+                          flush=True)
 
-        result = fit(ae, batches["train"], batches["val"],
-                     TrainingConfig(learning_rate=1e-3, max_n_epochs=args.ae_epochs, early_stop_history=8),
-                     callbacks=[Progress()])
-        latents = encode_session(ae, session, torch.device("cpu"))
-        Z = np.concatenate([latents[t] for t in session.trials])
-        T = np.concatenate([true_latents[t] for t in session.trials])
-        design = np.c_[Z, np.ones(len(Z))]
-        fitted = design @ np.linalg.lstsq(design, T, rcond=None)[0]
-        r2 = 1 - ((fitted - T) ** 2).sum(0) / ((T - T.mean(0)) ** 2).sum(0)
-        print(f"conv AE: {len(result.history)} epochs in {time.perf_counter() - started:.0f} s, best val loss "
-              f"{result.best_val_loss:.5f}; R² of true latents from AE latents (linear): "
-              + ", ".join(f"{v:.3f}" for v in r2))
-        model, _ = segment(pick(latents, "train"), pick(latents, "val"), pick(latents, "test"), K)
-        found = np.concatenate([z.numpy() for z in model.viterbi(pick(latents, "test"))])
-        print(f"AE latents -> ARHMM: state accuracy {matched_accuracy(z_test, found, K, K):.3f} (test trials)")
-
-        print("held-out log-likelihood per step and dimension on AE latents, by K:")
-        for k in range(2, 2 * K + 1):
-            _, score = segment(pick(latents, "train"), pick(latents, "val"), pick(latents, "test"), k)
-            print(f"  K={k}: {score:.4f}{'  <- generator K' if k == K else ''}")
+    print(f"\n{'seed':>6}{'true latents':>14}{'AE -> ARHMM':>13}{'min linear R²':>15}")
+    for seed, on_truth, on_ae, r2_min in rows:
+        print(f"{seed:>6}{on_truth:>14.3f}{on_ae:>13.3f}{r2_min:>15.3f}")
+    accuracies = np.array([(r[1], r[2]) for r in rows])
+    print(f"{'mean':>6}{accuracies[:, 0].mean():>14.3f}{accuracies[:, 1].mean():>13.3f}")
 
 
 if __name__ == "__main__":

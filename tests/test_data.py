@@ -5,6 +5,7 @@ import torch
 
 from bnet.data import SynthConfig, TrialBatches, open_session, read_ground_truth, split_trials, synthesize
 from bnet.data.exports import read_export, write_export
+from bnet.data.synth import pose_distances
 from bnet.errors import ConfigError, DataError
 from conftest import frames, write_session
 
@@ -190,6 +191,19 @@ def test_synth_ground_truth_is_consistent(tiny_session):
     # labels are the body-part positions (pixels) the frames were rendered from
     labels = session.read("labels", 0)
     assert labels.shape == (20, 4) and labels.min() >= 0 and labels.max() <= 15
+
+
+def test_synth_states_are_distinct_poses_whichever_part_is_which(tmp_path):
+    pose = np.array([0.5, -0.5, -0.5, 0.5])
+    swapped, moved = np.array([-0.5, 0.5, 0.5, -0.5]), np.array([0.5, -0.5, -0.5, 0.2])
+    assert np.allclose(pose_distances(np.stack([swapped, moved]), pose), [0.0, 0.3])
+    path = synthesize(tmp_path / "s.hdf5", SynthConfig(n_trials=1, n_frames=5, y_pixels=8, x_pixels=8,
+                                                       n_states=4, seed=0))
+    with h5py.File(path) as f:
+        fixed_points = f["ground_truth/params/fixed_points"][()]
+    nearest = min(pose_distances(fixed_points[j:j + 1], fixed_points[i])[0]
+                  for i in range(4) for j in range(i + 1, 4))
+    assert nearest > 1.0  # plain farthest-point sampling left two states 0.48 apart: one pose, parts swapped
 
 
 def test_synth_bad_options(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from bnet.data.session import trial_name
 from bnet.errors import ConfigError
@@ -97,6 +98,18 @@ class SwitchingAR:
         return states, latents
 
 
+def pose_distances(poses: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """Distances (M,) from poses (M, D) to one pose (D,), whichever body part is which.
+
+    Each pose holds D/2 (x, y) body-part positions; parts are matched one to one at least
+    cost. Two poses that differ only by which part stands where look nearly alike on
+    camera, so states drawn apart by this distance are apart in the frames too.
+    """
+    parts = poses.reshape(len(poses), -1, 1, 2)
+    costs = np.square(parts - pose.reshape(1, 1, -1, 2)).sum(-1)
+    return np.sqrt([cost[linear_sum_assignment(cost)].sum() for cost in costs])
+
+
 def make_process(config: SynthConfig, rng: np.random.Generator) -> SwitchingAR:
     K, D = config.n_states, config.n_latents
     off = (1 - config.self_transition) / max(K - 1, 1)
@@ -108,7 +121,7 @@ def make_process(config: SynthConfig, rng: np.random.Generator) -> SwitchingAR:
     candidates = rng.uniform(-0.7, 0.7, size=(64 * K, D))
     points = [candidates[0]]
     for _ in range(1, K):
-        distance = np.min([np.linalg.norm(candidates - p, axis=1) for p in points], axis=0)
+        distance = np.min([pose_distances(candidates, p) for p in points], axis=0)
         points.append(candidates[np.argmax(distance)])
     fixed_points = np.array(points)
     As = np.empty((K, D, D))
