@@ -9,7 +9,7 @@ For each seed: a synthetic session (``bnet data synth``), then
 Accuracy is over all frames of the test trials. No MLflow: the pure data/models/training API.
 
     python bench/arhmm_science.py [--seeds 0 1 2] [--n-trials 40] [--n-frames 100] [--pixels 32]
-                                  [--ae-epochs 15]
+                                  [--ae-epochs 30]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main():
     parser.add_argument("--n-frames", type=int, default=100)
     parser.add_argument("--pixels", type=int, default=32)
     parser.add_argument("--n-states", type=int, default=4)
-    parser.add_argument("--ae-epochs", type=int, default=15)
+    parser.add_argument("--ae-epochs", type=int, default=30)
     args = parser.parse_args()
     K = args.n_states
     rows = []

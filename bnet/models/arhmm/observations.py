@@ -169,7 +169,8 @@ def gaussian_m_step(batch: SequenceBatch, weights: torch.Tensor,
     if batch.lags > 0:
         prior_mean[:n_dims] = eye_d
     xxT, xyT = _split_moments(moments, n_regressors)
-    W = torch.linalg.solve(xxT + REGRESSION_PRIOR_PRECISION * eye_p, xyT + REGRESSION_PRIOR_PRECISION * prior_mean)
+    W = torch.linalg.solve(xxT + REGRESSION_PRIOR_PRECISION * eye_p,
+                           xyT + REGRESSION_PRIOR_PRECISION * prior_mean)
     # As in ssm, the covariance takes the weighted scatter of the residuals, without the
     # regression prior's terms.
     dof = COVARIANCE_PRIOR_DOF + weights.sum((0, 1)).double() + n_dims + 1
