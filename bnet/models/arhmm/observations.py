@@ -81,9 +81,10 @@ def _whitening(Sigmas: torch.Tensor, diagonal: bool) -> tuple[torch.Tensor, torc
 def squared_mahalanobis(batch: SequenceBatch, weights: torch.Tensor, Sigmas: torch.Tensor,
                         diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T, K) squared Mahalanobis distances of x_t from mu_tk, and (K,) half log-dets."""
-    whitening, half_log_det = _whitening(Sigmas.to(weights.dtype), diagonal)
+    whitening, half_log_det = _whitening(Sigmas, diagonal)
+    # the Student-t M-step scores its float64 regression against the model's frames
     projection = torch.cat([-weights @ whitening, whitening], dim=1).to(batch.x.dtype)
-    return _squared_projection_norms(batch, projection), half_log_det.to(batch.x.dtype)
+    return _squared_projection_norms(batch, projection), half_log_det
 
 
 def studentst_log_density(q: torch.Tensor, half_log_det: torch.Tensor, nus: torch.Tensor,
@@ -119,7 +120,7 @@ def _as_stored(covariances: torch.Tensor, diagonal: bool) -> torch.Tensor:
     return covariances + COVARIANCE_JITTER * eye
 
 
-def weighted_moments(batch: SequenceBatch, weights: torch.Tensor) -> torch.Tensor:
+def _weighted_moments(batch: SequenceBatch, weights: torch.Tensor) -> torch.Tensor:
     """(K, P+D, P+D) sum_t w_tk [x~_t, x_t] [x~_t, x_t]^T, accumulated in float64.
 
     Every M-step quantity follows from these K small matrices: the regression normal
@@ -137,9 +138,15 @@ def weighted_moments(batch: SequenceBatch, weights: torch.Tensor) -> torch.Tenso
     return moments.view(n_states, n_inputs, n_inputs)
 
 
-def _split_moments(moments: torch.Tensor, n_regressors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum w x~ x~^T (K, P, P) and sum w x~ y^T (K, P, D)."""
-    return moments[:, :n_regressors, :n_regressors], moments[:, :n_regressors, n_regressors:]
+def _regression(moments: torch.Tensor, n_regressors: int,
+                prior_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """W (K, P, D) = (sum w x~ x~^T + J0)^-1 (sum w x~ y^T + J0 prior_mean), J0 = 1e-8 I:
+    ssm's weighted least squares with its weak prior (mean 0 unless given)."""
+    xxT, xyT = moments[:, :n_regressors, :n_regressors], moments[:, :n_regressors, n_regressors:]
+    eye = torch.eye(n_regressors, dtype=moments.dtype, device=moments.device)
+    if prior_mean is not None:
+        xyT = xyT + REGRESSION_PRIOR_PRECISION * prior_mean
+    return torch.linalg.solve(xxT + REGRESSION_PRIOR_PRECISION * eye, xyT)
 
 
 def _residual_scatter(moments: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -162,22 +169,18 @@ def gaussian_m_step(batch: SequenceBatch, weights: torch.Tensor,
         As, bs and the covariances in use (ssm's stored ``Sigmas``), in the batch's dtype.
     """
     n_dims, n_regressors = batch.n_dims, batch.design.shape[-1]
-    moments = weighted_moments(batch, weights)
-    like = {"dtype": moments.dtype, "device": moments.device}
-    eye_p, eye_d = torch.eye(n_regressors, **like), torch.eye(n_dims, **like)
-    prior_mean = torch.zeros(n_regressors, n_dims, **like)
+    moments = _weighted_moments(batch, weights)
+    eye_d = torch.eye(n_dims, dtype=moments.dtype, device=moments.device)
+    prior_mean = torch.zeros(n_regressors, n_dims, dtype=moments.dtype, device=moments.device)
     if batch.lags > 0:
         prior_mean[:n_dims] = eye_d
-    xxT, xyT = _split_moments(moments, n_regressors)
-    W = torch.linalg.solve(xxT + REGRESSION_PRIOR_PRECISION * eye_p,
-                           xyT + REGRESSION_PRIOR_PRECISION * prior_mean)
+    W = _regression(moments, n_regressors, prior_mean)
     # As in ssm, the covariance takes the weighted scatter of the residuals, without the
     # regression prior's terms.
     dof = COVARIANCE_PRIOR_DOF + weights.sum((0, 1)).double() + n_dims + 1
     Sigmas = (_residual_scatter(moments, W) + COVARIANCE_PRIOR_SCALE * eye_d) / dof[:, None, None]
-    As, bs = split_regression_weights(W)
     dtype = batch.x.dtype
-    return As.to(dtype), bs.to(dtype), _as_stored(Sigmas, diagonal).to(dtype)
+    return *split_regression_weights(W.to(dtype)), _as_stored(Sigmas, diagonal).to(dtype)
 
 
 def studentst_m_step(batch: SequenceBatch, expected_states: torch.Tensor, As: torch.Tensor,
@@ -200,12 +203,10 @@ def studentst_m_step(batch: SequenceBatch, expected_states: torch.Tensor, As: to
     q, _ = squared_mahalanobis(batch, regression_weights(As, bs), Sigmas, diagonal)
     tau_weights = weights * (half_dof + 0.5 * n_dims) / (half_dof + 0.5 * q)
 
-    moments = weighted_moments(batch, tau_weights)
-    like = {"dtype": moments.dtype, "device": moments.device}
-    xxT, xyT = _split_moments(moments, n_regressors)
-    W = torch.linalg.solve(xxT + REGRESSION_PRIOR_PRECISION * torch.eye(n_regressors, **like), xyT)
+    moments = _weighted_moments(batch, tau_weights)
+    W = _regression(moments, n_regressors)
     scale = (_residual_scatter(moments, W) / weights.sum((0, 1)).double()[:, None, None]
-             + COVARIANCE_JITTER * torch.eye(n_dims, **like))
+             + COVARIANCE_JITTER * torch.eye(n_dims, dtype=moments.dtype, device=moments.device))
     # ssm adds 1e-8 I above and its setter again: a full scale matrix carries 2e-8 I.
     new_Sigmas = _as_stored(scale, diagonal)
 
@@ -217,9 +218,8 @@ def studentst_m_step(batch: SequenceBatch, expected_states: torch.Tensor, As: to
     mean_tau = (weights * shape / rate).sum((0, 1)) / total
     mean_log_tau = (weights * (torch.digamma(shape) - rate.log())).sum((0, 1)) / total
     new_nus = [studentst_dof_newton(float(m), float(lm)) for m, lm in zip(mean_tau, mean_log_tau)]
-    As, bs = split_regression_weights(W)
     dtype = batch.x.dtype
-    return (As.to(dtype), bs.to(dtype), new_Sigmas.to(dtype),
+    return (*split_regression_weights(W.to(dtype)), new_Sigmas.to(dtype),
             torch.tensor(new_nus, dtype=nus.dtype, device=nus.device))
 
 
