@@ -39,9 +39,9 @@ def matched_accuracy(true: np.ndarray, found: np.ndarray, n_true: int, n_found: 
     return overlap[rows, cols].sum() / len(true)
 
 
-def segment(train, val, n_states, seed=0, n_iters=100):
+def segment(train, val, n_states):
     model = ARHMM(ARHMMConfig(n_arhmm_states=n_states, n_arhmm_lags=1, transitions="sticky", kappa=100.0,
-                              n_iters=n_iters, arhmm_es_tol=1e-7, rng_seed_model=seed))
+                              n_iters=100, arhmm_es_tol=1e-7))
     model.fit(train, val_sequences=val)
     return model
 
