@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, get_type_hints
 
 import yaml
 
@@ -62,14 +63,40 @@ SECTION_KEYS: dict[str, set[str]] = {
 }
 
 # BehaveNet keys about its own machinery (test-tube workers, paths, loaders): accepted so
-# its JSON files load unchanged, and they change nothing in bnet.
-BEHAVENET_ONLY_KEYS = {
-    "save_dir", "all_source", "approx_batch_size", "sessions_csv", "export_latents_best",
-    "as_numpy", "batch_load", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",
-    "tt_n_cpu_trials", "tt_n_cpu_workers", "mem_limit_gb", "slurm", "slurm_log_path",
-    "slurm_param_file", "neural_bin_size", "neural_type", "use_label_mask", "experiment_name",
-    "ae_model_type", "arhmm_model_type", "subsample_idxs_group_1",
+# its JSON files load unchanged; each changes nothing in bnet, and saying so is a warning.
+IGNORED_KEYS = {
+    "save_dir": "runs and artifacts live in the MLflow store (--store / --tracking-uri)",
+    "all_source": "only meaningful with 'all' sessions (multi-session data, not implemented yet)",
+    "export_latents_best": "bnet always exports the best-val weights' latents (export_latents)",
+    "as_numpy": "bnet reads trials from HDF5 as tensors",
+    "batch_load": "bnet reads trials from HDF5 on demand",
+    "approx_batch_size": "bnet batches by batch_size (frames) or whole trials",
+    "n_parallel_gpus": "run several workers on one study instead (same --storage)",
+    "gpus_viz": "pick GPUs with CUDA_VISIBLE_DEVICES per worker",
+    "tt_n_gpu_trials": "the trial count is tuning.n_trials / --n-trials",
+    "tt_n_cpu_trials": "the trial count is tuning.n_trials / --n-trials",
+    "tt_n_cpu_workers": "run several workers on one study instead (same --storage)",
+    "slurm": "start workers with your scheduler, all pointed at one --storage",
+    "slurm_log_path": "start workers with your scheduler, all pointed at one --storage",
+    "slurm_param_file": "start workers with your scheduler, all pointed at one --storage",
+    "neural_bin_size": "informational: bnet reads neural activity as binned in the file",
+    "neural_type": "informational: spike counts are detected from the data (Poisson encoders)",
+    "ae_model_type": "the AE is resolved by MLflow query (--ae best|RUN_ID|models:/NAME@ALIAS)",
+    "arhmm_model_type": "the ARHMM is resolved by MLflow query (--arhmm best|RUN_ID|models:/NAME@ALIAS)",
+    "mem_limit_gb": "no architecture search yet, so there is nothing to guard",
 }
+
+# BehaveNet features bnet does not implement yet: their neutral value is accepted (so
+# BehaveNet's default JSON files load), anything else is refused rather than dropped.
+UNIMPLEMENTED_KEYS = {
+    "sessions_csv": ("", "multi-session data is not implemented yet: fit one session file per study"),
+    "fit_sess_io_layers": (False, "session-specific input/output layers need multi-session data, not implemented yet"),
+    "ae_arch_json": (None, "custom architectures from a JSON file are not implemented yet: use model_type conv or linear"),
+    "use_label_mask": (False, "label masks are used by label-supervised AEs, not implemented yet"),
+    "subsample_idxs_group_1": (None, "bnet subsets neurons by regions/<subsample_idxs_group_0>/<name> only"),
+}
+
+SESSION_KEYS = ("lab", "expt", "animal", "session")
 
 # Keys that name things rather than tune them: a list here is not a search dimension.
 NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name",
@@ -105,9 +132,12 @@ class TuningConfig:
         n_trials: finished (complete or pruned) trials the study should hold; re-running
             a command tops the study up to this number, so a killed study resumes.
         sampler: ``tpe`` (Bayesian, default), ``random`` or ``grid``.
-        pruner: ``median``, ``hyperband`` or ``none``; prunes on the per-epoch val loss.
-        metric: the run metric that ranks trials.
-        direction: ``minimize`` or ``maximize``.
+        pruner: ``median``, ``hyperband`` or ``none``; prunes on the family's per-step
+            objective (per-epoch val loss, per-epoch val R², per-iteration val ll).
+        metric: the run metric that ranks trials; default (None) the family's objective
+            (``best_val_loss``, ``val_ll_per_step``, ``val_r2`` or ``val_ll``), the only
+            one supported yet.
+        direction: ``minimize`` or ``maximize``; default the objective's.
         seed: sampler seed.
         study: Optuna study name (default: the experiment name).
     """
@@ -115,8 +145,8 @@ class TuningConfig:
     n_trials: int = 10
     sampler: str = "tpe"
     pruner: str = "median"
-    metric: str = "best_val_loss"
-    direction: str = "minimize"
+    metric: str | None = None
+    direction: str | None = None
     seed: int | None = 0
     study: str | None = None
 
@@ -125,11 +155,11 @@ class TuningConfig:
             raise ConfigError(f"n_trials must be at least 1, got {self.n_trials}")
         choices = {"sampler": ("tpe", "random", "grid"),
                    "pruner": ("median", "hyperband", "none"),
-                   "direction": ("minimize", "maximize")}
+                   "direction": ("minimize", "maximize", None)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
-                    f"tuning.{name} '{getattr(self, name)}' is not one of {', '.join(allowed)}"
+                    f"tuning.{name} '{getattr(self, name)}' is not one of {', '.join(filter(None, allowed))}"
                 )
 
 
@@ -141,6 +171,7 @@ class ProjectConfig:
     values: dict[str, Any] = field(default_factory=dict)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     sources: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def fixed(self) -> dict[str, Any]:
         return {k: v for k, v in self.values.items() if not isinstance(v, (Categorical, Range))}
@@ -194,6 +225,17 @@ def _merge_section(config: ProjectConfig, section: str, content: Any, source: st
     for key, value in content.items():
         if key not in allowed:
             raise ConfigError(f"{source}: unknown key '{key}' in section '{section}'")
+        if key in UNIMPLEMENTED_KEYS:
+            neutral, why = UNIMPLEMENTED_KEYS[key]
+            if value not in (neutral, None):
+                raise ConfigError(f"{source} [{section}]: '{key}: {value}' is refused: {why}")
+            continue
+        if key in IGNORED_KEYS:
+            config.notes.append(f"{source} [{section}]: '{key}' is accepted and ignored: {IGNORED_KEYS[key]}")
+            continue
+        if key in SESSION_KEYS and value == "all":
+            raise ConfigError(f"{source} [{section}]: '{key}: all' is refused: multi-session data is not "
+                              f"implemented yet; fit one session file per study")
         config.values[key] = parse_value(key, value, f"{source} [{section}]")
     if section == "model" and "experiment_name" in content and config.experiment is None:
         config.experiment = str(content["experiment_name"])
@@ -237,7 +279,7 @@ def load_project_config(
     if yaml_path is not None:
         path = Path(yaml_path)
         try:
-            content = yaml.safe_load(path.read_text()) or {}
+            content = yaml.load(path.read_text(), Loader=_YAMLLoader) or {}
         except OSError as err:
             raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
         except yaml.YAMLError as err:
@@ -267,6 +309,18 @@ def load_project_config(
     return config
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e-4`` (no dot) is a string; YAML 1.2 and every
+    user mean a float."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _tuning(content: Any, source: str) -> TuningConfig:
     if not isinstance(content, dict):
         raise ConfigError(f"{source}: section 'tuning' must be a mapping")
@@ -274,12 +328,46 @@ def _tuning(content: Any, source: str) -> TuningConfig:
     for key in content:
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{key}' in section 'tuning'")
-    tuning = TuningConfig(**content)
+    tuning = dataclass_from_values(TuningConfig, content, where=f"{source} [tuning]")
     tuning.validate()
     return tuning
 
 
-def dataclass_from_values(cls: type, values: dict[str, Any]):
-    """Build a config dataclass from the flat hyperparameters it has fields for."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+def dataclass_from_values(cls: type, values: dict[str, Any], where: str = ""):
+    """Build a config dataclass from the flat hyperparameters it has fields for, each
+    checked against the field's declared type (a wrong type names the key)."""
+    hints = get_type_hints(cls)
+    chosen = {}
+    for f in fields(cls):
+        if f.name in values:
+            chosen[f.name] = typed_value(f.name, values[f.name], hints[f.name], where)
+    return cls(**chosen)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def typed_value(key: str, value: Any, hint: Any, where: str = "") -> Any:
+    """``value`` as the type ``hint`` declares (int, float, bool, str, optionally None), or
+    a :class:`ConfigError` naming ``key``. Whole floats pass as ints (ranges may yield them)."""
+    options = hint.__args__ if isinstance(hint, types.UnionType) or getattr(hint, "__origin__", None) is Union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if option not in _TYPE_WORDS and option is not type(None):
+            return value  # a type this check does not cover (lists, nested configs)
+    expected = " or ".join(_TYPE_WORDS[o] for o in options if o in _TYPE_WORDS)
+    if type(None) in options:
+        expected += " or null"
+    prefix = f"{where}: " if where else ""
+    raise ConfigError(f"{prefix}'{key}' must be {expected}, got {value!r}")

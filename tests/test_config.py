@@ -1,8 +1,10 @@
+import re
+
 import pytest
 
 from bnet.config import Categorical, Range, load_project_config, read_behavenet_json
 from bnet.errors import ConfigError
-from bnet.tuning import space
+from bnet.tuning.space import SearchSpace
 
 
 def write(tmp_path, name, text):
@@ -31,9 +33,9 @@ tuning: {n_trials: 7, sampler: random}
     assert dims["max_n_epochs"].is_int and not dims["learning_rate"].is_int
     fixed = config.fixed()
     assert fixed["rng_seed_model"] == 3 and fixed["data"] == "x.hdf5" and fixed["trial_splits"] == "8;1;1;0"
-    assert space.grid({"n": dims["n_ae_latents"], "e": dims["max_n_epochs"]}) == {"n": [4, 8, 12], "e": [2, 4, 6, 8, 10]}
+    assert SearchSpace({"n": dims["n_ae_latents"], "e": dims["max_n_epochs"]}).grid() == {"n": [4, 8, 12], "e": [2, 4, 6, 8, 10]}
     with pytest.raises(ConfigError, match="--sampler grid needs 'l2_reg' to be a list or a range with a step"):
-        space.grid(dims)
+        SearchSpace(dims).grid()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -92,3 +94,31 @@ def test_broken_json_is_a_clear_error(tmp_path):
     path = write(tmp_path, "m.json", '{"model_class": "ae" "x": 1}')
     with pytest.raises(ConfigError, match="m.json: not valid JSON"):
         read_behavenet_json(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {ae_arch_json: arch.json}", "'ae_arch_json: arch.json' is refused: custom architectures"),
+    ("model: {fit_sess_io_layers: true}", "'fit_sess_io_layers: True' is refused: session-specific"),
+    ("data: {sessions_csv: sessions.csv}", "'sessions_csv: sessions.csv' is refused: multi-session"),
+    ("data: {session: all}", "'session: all' is refused: multi-session data"),
+    ("data: {use_label_mask: true}", "'use_label_mask: True' is refused"),
+    ("tuning: {n_trials: '5'}", "'n_trials' must be an integer, got '5'"),
+    ("tuning: {seed: 1.5}", "'seed' must be an integer or null, got 1.5"),
+])
+def test_keys_bnet_cannot_honour_are_refused_not_dropped(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_project_config(write(tmp_path, "k.yaml", text))
+
+
+def test_behavenet_machinery_keys_are_accepted_with_a_note(tmp_path):
+    config = load_project_config(write(tmp_path, "k.yaml", "compute: {gpus_viz: '0;1', tt_n_cpu_workers: 4}\n"
+                                                           "model: {ae_arch_json: null, fit_sess_io_layers: false}"))
+    assert "gpus_viz" not in config.values and "ae_arch_json" not in config.values
+    assert len(config.notes) == 2 and all("accepted and ignored" in note for note in config.notes)
+    assert "pick GPUs with CUDA_VISIBLE_DEVICES" in config.notes[0]
+
+
+def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
+    config = load_project_config(write(tmp_path, "f.yaml", "training: {learning_rate: 1e-4, max_n_epochs: 3}\n"
+                                                           "model: {l2_reg: {low: 1e-6, high: 1e-2, log: true}}"))
+    assert config.values["learning_rate"] == 1e-4 and config.values["l2_reg"] == Range(1e-6, 1e-2, log=True)

@@ -190,7 +190,7 @@ def test_killed_study_resumes_without_losing_finished_trials(tmp_path, tiny_sess
     assert list(finished_before) == [0]
 
     output = invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store,
-                    "--n-trials", 3, "--max-epochs", 2)
+                    "--n-trials", 3)
     assert "resumes with 1 finished trials; 2 to go" in output
     after = optuna.load_study(study_name="ae-test", storage=resolved.optuna_storage)
     complete = {t.number: t.value for t in after.trials if t.state.name == "COMPLETE"}

@@ -5,6 +5,7 @@ import json
 import h5py
 import mlflow
 import numpy as np
+import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -75,10 +76,14 @@ def test_arhmm_study_over_best_ae_latents(upstream, tmp_path):
     # the selected iteration's val score is the run's val_ll_per_step
     assert max(m.value for m in history) == pytest.approx(best.metrics["val_ll_per_step"], rel=1e-9) or \
         best.metrics["best_iteration"] == 0
-    # non-sticky trials ran with kappa = 0 (kappa only acts on sticky transitions)
+    # kappa is a dimension of sticky trials only (define-by-run); the others ran, and logged, kappa = 0
+    study = optuna.load_study(study_name="arhmm-test", storage=resolved.optuna_storage)
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    assert {r.params["transitions"] for r in runs} == {"sticky", "stationary"}
     for run in runs:
-        if run.params["transitions"] != "sticky":
-            assert float(run.params["effective_kappa"]) == 0.0
+        sticky = run.params["transitions"] == "sticky"
+        assert ("kappa" in by_run[run.run_id].params) == sticky
+        assert (float(run.params["kappa"]) > 0) == sticky
     plots = {a.path for a in client.list_artifacts(best.run_id, "plots")}
     assert {"plots/state_raster.png", "plots/state_durations.png", "plots/transition_matrix.png",
             "plots/ar_dynamics.png"} <= plots

@@ -236,11 +236,26 @@ def test_constant_targets_are_refused(tmp_path):
     assert_clean_failure(result, "flat.hdf5", "labels dimension 0 is constant", store=store)
 
 
-def test_default_decoder_config_runs(tmp_path, tiny_session):
-    """No config at all: DecoderConfig's own n_lags sets the frames every metric drops."""
+def test_decoder_config_without_n_lags_scores_with_the_default_window(tmp_path, tiny_session):
+    """A config that searches something but not n_lags: DecoderConfig's own n_lags sets the
+    frames every metric drops."""
+    config = tmp_path / "lr.yaml"
+    config.write_text("training: {learning_rate: [1.0e-3, 1.0e-2]}\n")
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "plain",
-                    "--n-trials", 1, "--max-epochs", 2, "--store", tmp_path / "store")
+                    "--config", config, "--n-trials", 1, "--max-epochs", 2, "--store", tmp_path / "store")
     assert "1 complete" in output
-    run = bnet.best_runs("plain", family="decoder", metric="val_r2", direction="maximize",
-                         store=resolve_store(tmp_path / "store"))[0]
+    run = bnet.best_runs("plain", family="decoder", store=resolve_store(tmp_path / "store"))[0]
     assert run.params["n_max_lags"] == run.params["n_lags"] == "4"
+
+
+def test_zero_config_decoder_study_searches_the_default_space(tmp_path, tiny_session):
+    output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "plain",
+                    "--n-trials", 3, "--max-epochs", 3, "--pruner", "none", "--store", tmp_path / "store")
+    assert "the decoder default space is searched" in output and "3 complete" in output
+    runs = bnet.best_runs("plain", family="decoder", top=3, store=resolve_store(tmp_path / "store"))
+    # every trial is scored on the frames the largest default window leaves
+    assert {r.params["n_max_lags"] for r in runs} == {"8"}
+    assert len({(r.params["learning_rate"], r.params["n_lags"]) for r in runs}) == 3
+    assert all(r.params["max_n_epochs"] == "3" for r in runs)
+    for run in runs:  # hidden units exist only with hidden layers
+        assert (run.params["n_hid_layers"] == "0") == (run.params["n_hid_units"] == "0")

@@ -1,4 +1,8 @@
-"""``bnet best`` and ``bnet register``: answers from MLflow queries, never from folders."""
+"""``bnet best`` and ``bnet register``: answers from MLflow queries, never from folders.
+
+Runs are ranked by the metric their study optimised (each run records it), within the
+data they were fitted on when ``--data`` names the session file.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,17 @@ import json
 import click
 
 from bnet.cli.options import resolve, store_option, tracking_uri_option
+from bnet.tuning.family import FAMILY_MODULES
 
-# each family's ranking metric and direction (what its studies optimise)
-FAMILIES = {"ae": ("best_val_loss", "minimize"), "arhmm": ("val_ll_per_step", "maximize"),
-            "decoder": ("val_r2", "maximize")}
 SHOWN_PARAMS = ("model_type", "n_ae_latents", "learning_rate", "l2_reg", "n_arhmm_states", "n_arhmm_lags",
                 "noise_type", "transitions", "kappa", "n_lags", "n_hid_layers", "n_hid_units")
+
+data_option = click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None,
+                           help="Only runs fitted to this session file (by its digest).")
+metric_option = click.option("--metric", default=None,
+                             help="Rank by this run metric instead [default the metric the study optimised].")
+direction_option = click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None,
+                                help="With --metric [default the study's direction, else minimize].")
 
 
 @click.group()
@@ -25,23 +34,42 @@ def register():
     """Register the best run as a model version with an alias."""
 
 
-def _best_command(family: str) -> click.Command:
-    metric_default, direction_default = FAMILIES[family]
+def _data_hash(data_path: str | None) -> str | None:
+    if data_path is None:
+        return None
+    from bnet.data.session import open_session
 
-    @click.command(family, help=f"The best finished {family} runs, ranked by the study metric.")
+    return open_session(data_path, require=()).data_hash
+
+
+def _ranked(family, experiment, top, study, metric, direction, data_path, store):
+    from bnet.tracking import best_runs
+    from bnet.tracking.query import study_objective
+
+    data_hash = _data_hash(data_path)
+    if metric is None:
+        metric, recorded = study_objective(experiment, family, study, data_hash, store)
+        direction = direction or recorded
+    runs = best_runs(experiment, family, top, study, metric, direction, store, data_hash=data_hash)
+    return metric, runs
+
+
+def _best_command(family: str) -> click.Command:
+    @click.command(family, help=f"The best finished {family} runs, ranked by the metric their study optimised.")
     @click.option("--experiment", required=True, help="MLflow experiment.")
     @click.option("--top", default=1, show_default=True, help="How many runs.")
     @click.option("--study", default=None, help="Only this Optuna study's trials.")
-    @click.option("--metric", default=metric_default, show_default=True)
-    @click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=direction_default, show_default=True)
+    @data_option
+    @metric_option
+    @direction_option
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, best first.")
     @store_option
     @tracking_uri_option
-    def command(experiment, top, study, metric, direction, as_json, store, tracking_uri):
+    def command(experiment, top, study, data_path, metric, direction, as_json, store, tracking_uri):
         from bnet.errors import TrackingError
-        from bnet.tracking import best_runs
 
-        runs = best_runs(experiment, family, top, study, metric, direction, resolve(store, tracking_uri))
+        metric, runs = _ranked(family, experiment, top, study, metric, direction, data_path,
+                               resolve(store, tracking_uri))
         if as_json:
             click.echo(json.dumps([r.as_json() for r in runs], indent=2))
             return
@@ -59,19 +87,19 @@ def _best_command(family: str) -> click.Command:
 
 
 def _register_command(family: str) -> click.Command:
-    metric_default, direction = FAMILIES[family]
-
     @click.command(family, help=f"Register the best {family} run (or --run) and set an alias.")
     @click.option("--experiment", required=True, help="MLflow experiment to pick the best run from.")
     @click.option("--name", "model_name", required=True, help="Registered model name.")
     @click.option("--alias", default="champion", show_default=True)
     @click.option("--run", "run_id", default=None, help="Register this run instead of the best.")
-    @click.option("--metric", default=metric_default, show_default=True)
+    @click.option("--study", default=None, help="Pick the best of this Optuna study only.")
+    @data_option
+    @metric_option
     @store_option
     @tracking_uri_option
-    def command(experiment, model_name, alias, run_id, metric, store, tracking_uri):
+    def command(experiment, model_name, alias, run_id, study, data_path, metric, store, tracking_uri):
         from bnet.errors import TrackingError
-        from bnet.tracking import best_runs, get_run, register_run
+        from bnet.tracking import get_run, register_run
 
         resolved = resolve(store, tracking_uri)
         if run_id:
@@ -79,7 +107,7 @@ def _register_command(family: str) -> click.Command:
             if run.family != family:
                 raise TrackingError(f"run {run_id} is a {run.family or 'non-bnet'} run, not {family}")
         else:
-            runs = best_runs(experiment, family, 1, metric=metric, direction=direction, store=resolved)
+            metric, runs = _ranked(family, experiment, 1, study, metric, None, data_path, resolved)
             if not runs:
                 raise TrackingError(f"experiment '{experiment}' has no finished {family} runs to register")
             run = runs[0]
@@ -90,6 +118,6 @@ def _register_command(family: str) -> click.Command:
     return command
 
 
-for _family in FAMILIES:
+for _family in FAMILY_MODULES:
     best.add_command(_best_command(_family))
     register.add_command(_register_command(_family))

@@ -20,6 +20,6 @@ def resolve(store, tracking_uri, storage=None):
     return resolve_store(store, tracking_uri, storage)
 
 
-def runs_link(experiment_id: str) -> str:
+def runs_link(experiment_id: str, port: int = 5000) -> str:
     """Where the runs table of an experiment is, once ``bnet ui`` serves the store."""
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

@@ -141,8 +141,11 @@ def _summary(outcome, resolved) -> None:
     click.echo("")
     click.echo(f"study '{outcome.study_name}' in experiment '{outcome.experiment}': "
                f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed")
+    for failure in outcome.failures:
+        click.echo(f"  failed {failure.splitlines()[0][:200]}")
     if outcome.best_run_id:
-        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, {outcome.metric} {outcome.best_value:.6g}")
+        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, "
+                   f"{outcome.metric} {outcome.best_value:.6g} ({outcome.direction})")
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:

@@ -20,15 +20,14 @@ import torch
 
 from bnet.data.exports import read_export, write_export
 from bnet.errors import BnetError, TrackingError
-from bnet.models import save_checkpoint
 from bnet.models.ensemble import EnsembleConfig, EnsembleModel
 from bnet.plotting.decoders import plot_ensemble_curve
 from bnet.tracking import conventions as tags
-from bnet.tracking.query import RunSummary, best_runs, get_run, trial_filter
+from bnet.tracking.query import RunSummary, best_runs, get_run, study_objective, trial_families
 from bnet.tracking.registry import download_artifact, load_model
-from bnet.tracking.runs import create_run
-from bnet.tracking.store import Store, connect, ensure_experiment, resolve_store
-from bnet.tuning.decoder import METRICS, data_for_run, score_predictions
+from bnet.tracking.tracker import Tracker
+from bnet.tracking.store import Store, resolve_store
+from bnet.tuning.decoder import data_for_run, score_predictions
 
 FAMILY = "ensemble"
 MEMBERS_TAG = "bnet.ensemble.members"
@@ -62,25 +61,30 @@ MEANINGLESS = {
 
 
 def _refuse_non_decoders(experiment: str, store: Store) -> None:
-    client = connect(store)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise TrackingError(f"no MLflow experiment named '{experiment}' in the tracking store")
-    runs = client.search_runs([found.experiment_id], trial_filter(), max_results=1)
-    family = runs[0].data.tags.get(tags.TAG_FAMILY) if runs else None
-    if family in MEANINGLESS:
-        raise BnetError(f"experiment '{experiment}' holds {family} runs; {MEANINGLESS[family]}. "
-                        f"Ensembles are built from decoder studies")
+    for family in trial_families(experiment, store):
+        if family in MEANINGLESS:
+            raise BnetError(f"experiment '{experiment}' holds {family} runs; {MEANINGLESS[family]}. "
+                            f"Ensembles are built from decoder studies")
+
+
+# what members must share: averaging predictions of other data, targets, neuron subsets or
+# upstream models (another AE's latents, another ARHMM's states) scores them against the
+# wrong targets
+_SHARED_TAGS = ((tags.TAG_DATA_HASH, "data digests"), (tags.TAG_TARGET, "targets"),
+                (tags.TAG_NEURON_SUBSET, "neuron subsets"), (tags.TAG_TARGET_KIND, "kinds of target"))
 
 
 def _check_compatible(members: list[RunSummary]) -> None:
     first = members[0]
+    upstream = sorted({k for run in members for k in run.tags if k.startswith(tags.UPSTREAM_TAG_PREFIX)})
+    shared = list(_SHARED_TAGS) + [(k, f"upstream {k[len(tags.UPSTREAM_TAG_PREFIX):].replace('_run_id', '')} runs")
+                                   for k in upstream]
     for run in members[1:]:
-        for tag, what in ((tags.TAG_DATA_HASH, "data digests"), ("bnet.target", "targets"),
-                          ("bnet.neuron_subset", "neuron subsets"), ("bnet.target_kind", "kinds of target")):
+        for tag, what in shared:
             if run.tags.get(tag) != first.tags.get(tag):
                 raise BnetError(f"runs {first.run_id} and {run.run_id} have different {what} "
-                                f"({first.tags.get(tag)} vs {run.tags.get(tag)}): they cannot be averaged")
+                                f"({first.tags.get(tag)} vs {run.tags.get(tag)}): they cannot be averaged; "
+                                f"pick one study with --study")
 
 
 def build_ensemble(experiment: str, study: str | None = None, max_members: int = 5, metric: str | None = None,
@@ -91,11 +95,7 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
     if max_members < 1:
         raise BnetError(f"--max-members must be at least 1, got {max_members}")
     _refuse_non_decoders(experiment, store)
-    probe = best_runs(experiment, "decoder", 1, study=study, metric="best_val_loss", store=store)
-    if not probe:
-        raise TrackingError(f"experiment '{experiment}' has no finished decoder runs"
-                            + (f" in study '{study}'" if study else ""))
-    metric = metric or METRICS[probe[0].tags.get("bnet.target_kind", "continuous")]
+    metric = metric or study_objective(experiment, "decoder", study, store=store)[0]
     members = best_runs(experiment, "decoder", max_members, study=study, metric=metric, direction="maximize",
                         store=store)
     if not members:
@@ -119,14 +119,15 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
     chosen = max(curve, key=lambda row: (row[1], -row[0]))
     n_chosen = chosen[0]
 
-    client = connect(store)
-    experiment_id = ensure_experiment(client, store, experiment)
+    tracker = Tracker(store)
+    experiment_id = tracker.experiment(experiment)
     upstream = {k: v for k, v in members[0].tags.items() if k.startswith(tags.UPSTREAM_TAG_PREFIX)}
-    run = create_run(client, experiment_id, f"ensemble top-{n_chosen} of {study or experiment}", {
+    run = tracker.create_run(experiment_id, f"ensemble top-{n_chosen} of {study or experiment}", {
         tags.TAG_ROLE: FAMILY, tags.TAG_FAMILY: FAMILY, tags.TAG_DATASET: members[0].tags.get(tags.TAG_DATASET),
         tags.TAG_DATA_HASH: members[0].tags.get(tags.TAG_DATA_HASH), tags.TAG_DATA_PATH: str(session.path),
-        "bnet.target": members[0].tags.get("bnet.target"), "bnet.target_kind": data.kind,
-        "bnet.neuron_subset": members[0].tags.get("bnet.neuron_subset", "all"),
+        tags.TAG_TARGET: members[0].tags.get(tags.TAG_TARGET), tags.TAG_TARGET_KIND: data.kind,
+        tags.TAG_NEURON_SUBSET: members[0].tags.get(tags.TAG_NEURON_SUBSET, "all"),
+        tags.TAG_OBJECTIVE: metric, tags.TAG_DIRECTION: "maximize",
         MEMBERS_TAG: ",".join(r.run_id for r in members[:n_chosen]),
         f"{tags.UPSTREAM_TAG_PREFIX}decoder_run_id": members[0].run_id, **upstream})
     try:
@@ -142,8 +143,8 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
                                                 member_run_ids=[r.run_id for r in members[:n_chosen]]))
         for target, source in zip(ensemble.members, models):
             target.load_state_dict(source.state_dict())
+        run.log_checkpoint(ensemble, {})
         with tempfile.TemporaryDirectory() as tmp:
-            run.log_file(save_checkpoint(Path(tmp) / "model.pt", ensemble, {"run_id": run.run_id}), "checkpoint")
             run.log_file(write_export(Path(tmp) / "predictions.hdf5", {"predictions": averaged(n_chosen)},
                                       data.splits, {"run_id": run.run_id}), tags.EXPORTS_DIR)
             members_file = Path(tmp) / "members.json"

@@ -51,7 +51,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes, in eval mode on the CPU."""
     content = read_checkpoint(path)
-    model = build_model(config_from_dict(content["model_config"]))
+    # a model fitted on a GPU (an ARHMM's config records its device) loads on any machine
+    values = {**content["model_config"], **({"device": "cpu"} if "device" in content["model_config"] else {})}
+    model = build_model(config_from_dict(values))
     model.load_state_dict(content["state_dict"])
     model.checkpoint_metadata = content["metadata"]
     return model.eval()

@@ -70,7 +70,7 @@ class DecoderConfig:
         n_output: output dimensions; for ``categorical`` noise, the number of classes.
         n_lags: frames of context either side: the output at t sees inputs t-n_lags..t+n_lags.
         n_hid_layers: hidden layers; 0 is a linear filter.
-        n_hid_units: units per hidden layer.
+        n_hid_units: units per hidden layer (0, unused, without hidden layers).
         activation: ``relu``, ``lrelu`` (slope 0.05), ``sigmoid``, ``tanh`` or ``linear``.
         l2_reg: weight decay of the optimiser.
         rng_seed_model: seed of the weight initialisation.
@@ -129,7 +129,7 @@ class DecoderConfig:
             ("n_output", self.n_output, minimum_output),
             ("n_lags", self.n_lags, 0),
             ("n_hid_layers", self.n_hid_layers, 0),
-            ("n_hid_units", self.n_hid_units, 1),
+            ("n_hid_units", self.n_hid_units, 1 if self.n_hid_layers > 0 else 0),
         ):
             if value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")

@@ -69,14 +69,51 @@ def trial_filter(family: str | None = None, study: str | None = None,
     return " and ".join(clauses)
 
 
+def _experiment_id(client, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise TrackingError(f"no MLflow experiment named '{experiment}' in the tracking store")
+    return found.experiment_id
+
+
+def _scope(data_hash: str | None) -> dict[str, str]:
+    return {tags.TAG_DATA_HASH: data_hash} if data_hash else {}
+
+
+def study_objective(experiment: str, family: str | None = None, study: str | None = None,
+                    data_hash: str | None = None, store: Store | None = None) -> tuple[str, str]:
+    """(metric, direction) that the finished runs in scope were optimised for, as their
+    studies recorded it; an error when the scope mixes studies of different objectives."""
+    from bnet.tracking.store import resolve_store
+
+    client = connect(store or resolve_store())
+    experiment_id = _experiment_id(client, experiment)
+    scope = trial_filter(family, study, _scope(data_hash))
+    first = client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVE}` != ''", max_results=1)
+    if not first:
+        raise TrackingError(f"experiment '{experiment}' has no finished {family or 'bnet'} runs"
+                            + (f" in study '{study}'" if study else "")
+                            + (f" fitted to this data (hash {data_hash})" if data_hash else ""))
+    metric = first[0].data.tags[tags.TAG_OBJECTIVE]
+    direction = first[0].data.tags.get(tags.TAG_DIRECTION, "minimize")
+    other = client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVE}` != {_quote(metric)}",
+                               max_results=1)
+    if other:
+        raise TrackingError(
+            f"experiment '{experiment}' holds {family or 'bnet'} studies optimising {metric} and "
+            f"{other[0].data.tags.get(tags.TAG_OBJECTIVE)}: name one with --study (or rank by --metric)")
+    return metric, direction
+
+
 def best_runs(
     experiment: str,
     family: str | None = None,
     top: int = 1,
     study: str | None = None,
-    metric: str = "best_val_loss",
-    direction: str = "minimize",
+    metric: str | None = None,
+    direction: str | None = None,
     store: Store | None = None,
+    data_hash: str | None = None,
 ) -> list[RunSummary]:
     """The ``top`` finished trial runs of ``experiment`` ordered by ``metric``, best first.
 
@@ -85,26 +122,56 @@ def best_runs(
         family: only runs of this family (``ae``, ``arhmm``, ...).
         top: how many runs.
         study: only runs of this Optuna study.
-        metric: the run metric to rank by (its final logged value).
-        direction: ``minimize`` or ``maximize``.
+        metric: the run metric to rank by (its final logged value); default the metric
+            the runs' studies optimised (tag ``bnet.objective``), with its direction.
+        direction: ``minimize`` or ``maximize`` (default: the studies' own, else minimize).
         store: the store to query (default: resolved like the CLI's).
+        data_hash: only runs fitted to the session file with this digest.
     """
     from bnet.tracking.store import resolve_store
 
     if top < 1:
         raise TrackingError(f"top must be at least 1, got {top}")
-    client = connect(store or resolve_store())
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise TrackingError(f"no MLflow experiment named '{experiment}' in the tracking store")
-    order = "ASC" if direction == "minimize" else "DESC"
+    store = store or resolve_store()
+    client = connect(store)
+    experiment_id = _experiment_id(client, experiment)
+    if metric is None:
+        metric, recorded = study_objective(experiment, family, study, data_hash, store)
+        direction = direction or recorded
+    order = "ASC" if (direction or "minimize") == "minimize" else "DESC"
     runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=trial_filter(family, study) + f" and metrics.`{metric}` > -1e308",
+        [experiment_id],
+        filter_string=trial_filter(family, study, _scope(data_hash)) + f" and metrics.`{metric}` > -1e308",
         order_by=[f"metrics.`{metric}` {order}", "attributes.start_time ASC"],
         max_results=top,
     )
     return [RunSummary.from_run(run) for run in runs]
+
+
+def find_config_run(experiment_id: str, config_hash: str, store: Store) -> RunSummary | None:
+    """A finished trial run of this exact configuration (BehaveNet's ``experiment_exists``)."""
+    client = connect(store)
+    runs = client.search_runs([experiment_id], trial_filter(extra={tags.TAG_CONFIG_HASH: config_hash}),
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    return RunSummary.from_run(runs[0]) if runs else None
+
+
+def trial_families(experiment: str, store: Store) -> set[str]:
+    """The families of the finished trial runs of an experiment."""
+    client = connect(store)
+    experiment_id = _experiment_id(client, experiment)
+    families: set[str] = set()
+    while True:
+        clauses = trial_filter() + "".join(f" and tags.`{tags.TAG_FAMILY}` != {_quote(f)}" for f in families)
+        found = client.search_runs([experiment_id], clauses, max_results=1)
+        if not found or not found[0].data.tags.get(tags.TAG_FAMILY):
+            return families
+        families.add(found[0].data.tags[tags.TAG_FAMILY])
+
+
+def experiment_links(store: Store) -> list[tuple[str, str]]:
+    """(name, id) of every experiment in the store."""
+    return [(e.name, e.experiment_id) for e in connect(store).search_experiments()]
 
 
 def get_run(run_id: str, store: Store | None = None) -> RunSummary:

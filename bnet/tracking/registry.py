@@ -102,19 +102,19 @@ def load_model(uri: str, store: Store | None = None):
 
 
 def resolve_upstream(reference: str, family: str, experiment: str | None = None,
-                     metric: str = "best_val_loss", direction: str = "minimize",
-                     store: Store | None = None) -> RunSummary:
+                     data_hash: str | None = None, store: Store | None = None) -> RunSummary:
     """The finished ``family`` run that ``reference`` names: ``best`` (the best run of
-    ``experiment`` by ``metric``), a run id, ``runs:/ID`` or ``models:/NAME@ALIAS``."""
+    ``experiment`` fitted to the data with ``data_hash``, by the metric its study
+    optimised), a run id, ``runs:/ID`` or ``models:/NAME@ALIAS``."""
     from bnet.tracking.query import best_runs
 
     store = store or resolve_store()
     if reference == "best":
         if not experiment:
             raise TrackingError(f"--{family} best needs --{family}-experiment NAME to search")
-        runs = best_runs(experiment, family, 1, metric=metric, direction=direction, store=store)
+        runs = best_runs(experiment, family, 1, store=store, data_hash=data_hash)
         if not runs:
-            raise TrackingError(f"experiment '{experiment}' has no finished {family} runs")
+            raise TrackingError(f"experiment '{experiment}' has no finished {family} runs with their objective metric")
         return runs[0]
     run = resolve_model_uri(reference, store)
     if run.family != family:

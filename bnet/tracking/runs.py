@@ -11,15 +11,39 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, TypeVar
 
 from bnet.tracking import conventions as tags
 
 MAX_PARAM_LENGTH = 6000
+T = TypeVar("T")
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def retry_locked(call: Callable[[], T], seconds: float = 120.0) -> T:
+    """Run ``call``, retrying while an embedded SQLite store is locked by another local
+    worker's write (SQLite serialises writers; its own busy wait is 5 s in MLflow)."""
+    import random
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if "database is locked" not in error_chain(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05 + random.random() * 0.2)
+
+
+def error_chain(err: BaseException | None) -> str:
+    texts = []
+    while err is not None and len(texts) < 5:
+        texts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " ".join(texts)
 
 
 class RunLogger:
@@ -32,14 +56,14 @@ class RunLogger:
     def set_tags(self, values: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+        retry_locked(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()]))
 
     def log_params(self, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         params = [Param(k, _param_text(v)) for k, v in sorted(values.items())]
         for start in range(0, len(params), 100):  # MLflow's per-batch limit
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
+            retry_locked(lambda: self.client.log_batch(self.run_id, params=params[start : start + 100]))
 
     def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -47,10 +71,21 @@ class RunLogger:
         stamp = _now_ms()
         metrics = [Metric(k, float(v), stamp, step) for k, v in values.items() if v is not None]
         if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+            retry_locked(lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_checkpoint(self, model, metadata: dict[str, Any]) -> None:
+        """The model's state dict and rebuilding config as ``checkpoint/model.pt``."""
+        from bnet.models.checkpoint import save_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.log_file(save_checkpoint(Path(tmp) / "model.pt", model, {"run_id": self.run_id, **metadata}),
+                          tags.CHECKPOINT_PATH.rsplit("/", 1)[0])
+
+    def log_text(self, text: str, name: str) -> None:
+        retry_locked(lambda: self.client.log_text(self.run_id, text, name))
 
     def log_figure(self, figure, name: str) -> None:
         """Save a matplotlib figure as ``plots/<name>.png`` and close it."""
@@ -79,7 +114,7 @@ class RunLogger:
         )
 
     def terminate(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        retry_locked(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def _param_text(value: Any) -> str:
@@ -102,14 +137,6 @@ def create_run(client, experiment_id: str, run_name: str, run_tags: dict[str, An
                 "mlflow.source.name": "bnet", **run_tags}
     if parent_run_id:
         all_tags[tags.MLFLOW_PARENT] = parent_run_id
-    run = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()},
-                            run_name=run_name)
+    run = retry_locked(lambda: client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()},
+                                                 run_name=run_name))
     return RunLogger(client, run.info.run_id)
-
-
-def find_runs(client, experiment_ids: Iterable[str], filter_string: str, max_results: int = 1000,
-              order_by: list[str] | None = None):
-    return client.search_runs(
-        list(experiment_ids), filter_string=filter_string, max_results=max_results,
-        order_by=order_by,
-    )

@@ -10,8 +10,12 @@ workers on many machines share one study.
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from bnet.errors import TrackingError
 
 DEFAULT_STORE = "bnet-store"
 
@@ -46,22 +50,23 @@ def resolve_store(
     return Store(root, tracking_uri, storage, artifact_root)
 
 
-def retry_schema_race(create, attempts: int = 6):
+# what a worker sees when another one creates or migrates the same fresh database first
+_SCHEMA_RACE = ("already exists", "duplicate key", "alembic_version", "database is locked")
+
+
+def retry_schema_race(create, attempts: int = 8):
     """Run ``create`` (which may create database tables), retrying when another worker
     started on the same fresh database at the same moment and created them first."""
     import random
     import time
 
-    from sqlalchemy.exc import DBAPIError
+    from bnet.tracking.runs import error_chain
 
     for attempt in range(attempts):
         try:
             return create()
-        except Exception as err:  # MLflow wraps SQLAlchemy's errors in its own
-            cause = err if isinstance(err, DBAPIError) else err.__cause__ or err.__context__
-            racing = isinstance(cause, DBAPIError) and (
-                "already exists" in str(cause) or "duplicate key" in str(cause)
-            )
+        except Exception as err:  # MLflow wraps SQLAlchemy's and Alembic's errors in its own
+            racing = any(sign in error_chain(err) for sign in _SCHEMA_RACE)
             if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.5 + random.random())
@@ -85,11 +90,41 @@ def connect(store: Store):
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.tracking_uri)
     # the first client on a fresh database creates MLflow's schema
-    return retry_schema_race(lambda: MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri))
+    with schema_lock(store, store.tracking_uri):
+        return retry_schema_race(lambda: MlflowClient(tracking_uri=store.tracking_uri,
+                                                      registry_uri=store.tracking_uri))
+
+
+@contextmanager
+def schema_lock(store: Store, url: str):
+    """Local workers create (or migrate) an embedded SQLite database one at a time: SQLite
+    migrations are not transactional, and two at once leave it half-built. Server
+    databases serialise that themselves (see :func:`retry_schema_race`)."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(store.root / ".schema.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(client, store: Store, name: str) -> str:
-    """The id of experiment ``name``, created (artifacts under the store) if new."""
+    """The id of experiment ``name``, created (artifacts under the store) if new.
+
+    Two workers creating the same experiment at once both get its id. The artifact folder
+    is named after the experiment but always inside the store (``--experiment ../x``
+    writes nothing outside it).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from bnet.tracking.runs import retry_locked
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -98,8 +133,23 @@ def ensure_experiment(client, store: Store, name: str) -> str:
     location = None
     if store.artifact_root is not None:
         store.artifact_root.mkdir(parents=True, exist_ok=True)
-        location = (store.artifact_root / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+        location = artifact_folder(store.artifact_root, name).as_uri()
+    try:
+        return retry_locked(lambda: client.create_experiment(name, artifact_location=location))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another worker created it first
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def artifact_folder(root: Path, experiment: str) -> Path:
+    """``root/<experiment as a folder name>``: separators and dot-runs cannot climb out."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    folder = (root / safe).resolve()
+    if root.resolve() not in folder.parents:
+        raise TrackingError(f"experiment name '{experiment}' cannot be an artifact folder inside {root}")
+    return folder
 
 
 def refresh_statistics(store: Store) -> None:

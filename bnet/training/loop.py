@@ -247,8 +247,10 @@ def fit(
             stopped_early = True
             break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if best_state is None:
+        raise FloatingPointError(f"no epoch had a finite validation loss (last: {history[-1].val_loss}): "
+                                 f"there are no weights worth keeping")
+    model.load_state_dict(best_state)
     return FitResult(
         history=history,
         best_epoch=best_epoch,

@@ -1,4 +1,4 @@
-"""`bnet tune ae`: an Optuna study of autoencoders on one session.
+"""The autoencoder family: studies of AEs on one session (``bnet tune ae``).
 
 Everything about the inputs is checked before the first run is created (data file, config
 keys, model class, search ranges, splits), so bad input leaves nothing in the store.
@@ -14,32 +14,43 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnet.config import ProjectConfig, dataclass_from_values
-from bnet.data import TrialBatches, open_session, split_trials
+from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values
+from bnet.data import TrialBatches, open_session
 from bnet.data.exports import write_export
 from bnet.data.session import Session
 from bnet.errors import ConfigError, DataError
-from bnet.models import build_model, model_entry, save_checkpoint
+from bnet.models import build_model, model_entry
 from bnet.models.ae import AEConfig
 from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
-from bnet.tracking.store import Store, resolve_store
+from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
-from bnet.tuning.common import apply_options, check_every_choice, resolve_data_path, resolve_experiment, session_tags
-from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
+from bnet.tuning.common import resolve_data_path, session_splits, split_settings
+from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.study import Echo, StudyOutcome, TrialContext
 
 FAMILY = "ae"
+OBJECTIVE = Objective(metric="best_val_loss", direction="minimize", step_metric="val_loss")
+
+# BehaveNet's recommended search when the user's config searches nothing.
+DEFAULT_SPACE = {
+    "n_ae_latents": Categorical((4, 8, 12, 16)),
+    "learning_rate": Range(1e-5, 1e-3, log=True),
+}
+# Epoch budget where the user sets none (BehaveNet's 1,000 epochs is hours on a CPU): the
+# conv AE leaves its mean-image plateau after ~5 epochs, the pruner cuts the laggards.
+DEFAULT_BUDGET = {"max_n_epochs": 30, "min_n_epochs": 8, "early_stop_history": 5}
 
 
 def _check_image_shape(session: Session, values: dict[str, Any]) -> None:
     for key, actual in zip(("n_input_channels", "y_pixels", "x_pixels"), session.image_shape):
         wanted = values.get(key)
-        if wanted is not None and not isinstance(wanted, (list, tuple)) and int(wanted) != actual:
+        if wanted is not None and not isinstance(wanted, (Categorical, Range)) and int(wanted) != actual:
             raise DataError(f"{session.path}: images are {session.image_shape} (C, Y, X) but the config sets {key}={wanted}")
 
 
 class AETrials:
-    """Fits one autoencoder per trial on a session and logs it (the study's FitTrial)."""
+    """Fits one autoencoder per trial on a session (the family's TrialFitter)."""
 
     def __init__(self, session: Session):
         self.session = session
@@ -55,17 +66,8 @@ class AETrials:
         compute.validate()
         return model, training, compute
 
-    @staticmethod
-    def split_settings(hparams: dict[str, Any]) -> dict[str, Any]:
-        return {"trial_splits": str(hparams.get("trial_splits", "8;1;1;0")),
-                "rng_seed_data": int(hparams.get("rng_seed_data", 0)),
-                "train_frac": float(hparams.get("train_frac", 1.0))}
-
-    def splits(self, hparams: dict[str, Any]):
-        return split_trials(self.session.trials, **self.split_settings(hparams), source=str(self.session.path))
-
     def batches(self, hparams: dict[str, Any], chunk: int | None) -> tuple[Any, dict[str, TrialBatches]]:
-        splits = self.splits(hparams)
+        splits = session_splits(self.session, hparams)
         signals = ("images", "masks") if hparams.get("use_output_mask") else ("images",)
         key = (splits, chunk, signals)
         if key not in self._batches:
@@ -74,39 +76,35 @@ class AETrials:
         return splits, self._batches[key]
 
     def check(self, hparams: dict[str, Any]) -> None:
-        """Fail before anything is logged if this point of the space cannot be fitted."""
         if model_entry(str(hparams.get("model_class", "ae"))).family != FAMILY:
             raise ConfigError(f"model_class '{hparams.get('model_class')}' is not an autoencoder")
         self.configs(hparams)
-        self.splits(hparams)
+        session_splits(self.session, hparams)
         if hparams.get("use_output_mask") and "masks" not in self.session.signals:
             raise DataError(f"{self.session.path}: use_output_mask is set but there is no group 'masks'")
 
-    def __call__(self, context: TrialContext) -> dict[str, float]:
+    def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        model, training, compute = self.configs(hparams)
+        splits = session_splits(self.session, hparams)
+        params = {**asdict(model), **asdict(training), **asdict(compute), **split_settings(hparams),
+                  "use_output_mask": bool(hparams.get("use_output_mask", False)),
+                  **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}}
+        return params, {tags.TAG_MODEL_CLASS: model.model_class, tags.TAG_MODEL_TYPE: model.model_type}
+
+    def fit(self, context: TrialContext) -> TrialResult:
         hparams = context.hparams
         model_config, training, compute = self.configs(hparams)
         splits, batches = self.batches(hparams, training.batch_size)
         device = resolve_device(compute.device)
-        context.run.set_tags({tags.TAG_MODEL_CLASS: model_config.model_class,
-                              tags.TAG_MODEL_TYPE: model_config.model_type, "bnet.device": str(device),
-                              "bnet.precision": resolve_precision(compute.precision, device)})
-        resolved = {**asdict(model_config), **asdict(training), **asdict(compute),
-                    **self.split_settings(hparams),
-                    **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}}
-        context.run.log_params({k: v for k, v in resolved.items() if k not in hparams})
-        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.data_hash)
+        context.run.set_tags({"bnet.device": str(device), "bnet.precision": resolve_precision(compute.precision, device)})
         model = build_model(model_config)
-        echo, max_epochs = context.echo, training.max_n_epochs
+        max_epochs = training.max_n_epochs
 
         class Progress:
             def on_epoch_end(self, record: EpochRecord) -> None:
-                metrics = {"train_loss": record.train_loss, "val_loss": record.val_loss,
-                           "epoch_seconds": record.seconds}
-                val = f"{record.val_loss:.5f}" if record.val_loss is not None else "-"
-                echo(f"  trial {context.number} epoch {record.epoch + 1}/{max_epochs}  "
-                     f"train {record.train_loss:.5f}  val {val}  "
-                     f"({record.frames / record.seconds:.0f} frames/s)")
-                context.on_epoch_end(record.epoch, metrics)
+                context.report(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss,
+                                              "frames_per_s": record.frames / record.seconds},
+                               max_epochs, shown=record.epoch + 1)
 
         result = fit(model, batches["train"], batches["val"], training, weight_decay=model_config.l2_reg,
                      device=device, precision=compute.precision, callbacks=[Progress()])
@@ -117,18 +115,12 @@ class AETrials:
                    "n_epochs": len(result.history), "train_frames_per_s": result.frames_per_second,
                    "fit_seconds": result.train_seconds}
         self._log_artifacts(context, model, model_config, training, result, splits, device, metrics)
-        return metrics
+        return TrialResult(metrics, model, {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss})
 
     def _log_artifacts(self, context, model, model_config, training, result, splits, device, metrics) -> None:
         run = context.run
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = save_checkpoint(
-                Path(tmp) / "model.pt", model,
-                {"run_id": run.run_id, "dataset": self.session.dataset_id, "data_hash": self.session.data_hash,
-                 "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss},
-            )
-            run.log_file(checkpoint, "checkpoint")
-            if training.export_latents:
+        if training.export_latents:
+            with tempfile.TemporaryDirectory() as tmp:
                 latents = encode_session(model, self.session, device)
                 path = write_export(Path(tmp) / "latents.hdf5", {"latents": latents}, splits,
                                     {"run_id": run.run_id, "dataset": self.session.dataset_id})
@@ -166,6 +158,18 @@ def encode_session(model, session: Session, device: torch.device, chunk: int = 2
     return {t: np.concatenate(parts) for t, parts in latents.items()}
 
 
+def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
+    session = open_session(resolve_data_path(request.values, request.data), require=("images",))
+    _check_image_shape(session, request.values)
+    return [PreparedStudy(session, AETrials(session), OBJECTIVE)]
+
+
+FAMILY_DECLARATION = register_family(Family(
+    name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions={},
+    step_name="epoch", prepare=prepare, default_model_class=lambda request: "ae",
+))
+
+
 def tune_ae(
     data: str | Path | None = None,
     experiment: str | None = None,
@@ -182,26 +186,13 @@ def tune_ae(
 ) -> StudyOutcome:
     """Run (or resume) an autoencoder study; the Python face of ``bnet tune ae``.
 
-    Arguments left as None come from ``config`` (a :class:`ProjectConfig`), then defaults.
+    Arguments left as None come from ``config`` (a :class:`ProjectConfig`), then the
+    family's defaults (:data:`DEFAULT_SPACE` when the config searches nothing,
+    :data:`DEFAULT_BUDGET`).
     """
-    config = config or ProjectConfig()
-    tuning = apply_options(config, {"n_trials": n_trials, "sampler": sampler, "pruner": pruner,
-                                    "seed": seed, "study": study},
-                           {"max_n_epochs": max_epochs, "device": device})
-    experiment = resolve_experiment(experiment, config)
-    values = config.values
-    values.setdefault("model_class", "ae")
-    session = open_session(resolve_data_path(values, data), require=("images",))
-    _check_image_shape(session, values)
-    values["data"] = str(session.path)
-    trials = AETrials(session)
-    check_every_choice(config, trials.check)
+    from bnet.tuning.tune import tune
 
-    spec = StudySpec(
-        experiment=experiment, family=FAMILY, tuning=tuning, fixed=config.fixed(), dimensions=config.dimensions(),
-        store=store or resolve_store(),
-        run_tags=session_tags(session),
-    )
-    return run_study(spec, trials, echo)
-
-
+    return tune(FAMILY, data=data, experiment=experiment, config=config,
+                tuning_options={"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
+                                "study": study},
+                fixed_options={"max_n_epochs": max_epochs, "device": device}, store=store, echo=echo)[0]

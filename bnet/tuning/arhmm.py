@@ -17,28 +17,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnet.config import ProjectConfig, dataclass_from_values
+from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values
 from bnet.data import open_session, split_trials
-from bnet.data.exports import read_export, write_export
+from bnet.data.exports import write_export
 from bnet.data.session import Session, trial_name
 from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
-from bnet.models import build_model, model_entry, save_checkpoint
+from bnet.models import build_model, model_entry
 from bnet.models.arhmm.registered import SegmentationConfig
 from bnet.models.arhmm.ssm_engine import fit_with_ssm, import_ssm, ssm_model_arguments
 from bnet.plotting.arhmm import plot_durations, plot_dynamics, plot_state_raster, plot_transition_matrix, run_lengths
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
-from bnet.tracking.registry import download_artifact, load_model, resolve_upstream
-from bnet.tracking.store import Store, resolve_store
+from bnet.tracking.registry import load_model
+from bnet.tracking.store import Store
 from bnet.training import resolve_device
-from bnet.tuning.common import (
-    apply_options, check_every_choice, check_same_data, resolve_data_path, resolve_experiment, session_tags,
-)
-from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
+from bnet.tuning.common import resolve_data_path, session_splits, split_settings, upstream_export, upstream_run
+from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.space import Condition
+from bnet.tuning.study import Echo, StudyOutcome, TrialContext
 
 FAMILY = "arhmm"
-METRIC = "val_ll_per_step"
+OBJECTIVE = Objective(metric="val_ll_per_step", direction="maximize", step_metric="val_ll")
+
+# BehaveNet's recommended search when the user's config searches nothing.
+DEFAULT_SPACE = {
+    "n_arhmm_states": Range(2, 16),
+    "n_arhmm_lags": Categorical((1, 2)),
+    "transitions": Categorical(("stationary", "sticky")),
+    "kappa": Range(1e2, 1e8, log=True),
+}
+DEFAULT_BUDGET = {"n_iters": 100, "arhmm_es_tol": 1e-6}
+# kappa only acts on sticky transitions: elsewhere it is 0 and not a dimension of the trial
+CONDITIONS = {"kappa": Condition("transitions", lambda value: value == "sticky", 0.0, "transitions is sticky")}
 
 
 @dataclass
@@ -83,31 +94,21 @@ class Observations:
 
 def ae_observations(session: Session, ae_run: RunSummary, store: Store) -> Observations:
     """The AE run's exported latents, or latents computed by loading its model."""
-    check_same_data(ae_run, session)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(ae_run, f"{tags.EXPORTS_DIR}/latents.hdf5", tmp, store)
-        if path is not None:
-            latents, splits = read_export(path, "latents")
-        else:
-            from bnet.tuning.ae import encode_session
+    exported = upstream_export(ae_run, "latents", "latents", session, store)
+    if exported is not None:
+        latents, splits = exported
+    else:
+        from bnet.tuning.ae import encode_session
 
-            model = load_model(ae_run.run_id, store)
-            latents = encode_session(model, session, torch.device("cpu"))
-            params = ae_run.params
-            splits = split_trials(session.trials, params.get("trial_splits", "8;1;1;0"),
-                                  int(params.get("rng_seed_data", 0)), float(params.get("train_frac", 1.0)))
-    missing = sorted(set(session.trials) - set(latents))
-    if missing:
-        raise DataError(f"AE run {ae_run.run_id}: its latents lack {trial_name(missing[0])} of {session.path}")
+        model = load_model(ae_run.run_id, store)
+        latents = encode_session(model, session, torch.device("cpu"))
+        splits = split_trials(session.trials, **split_settings(ae_run.params), source=str(session.path))
     return Observations(latents, splits, "latent", ae_run)
 
 
 def label_observations(session: Session, values: dict[str, Any]) -> Observations:
     labels = dict(zip(session.trials, session.read_all("labels")))
-    splits = split_trials(session.trials, str(values.get("trial_splits", "8;1;1;0")),
-                          int(values.get("rng_seed_data", 0)), float(values.get("train_frac", 1.0)),
-                          source=str(session.path))
-    return Observations({t: x.astype(np.float64) for t, x in labels.items()}, splits, "label")
+    return Observations({t: x.astype(np.float64) for t, x in labels.items()}, session_splits(session, values), "label")
 
 
 def check_observations(observations: Observations, source: str) -> None:
@@ -118,27 +119,18 @@ def check_observations(observations: Observations, source: str) -> None:
 
 
 class ARHMMTrials:
-    """Fits one ARHMM per trial on fixed observations and logs it (the study's FitTrial)."""
+    """Fits one ARHMM per trial on fixed observations (the family's TrialFitter)."""
 
-    def __init__(self, observations: Observations, session: Session, source: str, conditional_kappa: bool):
-        """``conditional_kappa``: kappa or transitions are searched, so trials whose
-        transitions are not sticky run with kappa = 0 (kappa only acts on sticky
-        transitions); with both fixed, kappa > 0 and non-sticky transitions is an error."""
+    def __init__(self, observations: Observations, session: Session, source: str):
         self.observations = observations
         self.session = session
         self.source = source
-        self.conditional_kappa = conditional_kappa
 
     def configs(self, hparams: dict[str, Any]) -> tuple[SegmentationConfig, SegmentationFitConfig]:
         values = dict(hparams)
-        if self.conditional_kappa and values.get("transitions", "stationary") != "sticky":
-            values["kappa"] = 0.0
         if values.get("model_class") == "hmm":
             values.setdefault("n_arhmm_lags", 0)
         fit = dataclass_from_values(SegmentationFitConfig, values)
-        for name in ("n_arhmm_states", "n_arhmm_lags"):  # YAML ranges may hand floats
-            if name in values:
-                values[name] = int(values[name])
         model = dataclass_from_values(SegmentationConfig, {
             **values, "n_iters": int(fit.n_iters), "arhmm_es_tol": fit.arhmm_es_tol,
             "device": str(resolve_device(fit.device))})
@@ -163,14 +155,16 @@ class ARHMMTrials:
             raise DataError(f"{self.source}: n_arhmm_states={model.n_arhmm_states} is more than the "
                             f"{n_train} training frames")
 
-    def __call__(self, context: TrialContext) -> dict[str, float]:
+    def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        config, fit_config = self.configs(hparams)
+        obs = self.observations
+        params = {**asdict(config), **asdict(fit_config), "n_dims": obs.n_dims,
+                  **{f"n_{k}_trials": len(v) for k, v in obs.splits.as_dict().items()}}
+        return params, {tags.TAG_MODEL_CLASS: config.model_class, tags.TAG_MODEL_TYPE: config.noise_type}
+
+    def fit(self, context: TrialContext) -> TrialResult:
         config, fit_config = self.configs(context.hparams)
         obs = self.observations
-        context.run.set_tags({tags.TAG_MODEL_CLASS: config.model_class, tags.TAG_MODEL_TYPE: config.noise_type})
-        resolved = {**asdict(config), **asdict(fit_config), "n_dims": obs.n_dims, "effective_kappa": config.kappa,
-                    **{f"n_{k}_trials": len(v) for k, v in obs.splits.as_dict().items()}}
-        context.run.log_params({k: v for k, v in resolved.items() if k not in context.hparams})
-        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.data_hash)
         model = build_model(config)
         engine = model.engine
         train, val, test = (obs.split(name) for name in ("train", "val", "test"))
@@ -186,10 +180,7 @@ class ARHMMTrials:
             per_step = {"train_ll": train_ll / scale["train"], "val_ll": val_ll / scale["val"]}
             if per_step["val_ll"] > best["value"]:
                 best.update(value=per_step["val_ll"], iteration=iteration, state=engine.state_dict())
-            if iteration == 1 or iteration % 10 == 0:
-                context.echo(f"  trial {context.number} EM iteration {iteration}/{config.n_iters}  "
-                             f"train ll/step {per_step['train_ll']:.4f}  val {per_step['val_ll']:.4f}")
-            context.on_epoch_end(iteration, per_step)
+            context.report(iteration, per_step, config.n_iters)
             return False
 
         if fit_config.engine == "ssm":
@@ -214,7 +205,7 @@ class ARHMMTrials:
         usage = np.bincount(np.concatenate(states), minlength=config.n_arhmm_states) / sum(len(z) for z in states)
         all_durations = [d for per_state in durations for d in per_state]
         metrics = {
-            METRIC: val_score,
+            OBJECTIVE.metric: val_score,
             "train_ll_per_step": engine.log_likelihood(train) / scale["train"],
             "test_ll_per_step": engine.log_likelihood(test) / scale["test"],
             "best_iteration": best["iteration"],
@@ -224,17 +215,12 @@ class ARHMMTrials:
             **{f"state_usage_{k}": float(u) for k, u in enumerate(usage)},
         }
         self._log_artifacts(context, model, config, fit_config, trials, states, probs, durations)
-        return metrics
+        return TrialResult(metrics, model, {"observations": obs.name})
 
     def _log_artifacts(self, context, model, config, fit_config, trials, states, probs, durations) -> None:
         run, obs = context.run, self.observations
-        with tempfile.TemporaryDirectory() as tmp:
-            upstream = obs.upstream.run_id if obs.upstream else ""
-            checkpoint = save_checkpoint(Path(tmp) / "model.pt", model,
-                                         {"run_id": run.run_id, "dataset": self.session.dataset_id,
-                                          "upstream_ae_run_id": upstream, "observations": obs.name})
-            run.log_file(checkpoint, "checkpoint")
-            if fit_config.export_states:
+        if fit_config.export_states:
+            with tempfile.TemporaryDirectory() as tmp:
                 path = write_export(Path(tmp) / "states.hdf5",
                                     {"states": dict(zip(trials, states)), "probs": dict(zip(trials, probs))},
                                     obs.splits, {"run_id": run.run_id, "dataset": self.session.dataset_id})
@@ -252,6 +238,34 @@ class ARHMMTrials:
                 run.log_figure(plot_transition_matrix(matrix), "transition_matrix")
             if config.n_arhmm_lags > 0:
                 run.log_figure(plot_dynamics(params.As.cpu().numpy()), "ar_dynamics")
+
+
+def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
+    values = request.values
+    reference, experiment = request.upstream.get("ae", (None, None))
+    reference = reference or values.get("ae_version")
+    if request.labels and reference:
+        raise ConfigError("--labels and --ae are alternatives: segment labels or AE latents, not both")
+    session = open_session(resolve_data_path(values, request.data), require=("labels",) if request.labels else ())
+    if request.labels:
+        observations = label_observations(session, values)
+        run_tags = {}
+        source = f"{session.path} (labels)"
+    else:
+        ae_run = upstream_run("ae", str(reference or "best"), experiment or values.get("ae_experiment_name"),
+                              session, store)
+        observations = ae_observations(session, ae_run, store)
+        run_tags = {f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id": ae_run.run_id}
+        source = f"{session.path} (latents of AE run {ae_run.run_id})"
+    check_observations(observations, source)
+    return [PreparedStudy(session, ARHMMTrials(observations, session, source), OBJECTIVE, run_tags)]
+
+
+FAMILY_DECLARATION = register_family(Family(
+    name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
+    step_name="EM iteration", prepare=prepare,
+    default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",
+))
 
 
 def tune_arhmm(
@@ -274,41 +288,15 @@ def tune_arhmm(
     """Run (or resume) an ARHMM study; the Python face of ``bnet tune arhmm``.
 
     Args:
-        ae: ``best``, a run id or ``models:/NAME@ALIAS`` of the AE whose latents to segment.
+        ae: ``best`` (the best AE fitted to this file), a run id or ``models:/NAME@ALIAS``
+            of the AE whose latents to segment.
         ae_experiment: the experiment ``ae="best"`` searches.
         labels: segment the session's labels instead (``arhmm-labels``).
     """
-    config = config or ProjectConfig()
-    store = store or resolve_store()
-    tuning = apply_options(config, {"n_trials": n_trials, "sampler": sampler, "pruner": pruner,
-                                    "seed": seed, "study": study},
-                           {"n_iters": max_iters, "device": device})
-    tuning.metric, tuning.direction = METRIC, "maximize"
-    experiment = resolve_experiment(experiment, config)
-    values = config.values
-    if labels and ae:
-        raise ConfigError("--labels and --ae are alternatives: segment labels or AE latents, not both")
-    values.setdefault("model_class", "arhmm-labels" if labels else "arhmm")
-    session = open_session(resolve_data_path(values, data), require=("labels",) if labels else ())
-    values["data"] = str(session.path)
-    if labels:
-        observations = label_observations(session, values)
-        run_tags = {}
-    else:
-        reference = ae or values.get("ae_version") or "best"
-        ae_run = resolve_upstream(str(reference), "ae", ae_experiment or values.get("ae_experiment_name"), store=store)
-        observations = ae_observations(session, ae_run, store)
-        run_tags = {f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id": ae_run.run_id}
-        values.setdefault("ae_experiment_name", ae_experiment or "")
-    source = f"{session.path} ({'labels' if labels else 'latents of AE run ' + observations.upstream.run_id})"
-    check_observations(observations, source)
-    searched = config.dimensions()
-    trials = ARHMMTrials(observations, session, source, "kappa" in searched or "transitions" in searched)
-    check_every_choice(config, trials.check)
+    from bnet.tuning.tune import tune
 
-    spec = StudySpec(
-        experiment=experiment, family=FAMILY, tuning=tuning, fixed=config.fixed(),
-        dimensions=config.dimensions(), store=store, objective_key="val_ll",
-        run_tags={**session_tags(session), **run_tags},
-    )
-    return run_study(spec, trials, echo)
+    return tune(FAMILY, data=data, experiment=experiment, config=config, upstream={"ae": (ae, ae_experiment)},
+                labels=labels,
+                tuning_options={"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
+                                "study": study},
+                fixed_options={"n_iters": max_iters, "device": device}, store=store, echo=echo)[0]

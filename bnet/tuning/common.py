@@ -1,34 +1,23 @@
-"""What every family's `bnet tune` does before its study starts."""
+"""Inputs every family reads the same way: the session file, its splits, upstream runs."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from bnet.config import ProjectConfig, TuningConfig
-from bnet.data.session import Session
+import numpy as np
+
+from bnet.data.exports import read_export
+from bnet.data.session import Session, trial_name
+from bnet.data.splits import TrialSplits, split_trials
 from bnet.errors import ConfigError, DataError
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
-from bnet.tuning import space
+from bnet.tracking.registry import download_artifact, resolve_upstream
+from bnet.tracking.store import Store
 
-
-def apply_options(config: ProjectConfig, tuning_options: dict[str, Any], fixed_options: dict[str, Any]) -> TuningConfig:
-    """CLI/API options over the config: tuning fields and fixed hyperparameters (None = keep)."""
-    config.override(**fixed_options)
-    tuning = config.tuning
-    for name, value in tuning_options.items():
-        if value is not None:
-            setattr(tuning, name, value)
-    tuning.validate()
-    return tuning
-
-
-def resolve_experiment(experiment: str | None, config: ProjectConfig) -> str:
-    experiment = experiment or config.experiment
-    if not experiment:
-        raise ConfigError("no experiment name: pass --experiment NAME or set experiment in the config")
-    return experiment
+SPLIT_KEYS = ("trial_splits", "rng_seed_data", "train_frac")
 
 
 def resolve_data_path(values: dict[str, Any], data: str | Path | None) -> Path:
@@ -43,26 +32,52 @@ def resolve_data_path(values: dict[str, Any], data: str | Path | None) -> Path:
     raise ConfigError("no data: pass --data PATH, or set data (or data_dir/lab/expt/animal/session)")
 
 
-def session_tags(session: Session) -> dict[str, str]:
-    """The tags that tie every run of a study to its session file."""
-    return {tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.data_hash,
-            tags.TAG_DATA_PATH: str(session.path)}
+def split_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """BehaveNet's split keys with their defaults, typed."""
+    return {"trial_splits": str(values.get("trial_splits", "8;1;1;0")),
+            "rng_seed_data": int(values.get("rng_seed_data", 0)),
+            "train_frac": float(values.get("train_frac", 1.0))}
 
 
-def check_same_data(upstream: RunSummary, session: Session) -> None:
-    """An upstream run must have been fitted to this very file (its data hash)."""
-    recorded = upstream.tags.get(tags.TAG_DATA_HASH)
+def session_splits(session: Session, values: dict[str, Any]) -> TrialSplits:
+    return split_trials(session.trials, **split_settings(values), source=str(session.path))
+
+
+def upstream_run(family: str, reference: str | None, experiment: str | None, session: Session,
+                 store: Store) -> RunSummary:
+    """The ``family`` run a downstream study reads: ``best`` is the best run *fitted to this
+    session file* (by the metric its study optimised), else a run id or registry URI, which
+    must have been fitted to this file too."""
+    run = resolve_upstream(reference or "best", family, experiment, data_hash=session.data_hash, store=store)
+    recorded = run.tags.get(tags.TAG_DATA_HASH)
     if recorded != session.data_hash:
-        raise DataError(f"{session.path}: {upstream.family} run {upstream.run_id} was fitted to other data "
+        raise DataError(f"{session.path}: {family} run {run.run_id} was fitted to other data "
                         f"(data hash {recorded}, this file {session.data_hash})")
+    return run
 
 
-def check_every_choice(config: ProjectConfig, check: Callable[[dict[str, Any]], None]) -> None:
-    """Run ``check`` on a representative point and on every categorical choice, so a bad
-    value anywhere in the space fails before the first run is created."""
-    dimensions, fixed = config.dimensions(), config.fixed()
-    base = {**fixed, **space.first_values(dimensions)}
-    check(base)
-    for key, dim in dimensions.items():
-        for choice in getattr(dim, "choices", ()):
-            check({**base, key: choice})
+def upstream_export(run: RunSummary, name: str, group: str, session: Session,
+                    store: Store) -> tuple[dict[int, np.ndarray], TrialSplits] | None:
+    """An upstream run's ``exports/<name>.hdf5`` group for every trial of the session, with
+    the splits it was fitted on; None if the run exported nothing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run, f"{tags.EXPORTS_DIR}/{name}.hdf5", tmp, store)
+        if path is None:
+            return None
+        values, splits = read_export(path, group)
+    missing = sorted(set(session.trials) - set(values))
+    if missing:
+        raise DataError(f"{run.family} run {run.run_id}: its {group} lack {trial_name(missing[0])} of {session.path}")
+    return values, splits
+
+
+def refuse_other_splits(values: dict[str, Any], upstream: RunSummary) -> None:
+    """Downstream studies use their upstream run's splits; a split key the user set that
+    disagrees with them is an error, not a silently dropped value."""
+    theirs = split_settings(upstream.params)
+    ours = split_settings(values)
+    differing = [k for k in SPLIT_KEYS if k in values and str(ours[k]) != str(theirs[k])]
+    if differing:
+        listed = ", ".join(f"{k} {ours[k]} (the run's {theirs[k]})" for k in differing)
+        raise ConfigError(f"the splits come from {upstream.family} run {upstream.run_id}, whose trials this study "
+                          f"reads: {listed}; remove {', '.join(differing)} from the config")

@@ -18,32 +18,55 @@ import numpy as np
 import torch
 
 from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values
-from bnet.data import open_session, split_trials
-from bnet.data.exports import read_export, write_export
+from bnet.data import open_session
+from bnet.data.exports import write_export
 from bnet.data.session import Session, trial_name
 from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
-from bnet.models import build_model, model_entry, save_checkpoint
+from bnet.models import build_model, model_entry
 from bnet.models.decoder_metrics import accuracy, categorical_log_likelihood, poisson_log_likelihood, r2_score, score_trials
 from bnet.models.decoders import DecoderConfig, motion_energy
 from bnet.plotting.decoders import plot_predictions
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
-from bnet.tracking.registry import download_artifact, resolve_upstream
-from bnet.tracking.store import Store, resolve_store
+from bnet.tracking.registry import resolve_upstream
+from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
 from bnet.tuning.common import (
-    apply_options, check_every_choice, check_same_data, resolve_data_path, resolve_experiment, session_tags,
+    refuse_other_splits, resolve_data_path, session_splits, upstream_export, upstream_run,
 )
-from bnet.tuning.study import Echo, StudyOutcome, StudySpec, TrialContext, run_study
+from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.space import Condition
+from bnet.tuning.study import Echo, StudyOutcome, TrialContext
 
 FAMILY = "decoder"
 TARGETS = ("ae", "ae-me", "arhmm", "labels")
 ENCODERS = {"ae-neural": "ae", "arhmm-neural": "arhmm"}
 SUBSAMPLE_METHODS = ("none", "single", "loo")
 
-# the selection metric of each kind of prediction (maximised)
-METRICS = {"continuous": "val_r2", "categorical": "val_ll", "counts": "val_ll"}
+# What a study of each kind of prediction optimises (maximised); the pruner sees the same
+# score per epoch, computed on the val trials.
+OBJECTIVES = {
+    "continuous": Objective(metric="val_r2", direction="maximize", step_metric="epoch_val_r2"),
+    "categorical": Objective(metric="val_ll", direction="maximize", step_metric="epoch_val_ll"),
+    "counts": Objective(metric="val_ll", direction="maximize", step_metric="epoch_val_ll"),
+}
+# the noise models each kind of target may be fitted with (the first is the default)
+NOISE_DISTS = {"continuous": ("gaussian", "gaussian-full"), "categorical": ("categorical",),
+               "counts": ("poisson", "gaussian")}
+
+# BehaveNet's recommended search when the user's config searches nothing.
+DEFAULT_SPACE = {
+    "learning_rate": Range(1e-4, 1e-2, log=True),
+    "l2_reg": Range(1e-6, 1e-1, log=True),
+    "n_lags": Categorical((0, 1, 2, 4, 8)),
+    "n_hid_layers": Categorical((0, 1, 2)),
+    "n_hid_units": Range(16, 128, log=True),
+}
+# BehaveNet's 1,000 epochs at its default learning rate take hours on a real recording.
+DEFAULT_BUDGET = {"max_n_epochs": 200, "early_stop_history": 10}
+# hidden units only exist with hidden layers
+CONDITIONS = {"n_hid_units": Condition("n_hid_layers", lambda value: int(value) > 0, 0, "n_hid_layers > 0")}
 
 
 @dataclass
@@ -86,44 +109,30 @@ class TrialArrays(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _upstream_export(run: RunSummary, name: str, group: str, session: Session, store: Store):
-    check_same_data(run, session)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(run, f"{tags.EXPORTS_DIR}/{name}.hdf5", tmp, store)
-        if path is None:
-            raise DataError(f"{run.family} run {run.run_id} has no exports/{name}.hdf5 to decode")
-        values, splits = read_export(path, group)
-    missing = sorted(set(session.trials) - set(values))
-    if missing:
-        raise DataError(f"{run.family} run {run.run_id}: its {group} lack {trial_name(missing[0])} of {session.path}")
-    return values, splits
-
-
-def behaviour(target: str, session: Session, values: dict[str, Any], refs: dict[str, tuple[str, str | None]],
+def behaviour(target: str, session: Session, values: dict[str, Any], refs: dict[str, tuple[str | None, str | None]],
               store: Store):
     """(per-trial behaviour, splits, kind, n_classes, upstream runs) for a target."""
     if target == "labels":
         if "labels" not in session.signals:
             raise DataError(f"{session.path}: no group 'labels' to decode")
         labels = dict(zip(session.trials, (x.astype(np.float32) for x in session.read_all("labels"))))
-        splits = split_trials(session.trials, str(values.get("trial_splits", "8;1;1;0")),
-                              int(values.get("rng_seed_data", 0)), float(values.get("train_frac", 1.0)),
-                              source=str(session.path))
-        return labels, splits, "continuous", 0, {}
+        return labels, session_splits(session, values), "continuous", 0, {}
     family = "arhmm" if target == "arhmm" else "ae"
-    reference, experiment = refs[family]
-    metric = ("val_ll_per_step", "maximize") if family == "arhmm" else ("best_val_loss", "minimize")
-    run = resolve_upstream(reference or "best", family, experiment, *metric, store=store)
+    reference, experiment = refs.get(family, (None, None))
+    run = upstream_run(family, reference, experiment, session, store)
     upstream = {family: run}
+    name, group = ("states", "states") if family == "arhmm" else ("latents", "latents")
+    exported = upstream_export(run, name, group, session, store)
+    if exported is None:
+        raise DataError(f"{run.family} run {run.run_id} has no exports/{name}.hdf5 to decode")
+    series, splits = exported
     if family == "arhmm":
-        states, splits = _upstream_export(run, "states", "states", session, store)
         if run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"):
             upstream["ae"] = resolve_upstream(run.tags[f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"], "ae", store=store)
-        return states, splits, "categorical", int(run.params["n_arhmm_states"]), upstream
-    latents, splits = _upstream_export(run, "latents", "latents", session, store)
+        return series, splits, "categorical", int(run.params["n_arhmm_states"]), upstream
     if target == "ae-me":
-        latents = {t: motion_energy(x) for t, x in latents.items()}
-    return {t: x.astype(np.float32) for t, x in latents.items()}, splits, "continuous", 0, upstream
+        series = {t: motion_energy(x) for t, x in series.items()}
+    return {t: x.astype(np.float32) for t, x in series.items()}, splits, "continuous", 0, upstream
 
 
 def neuron_subsets(session: Session, values: dict[str, Any]) -> dict[str, np.ndarray | None]:
@@ -198,46 +207,50 @@ def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
     values = dict(run.params)
     refs = {family: (run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id"), None) for family in ("ae", "arhmm")}
     subsets = neuron_subsets(session, values)
-    neurons = subsets.get(run.tags.get("bnet.neuron_subset", "all"), subsets.get(""))
-    data = assemble(values["model_class"], run.tags["bnet.target"], session, values, refs, store, neurons)
+    neurons = subsets.get(run.tags.get(tags.TAG_NEURON_SUBSET, "all"), subsets.get(""))
+    data = assemble(values["model_class"], run.tags[tags.TAG_TARGET], session, values, refs, store, neurons)
     return session, data
 
 
-def largest_window(config: ProjectConfig) -> int:
+def largest_window(values: dict[str, Any]) -> int:
     """``n_max_lags``: the largest ``n_lags`` any trial of the study can use (or the config's own)."""
-    if "n_max_lags" in config.fixed():
-        return int(config.fixed()["n_max_lags"])
-    lags = config.dimensions().get("n_lags")
+    if "n_max_lags" in values:
+        return int(values["n_max_lags"])
+    lags = values.get("n_lags", DecoderConfig.n_lags)
     if isinstance(lags, Categorical):
         return int(max(lags.choices))
     if isinstance(lags, Range):
         return int(lags.high)
-    return int(config.values.get("n_lags", DecoderConfig.n_lags))
+    return int(lags)
 
 
-def noise_dist(kind: str, model_type: str) -> str:
-    if kind == "categorical":
-        return "categorical"
-    if kind == "counts":
-        return "poisson"
-    return "gaussian-full" if model_type == "mlp-mv" else "gaussian"
+def noise_dist(kind: str, model_type: str, asked: str | None) -> str:
+    """The noise model of a decoder: the user's where it suits the target, else the kind's
+    default (the full covariance for ``mlp-mv``)."""
+    allowed = NOISE_DISTS[kind]
+    if asked is None:
+        return "gaussian-full" if model_type == "mlp-mv" else allowed[0]
+    if asked not in allowed:
+        raise ConfigError(f"noise_dist '{asked}' does not suit {kind} targets (use {' or '.join(allowed)})")
+    return asked
 
 
 class DecoderTrials:
-    """Fits one decoder per trial (the study's FitTrial)."""
+    """Fits one decoder per trial (the family's TrialFitter)."""
 
-    def __init__(self, data: DecodingData, session: Session, n_max_lags: int, subset: str):
+    def __init__(self, data: DecodingData, session: Session, n_max_lags: int):
         self.data = data
         self.session = session
         self.n_max_lags = n_max_lags
-        self.subset = subset
+        self.objective = OBJECTIVES[data.kind]
         self.batches = {name: TrialArrays(data, data.splits[name]) for name in ("train", "val", "test")}
 
     def configs(self, hparams: dict[str, Any]) -> tuple[DecoderConfig, TrainingConfig, ComputeConfig]:
         model_type = str(hparams.get("model_type", "mlp"))
         model = dataclass_from_values(DecoderConfig, {
             **hparams, "model_type": model_type, "n_input": self.data.n_input, "n_output": self.data.n_output,
-            "n_max_lags": self.n_max_lags, "noise_dist": noise_dist(self.data.kind, model_type)})
+            "n_max_lags": self.n_max_lags,
+            "noise_dist": noise_dist(self.data.kind, model_type, hparams.get("noise_dist"))})
         model.validate()
         training = dataclass_from_values(TrainingConfig, hparams)
         training.validate()
@@ -249,37 +262,45 @@ class DecoderTrials:
         model_class = str(hparams.get("model_class"))
         if model_entry(model_class).family != FAMILY:
             raise ConfigError(f"model_class '{model_class}' is not a decoder")
-        model, _, _ = self.configs(hparams)
+        self.configs(hparams)
         shortest = min(len(x) for x in self.data.inputs.values())
         if 2 * self.n_max_lags >= shortest:
             raise DataError(f"{self.session.path}: n_lags={self.n_max_lags} leaves no frames to score in the "
                             f"shortest trial ({shortest} frames; 2 x n_lags are dropped)")
 
+    def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        model, training, compute = self.configs(hparams)
+        params = {**asdict(model), **asdict(training), **asdict(compute),
+                  **{f"n_{k}_trials": len(v) for k, v in self.data.splits.as_dict().items()}}
+        return params, {tags.TAG_MODEL_CLASS: model.model_class, tags.TAG_MODEL_TYPE: model.model_type}
+
     def predict(self, model, trials) -> dict[int, np.ndarray]:
+        device = next(model.parameters()).device
+        was_training = model.training
         model.eval()
         with torch.no_grad():
-            return {t: model.predict(torch.from_numpy(np.ascontiguousarray(self.data.inputs[t], np.float32))).numpy()
-                    for t in trials}
+            predictions = {t: model.predict(torch.from_numpy(np.ascontiguousarray(self.data.inputs[t], np.float32))
+                                            .to(device)).float().cpu().numpy() for t in trials}
+        model.train(was_training)
+        return predictions
 
-    def __call__(self, context: TrialContext) -> dict[str, float]:
+    def score(self, model, split: str) -> float:
+        """The study's metric on one split, from the model as it stands."""
+        predictions = self.predict(model, self.data.splits[split])
+        return score_predictions(self.data, predictions, split, self.n_max_lags)[
+            self.objective.metric.replace("val", split, 1)]
+
+    def fit(self, context: TrialContext) -> TrialResult:
         model_config, training, compute = self.configs(context.hparams)
         device = resolve_device(compute.device)
-        context.run.set_tags({tags.TAG_MODEL_CLASS: model_config.model_class,
-                              tags.TAG_MODEL_TYPE: model_config.model_type, "bnet.target_kind": self.data.kind,
-                              "bnet.neuron_subset": self.subset or "all"})
-        resolved = {**asdict(model_config), **asdict(training),
-                    **{f"n_{k}_trials": len(v) for k, v in self.data.splits.as_dict().items()}}
-        context.run.log_params({k: v for k, v in resolved.items() if k not in context.hparams})
-        context.run.log_dataset(self.session.path, self.session.dataset_id, self.session.data_hash)
         model = build_model(model_config)
-        echo, max_epochs = context.echo, training.max_n_epochs
+        trials, max_epochs = self, training.max_n_epochs
 
         class Progress:
             def on_epoch_end(self, record: EpochRecord) -> None:
-                if record.epoch % 10 == 0 or record.epoch + 1 == max_epochs:
-                    echo(f"  trial {context.number} epoch {record.epoch + 1}/{max_epochs}  "
-                         f"train {record.train_loss:.5f}  val {record.val_loss:.5f}")
-                context.on_epoch_end(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss})
+                context.report(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss,
+                                              trials.objective.step_metric: trials.score(model, "val")},
+                               max_epochs, shown=record.epoch + 1)
 
         result = fit(model, self.batches["train"], self.batches["val"], training, weight_decay=model_config.l2_reg,
                      device=device, precision="fp32", callbacks=[Progress()])
@@ -289,19 +310,57 @@ class DecoderTrials:
                    "n_epochs": len(result.history)}
         for split in ("val", "test"):
             metrics.update(score_predictions(self.data, predictions, split, self.n_max_lags))
-        self._log_artifacts(context, model, predictions)
-        return metrics
+        self._log_artifacts(context, predictions)
+        return TrialResult(metrics, model)
 
-    def _log_artifacts(self, context, model, predictions) -> None:
+    def _log_artifacts(self, context, predictions) -> None:
         run = context.run
         with tempfile.TemporaryDirectory() as tmp:
-            run.log_file(save_checkpoint(Path(tmp) / "model.pt", model, {"run_id": run.run_id}), "checkpoint")
             path = write_export(Path(tmp) / "predictions.hdf5", {"predictions": predictions}, self.data.splits,
                                 {"run_id": run.run_id, "kind": self.data.kind})
             run.log_file(path, tags.EXPORTS_DIR)
         shown = list(self.data.splits.test[:3])
         run.log_figure(plot_predictions([self.data.targets[t] for t in shown], [predictions[t] for t in shown],
                                         [f"held-out {trial_name(t)}" for t in shown], self.data.kind), "predictions")
+
+
+def _model_class(request: StudyRequest) -> str:
+    return "neural-labels" if request.target == "labels" else f"neural-{request.target}"
+
+
+def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
+    target, values = request.target, request.values
+    if target not in TARGETS:
+        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    if isinstance(values["model_class"], (Categorical, Range)):
+        raise ConfigError("model_class cannot be searched in a decoder study (each class has its own target)")
+    model_class = str(values["model_class"])
+    wanted_target = ENCODERS.get(model_class) or model_class.removeprefix("neural-")
+    if wanted_target != target and not (model_class == "neural-labels" and target == "labels"):
+        raise ConfigError(f"model_class '{model_class}' does not fit --target {target}")
+    session = open_session(resolve_data_path(values, request.data), require=("neural",))
+    n_max_lags = largest_window(values)
+    refs = {"ae": request.upstream.get("ae", (None, None)), "arhmm": request.upstream.get("arhmm", (None, None))}
+    refs = {family: (ref or values.get(f"{family}_version"), experiment or values.get(f"{family}_experiment_name"))
+            for family, (ref, experiment) in refs.items()}
+    prepared = []
+    for subset, neurons in neuron_subsets(session, values).items():
+        decoding = assemble(model_class, target, session, values, refs, store, neurons)
+        if decoding.upstream:
+            refuse_other_splits(values, next(iter(decoding.upstream.values())))
+        run_tags = {tags.TAG_TARGET: target, tags.TAG_TARGET_KIND: decoding.kind,
+                    tags.TAG_NEURON_SUBSET: subset or "all",
+                    **{f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id": run.run_id
+                       for family, run in decoding.upstream.items()}}
+        prepared.append(PreparedStudy(session, DecoderTrials(decoding, session, n_max_lags),
+                                      OBJECTIVES[decoding.kind], run_tags, subset))
+    return prepared
+
+
+FAMILY_DECLARATION = register_family(Family(
+    name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
+    step_name="epoch", prepare=prepare, default_model_class=_model_class,
+))
 
 
 def tune_decoder(
@@ -324,41 +383,10 @@ def tune_decoder(
     echo: Echo = print,
 ) -> list[StudyOutcome]:
     """Run (or resume) decoder studies (one per neuron subset); the Python face of ``bnet tune decoder``."""
-    if target not in TARGETS:
-        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
-    config = config or ProjectConfig()
-    store = store or resolve_store()
-    tuning = apply_options(config, {"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
-                                    "study": study}, {"max_n_epochs": max_epochs, "device": device})
-    experiment = resolve_experiment(experiment, config)
-    values = config.values
-    default_class = "neural-labels" if target == "labels" else f"neural-{target}"
-    model_class = str(values.setdefault("model_class", default_class))
-    if isinstance(config.values["model_class"], (Categorical, Range)):
-        raise ConfigError("model_class cannot be searched in a decoder study (each class has its own target)")
-    wanted_target = ENCODERS.get(model_class) or model_class.removeprefix("neural-")
-    if wanted_target != target and not (model_class == "neural-labels" and target == "labels"):
-        raise ConfigError(f"model_class '{model_class}' does not fit --target {target}")
-    session = open_session(resolve_data_path(values, data), require=("neural",))
-    values["data"] = str(session.path)
-    n_max_lags = largest_window(config)
-    refs = {"ae": (ae or values.get("ae_version"), ae_experiment or values.get("ae_experiment_name")),
-            "arhmm": (arhmm or values.get("arhmm_version"), arhmm_experiment or values.get("arhmm_experiment_name"))}
-    plans = []
-    for subset, neurons in neuron_subsets(session, values).items():
-        decoding = assemble(model_class, target, session, values, refs, store, neurons)
-        trials = DecoderTrials(decoding, session, n_max_lags, subset)
-        check_every_choice(config, trials.check)
-        plans.append((subset, decoding, trials))
-    outcomes = []
-    for subset, decoding, trials in plans:
-        metric = METRICS[decoding.kind]
-        run_tags = {**session_tags(session), "bnet.target": target,
-                    **{f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id": run.run_id
-                       for family, run in decoding.upstream.items()}}
-        subset_tuning = dataclass_from_values(type(tuning), {**asdict(tuning), "metric": metric, "direction": "maximize",
-                                                             "study": "-".join(filter(None, [tuning.study or experiment, subset]))})
-        spec = StudySpec(experiment=experiment, family=FAMILY, tuning=subset_tuning, fixed=config.fixed(),
-                         dimensions=config.dimensions(), store=store, run_tags=run_tags)
-        outcomes.append(run_study(spec, trials, echo))
-    return outcomes
+    from bnet.tuning.tune import tune
+
+    return tune(FAMILY, data=data, experiment=experiment, config=config, target=target,
+                upstream={"ae": (ae, ae_experiment), "arhmm": (arhmm, arhmm_experiment)},
+                tuning_options={"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
+                                "study": study},
+                fixed_options={"max_n_epochs": max_epochs, "device": device}, store=store, echo=echo)

@@ -1,74 +1,130 @@
-"""Optuna studies whose trials are MLflow runs.
+"""The study engine: Optuna studies whose trials are MLflow runs, for every family.
 
 One parent MLflow run per study, one child run per trial (``mlflow.parentRunId``), the
 Optuna trial carrying its run id (user attribute ``mlflow_run_id``) and the run carrying the
-trial number and study (tags). ``n_trials`` is the number of finished trials the study should
-hold: re-running the same command tops it up, so a killed study resumes without losing
-finished trials, and several workers pointed at one storage share the count.
+trial number, study and objective (tags). ``n_trials`` is the number of finished trials the
+study should hold: re-running the same command tops it up, so a killed study resumes
+without losing finished trials, and several workers pointed at one storage share the count.
+
+What the engine guarantees, whatever the family:
+
+* the pruner sees the family's per-step objective, on the study's scale and direction;
+* a trial that raises (a diverging loss, a NaN metric, CUDA out of memory) fails alone:
+  its run ends FAILED with the reason, the study goes on, the summary counts it;
+* trials of dead workers fail when the study opens, and their runs end KILLED; SIGTERM
+  stops the running trial cleanly at its next step, like Ctrl-C;
+* a study resumes only over the same data, upstream runs and fixed hyperparameters;
+* a configuration already finished on the same data is not fitted again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import signal
+import threading
 import time
+import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
+from optuna.trial import TrialState
 
-from bnet.config import Dimension, TuningConfig
+from bnet.config import TuningConfig
+from bnet.data.session import Session
 from bnet.errors import BnetError, ConfigError
 from bnet.tracking import conventions as tags
-from bnet.tracking.runs import RunLogger, create_run
-from bnet.tracking.store import Store, connect, ensure_experiment, refresh_statistics, retry_schema_race
-from bnet.tuning import space
+from bnet.tracking.runs import RunLogger
+from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
+from bnet.tracking.tracker import Tracker
+from bnet.tuning.family import Family, Objective, PreparedStudy
+from bnet.tuning.recovery import (
+    GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, WORKER_ATTR, closing_callback, parent_run_id,
+    recover_dead_trials, this_worker,
+)
+from bnet.tuning.space import SearchSpace
 
-MLFLOW_RUN_ATTR = "mlflow_run_id"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+FINGERPRINT_ATTR = "bnet_fingerprint"
+DUPLICATE_ATTR = "bnet_same_config_as_run"
+MAX_CONSECUTIVE_FAILURES = 3
+
+# Values that say where things are or how to show them, not what is fitted: they may
+# differ between the workers and resumptions of one study.
+NOT_FITTED = {"data", "data_dir", "lab", "expt", "animal", "session", "device", "export_latents",
+              "export_train_plots", "export_states", "ae_experiment_name", "ae_version",
+              "arhmm_experiment_name", "arhmm_version"}
 
 Echo = Callable[[str], None]
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the running trial stopped between steps; finished trials are kept."""
+
+
+class TrialsKeepFailing(BnetError):
+    """Several trials in a row failed: the cause is not one trial's hyperparameters."""
+
+
 @dataclass
 class StudySpec:
-    """Everything a study needs besides the per-trial fitting function.
-
-    Attributes:
-        experiment: MLflow experiment name.
-        family: model family of the trials (``ae``, ...), tagged on every run.
-        tuning: sampler, pruner, metric, trial count.
-        fixed: hyperparameters that are the same in every trial.
-        dimensions: hyperparameters the sampler chooses.
-        store: where runs and the study live.
-        run_tags: tags every run of the study carries (dataset, data hash, ...).
-        objective_key: the per-epoch metric reported to the pruner.
-    """
+    """One study to run: the family's prepared trials, the space, the budget, the store."""
 
     experiment: str
-    family: str
+    family: Family
+    prepared: PreparedStudy
     tuning: TuningConfig
+    space: SearchSpace
     fixed: dict[str, Any]
-    dimensions: dict[str, Dimension]
     store: Store
-    run_tags: dict[str, str] = field(default_factory=dict)
-    objective_key: str = "val_loss"
 
     @property
     def study_name(self) -> str:
-        return self.tuning.study or self.experiment
+        return "-".join(filter(None, [self.tuning.study or self.experiment, self.prepared.study_suffix]))
+
+    @property
+    def objective(self) -> Objective:
+        return self.prepared.objective
+
+    @property
+    def session(self) -> Session:
+        return self.prepared.session
+
+    @property
+    def run_tags(self) -> dict[str, str]:
+        session = self.session
+        return {tags.TAG_FAMILY: self.family.name, tags.TAG_STUDY: self.study_name,
+                tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.data_hash,
+                tags.TAG_DATA_PATH: str(session.path), tags.TAG_OBJECTIVE: self.objective.metric,
+                tags.TAG_DIRECTION: self.objective.direction, **self.prepared.run_tags}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change when the study resumes."""
+        return {"family": self.family.name, "objective": self.objective.metric,
+                "data_hash": self.session.data_hash,
+                "upstream": {k: v for k, v in self.prepared.run_tags.items() if k.startswith(tags.UPSTREAM_TAG_PREFIX)},
+                "fixed": {k: str(v) for k, v in sorted(self.fixed.items()) if k not in NOT_FITTED}}
 
 
 @dataclass
 class TrialContext:
-    """What a fitting function gets for one trial."""
+    """What a family's ``fit`` gets for one trial."""
 
     number: int
     hparams: dict[str, Any]
     run: RunLogger
-    on_epoch_end: Callable[[int, dict[str, float]], None]
     echo: Echo
+    _report: Callable[[int, dict[str, float], int, int | None], None] = field(repr=False)
+
+    def report(self, step: int, metrics: dict[str, float], total: int, shown: int | None = None) -> None:
+        """Log one step's metrics (MLflow step ``step``), show progress (``shown`` of
+        ``total``), hand the objective's step metric to the pruner; raises
+        ``optuna.TrialPruned`` or :class:`StudyInterrupted` to stop the fit."""
+        self._report(step, metrics, total, shown)
 
 
 @dataclass
@@ -87,14 +143,13 @@ class StudyOutcome:
     optuna_storage: str
     ran_now: int
     metric: str
+    direction: str = "minimize"
+    failures: list[str] = field(default_factory=list)
 
 
-FitTrial = Callable[[TrialContext], dict[str, float]]
-
-
-def make_sampler(tuning: TuningConfig, dimensions: dict[str, Dimension]):
+def make_sampler(tuning: TuningConfig, space: SearchSpace):
     if tuning.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(dimensions), seed=tuning.seed)
+        return optuna.samplers.GridSampler(space.grid(), seed=tuning.seed)
     if tuning.sampler == "random":
         return optuna.samplers.RandomSampler(seed=tuning.seed)
     return optuna.samplers.TPESampler(seed=tuning.seed, multivariate=True, group=True,
@@ -109,172 +164,275 @@ def make_pruner(tuning: TuningConfig):
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: StudySpec) -> optuna.Study:
-    """Create or load the Optuna study (same name in the same storage = the same study)."""
-    # heartbeats (to fail trials of killed workers) and grouped TPE are marked experimental
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = retry_schema_race(lambda: optuna.storages.RDBStorage(
-        spec.store.optuna_storage,
-        heartbeat_interval=60,
-        grace_period=180,
-        engine_kwargs={"connect_args": {"timeout": 60}} if spec.store.optuna_storage.startswith("sqlite") else {},
-    ))
+def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
+    url = spec.store.optuna_storage
+    with schema_lock(spec.store, url):
+        return retry_schema_race(lambda: optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=closing_callback(tracker, echo),
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+        ))
+
+
+def open_study(spec: StudySpec, storage) -> optuna.Study:
+    """Create or load the Optuna study; refuse one that optimises something else or was
+    started on other data, other upstream runs or other fixed hyperparameters."""
     study = optuna.create_study(
         study_name=spec.study_name, storage=storage, load_if_exists=True,
-        direction=spec.tuning.direction, sampler=make_sampler(spec.tuning, spec.dimensions),
+        direction=spec.objective.direction, sampler=make_sampler(spec.tuning, spec.space),
         pruner=make_pruner(spec.tuning),
     )
-    wanted = optuna.study.StudyDirection.MINIMIZE if spec.tuning.direction == "minimize" else optuna.study.StudyDirection.MAXIMIZE
-    if study.direction != wanted:
-        raise ConfigError(
-            f"study '{spec.study_name}' exists with direction {study.direction.name.lower()}, "
-            f"not {spec.tuning.direction}; use another --study name"
-        )
+    if study.direction.name.lower() != spec.objective.direction:
+        raise ConfigError(f"study '{spec.study_name}' exists with direction {study.direction.name.lower()}, "
+                          f"not {spec.objective.direction}; use another --study name")
+    wanted = spec.fingerprint()
+    recorded = study.user_attrs.get(FINGERPRINT_ATTR)
+    if recorded is None:
+        study.set_user_attr(FINGERPRINT_ATTR, wanted)
+    elif recorded != wanted:
+        raise ConfigError(f"study '{spec.study_name}' cannot resume with this command: "
+                          f"{_differences(recorded, wanted)}; use another --study name (or the original settings)")
     return study
 
 
-def _parent_run(client, experiment_id: str, study: optuna.Study, spec: StudySpec) -> RunLogger:
-    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent_id:
-        client.update_run(parent_id, status="RUNNING")
-        return RunLogger(client, parent_id)
-    run = create_run(
-        client, experiment_id, run_name=f"study {spec.study_name}",
-        run_tags={tags.TAG_ROLE: tags.ROLE_STUDY, tags.TAG_STUDY: spec.study_name,
-                  tags.TAG_FAMILY: spec.family, **spec.run_tags},
-    )
-    run.log_params({**spec.fixed, **{f"search.{k}": _describe(v) for k, v in spec.dimensions.items()},
-                    "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
-                    "tuning.metric": spec.tuning.metric, "tuning.direction": spec.tuning.direction})
-    study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
-    return run
+def _differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> str:
+    found = []
+    if recorded.get("family") != wanted["family"] or recorded.get("objective") != wanted["objective"]:
+        found.append(f"it is a {recorded.get('family')} study of {recorded.get('objective')}, "
+                     f"not {wanted['family']} of {wanted['objective']}")
+    if recorded.get("data_hash") != wanted["data_hash"]:
+        found.append(f"it was started on other data (data hash {recorded.get('data_hash')}, "
+                     f"this file {wanted['data_hash']})")
+    for key in sorted(set(recorded.get("upstream", {})) | set(wanted["upstream"])):
+        before, now = recorded.get("upstream", {}).get(key), wanted["upstream"].get(key)
+        if before != now:
+            found.append(f"{key} was {before}, now {now}")
+    before, now = recorded.get("fixed", {}), wanted["fixed"]
+    changed = [f"{k} {before.get(k, '(searched or unset)')} -> {now.get(k, '(searched or unset)')}"
+               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if changed:
+        found.append("fixed hyperparameters differ: " + ", ".join(changed))
+    return "; ".join(found)
 
 
-def _describe(dim: Dimension) -> str:
-    return str(getattr(dim, "choices", None) or f"[{dim.low}, {dim.high}]{' log' if dim.log else ''}")
+def config_hash(spec: StudySpec, params: dict[str, Any]) -> str:
+    """The identity of a fit: family, data, upstream runs and every hyperparameter it uses."""
+    identity = {"family": spec.family.name, "data_hash": spec.session.data_hash,
+                "tags": {k: v for k, v in sorted(spec.prepared.run_tags.items())},
+                "params": {k: str(v) for k, v in sorted(params.items()) if k not in NOT_FITTED}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _close_orphaned_runs(client, study: optuna.Study) -> None:
-    """Runs whose trial failed while its process was gone (killed workers) end as FAILED."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, tags.TAG_TRIAL_STATE, "FAIL")
-            client.set_terminated(run_id, status="FAILED")
+class _StopRequests:
+    """SIGTERM (Slurm's preemption and time-out signal) handled like Ctrl-C: the first one
+    stops the running trial at its next step, a second one at once."""
+
+    def __init__(self, echo: Echo):
+        self.echo = echo
+        self.requested = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise StudyInterrupted("SIGTERM")
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise StudyInterrupted("SIGTERM")
+        self.requested = True
+        self.echo("SIGTERM: stopping after the running trial's current step")
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
-    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0}
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
     for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        counts[trial.state.name] += 1
     return counts
-
-
-def run_study(spec: StudySpec, fit_trial: FitTrial, echo: Echo = print) -> StudyOutcome:
-    """Run (or resume) a study until it holds ``spec.tuning.n_trials`` finished trials."""
-    spec.tuning.validate()
-    if not spec.dimensions and spec.tuning.n_trials > 1:
-        echo("note: the config searches nothing (no lists or ranges): every trial repeats the same "
-             "hyperparameters; pass --config with a search space")
-    if spec.tuning.sampler == "grid" and space.grid_size(spec.dimensions) < spec.tuning.n_trials:
-        echo(f"note: the grid has {space.grid_size(spec.dimensions)} points; the study stops there")
-    client = connect(spec.store)
-    experiment_id = ensure_experiment(client, spec.store, spec.experiment)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(spec)
-    _close_orphaned_runs(client, study)
-    parent = _parent_run(client, experiment_id, study, spec)
-
-    counts = _count(study)
-    done = counts["COMPLETE"] + counts["PRUNED"]
-    to_run = max(spec.tuning.n_trials - done, 0)
-    if spec.tuning.sampler == "grid":
-        to_run = min(to_run, max(space.grid_size(spec.dimensions) - done, 0))
-    if done:
-        echo(f"study '{spec.study_name}' resumes with {done} finished trials; {to_run} to go")
-    else:
-        echo(f"study '{spec.study_name}': {to_run} trials, sampler {spec.tuning.sampler}, "
-             f"pruner {spec.tuning.pruner}, objective {spec.tuning.direction} {spec.tuning.metric}")
-
-    def objective(trial: optuna.Trial) -> float:
-        chosen = space.suggest(trial, spec.dimensions)
-        hparams = {**spec.fixed, **chosen}
-        run = create_run(
-            client, experiment_id, run_name=f"{spec.study_name}-trial-{trial.number:03d}",
-            run_tags={tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_FAMILY: spec.family,
-                      tags.TAG_STUDY: spec.study_name, tags.TAG_TRIAL: trial.number,
-                      **spec.run_tags},
-            parent_run_id=parent.run_id,
-        )
-        trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
-        run.log_params(hparams)
-        described = ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())
-        echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
-        started = time.perf_counter()
-
-        def on_epoch_end(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics(metrics, step=step)
-            value = metrics.get(spec.objective_key)
-            if value is not None and math.isfinite(value):
-                trial.report(value, step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {step}")
-
-        context = TrialContext(trial.number, hparams, run, on_epoch_end, echo)
-        try:
-            metrics = fit_trial(context)
-        except optuna.TrialPruned:
-            run.set_tags({tags.TAG_TRIAL_STATE: "PRUNED"})
-            run.terminate("KILLED")
-            echo(f"trial {trial.number} pruned after {time.perf_counter() - started:.0f} s")
-            raise
-        except BaseException as err:
-            run.set_tags({tags.TAG_TRIAL_STATE: "FAIL", "bnet.error": f"{type(err).__name__}: {err}"[:5000]})
-            run.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            raise
-        run.log_metrics(metrics)
-        run.set_tags({tags.TAG_TRIAL_STATE: "COMPLETE"})
-        run.terminate("FINISHED")
-        value = metrics[spec.tuning.metric]
-        echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: "
-             f"{spec.tuning.metric} {value:.6g}")
-        return value
-
-    interrupted = None
-    try:
-        if to_run:
-            study.optimize(
-                objective, n_trials=to_run, catch=(),
-                callbacks=[optuna.study.MaxTrialsCallback(spec.tuning.n_trials, states=FINISHED_STATES)],
-            )
-    except KeyboardInterrupt as err:
-        interrupted = err
-    except BnetError:
-        parent.terminate("FAILED")
-        raise
-    finally:
-        counts = _count(study)
-
-    best_trial = best_value = best_run = None
-    if counts["COMPLETE"]:
-        best = study.best_trial
-        best_trial, best_value = best.number, best.value
-        best_run = best.user_attrs.get(MLFLOW_RUN_ATTR)
-        parent.log_metrics({spec.tuning.metric: best_value, "n_complete": counts["COMPLETE"],
-                            "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"]})
-        parent.set_tags({"bnet.best_trial": best_trial, "bnet.best_run_id": best_run})
-    parent.terminate("KILLED" if interrupted else "FINISHED")
-    refresh_statistics(spec.store)
-    if interrupted:
-        raise interrupted
-    return StudyOutcome(
-        study_name=spec.study_name, experiment=spec.experiment, experiment_id=experiment_id,
-        parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
-        n_failed=counts["FAIL"], best_trial=best_trial, best_value=best_value,
-        best_run_id=best_run, tracking_uri=spec.store.tracking_uri,
-        optuna_storage=spec.store.optuna_storage, ran_now=to_run, metric=spec.tuning.metric,
-    )
 
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
+    """Run (or resume) a study until it holds ``spec.tuning.n_trials`` finished trials."""
+    spec.tuning.validate()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, grouped TPE
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported here, with their run
+    tracker = Tracker(spec.store)
+    experiment_id = tracker.experiment(spec.experiment)
+    storage = _storage(spec, tracker, echo)
+    study = open_study(spec, storage)
+    recover_dead_trials(study, storage, tracker, echo)
+    objective = spec.objective
+
+    def create_parent() -> str:
+        run = tracker.create_run(experiment_id, f"study {spec.study_name}",
+                                 {tags.TAG_ROLE: tags.ROLE_STUDY, **spec.run_tags})
+        run.log_params({**{k: v for k, v in spec.fixed.items() if k not in spec.space.dimensions},
+                        **{f"search.{k}": v for k, v in spec.space.describe().items()},
+                        "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
+                        "tuning.metric": objective.metric, "tuning.direction": objective.direction})
+        return run.run_id
+
+    parent = tracker.reopen(parent_run_id(study, storage, create_parent))
+
+    counts = _count(study)
+    done = counts["COMPLETE"] + counts["PRUNED"]
+    wanted = spec.tuning.n_trials
+    if not spec.space:
+        wanted = min(wanted, 1)
+        if spec.tuning.n_trials > 1:
+            echo("note: nothing is searched (every hyperparameter is fixed): one fit; ask for repeats on "
+                 "purpose with a list of seeds, e.g. rng_seed_model: [0, 1, 2]")
+    if spec.tuning.sampler == "grid":
+        wanted = min(wanted, spec.space.grid_size())
+        if spec.space.grid_size() < spec.tuning.n_trials:
+            echo(f"note: the grid has {spec.space.grid_size()} points; the study stops there")
+    to_run = max(wanted - done, 0)
+    if done:
+        echo(f"study '{spec.study_name}' resumes with {done} finished trials; {to_run} to go")
+    else:
+        echo(f"study '{spec.study_name}': {to_run} trials, sampler {spec.tuning.sampler}, "
+             f"pruner {spec.tuning.pruner}, objective {objective.direction} {objective.metric}")
+    stops = _StopRequests(echo)
+    failures: list[str] = []
+
+    def objective_fn(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, this_worker())
+        chosen = spec.space.suggest(trial, spec.fixed)
+        hparams = spec.space.resolve(chosen, spec.fixed)
+        params, model_tags = spec.prepared.fitter.resolve(hparams)
+        identity = config_hash(spec, params)
+        described = ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())
+        same = tracker.find_config(experiment_id, identity)
+        if same is not None and objective.metric in same.metrics:
+            trial.set_user_attr(MLFLOW_RUN_ATTR, same.run_id)
+            trial.set_user_attr(DUPLICATE_ATTR, same.run_id)
+            echo(f"trial {trial.number} {described}: already fitted on this data (run {same.run_id[:8]}), not refitted")
+            return same.metrics[objective.metric]
+        run = tracker.create_run(
+            experiment_id, run_name=f"{spec.study_name}-trial-{trial.number:03d}",
+            run_tags={tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL: trial.number,
+                      tags.TAG_CONFIG_HASH: identity, **spec.run_tags, **model_tags},
+            parent_run_id=parent.run_id,
+        )
+        trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
+        run.log_params(params)
+        run.log_dataset(spec.session.path, spec.session.dataset_id, spec.session.data_hash)
+        echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
+        started = time.perf_counter()
+
+        def report(step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
+            run.log_metrics(metrics, step=step)
+            shown = step if shown is None else shown
+            if total <= 20 or shown in (1, total) or shown % max(1, total // 10) == 0:
+                values = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if v is not None)
+                echo(f"  trial {trial.number} {spec.family.name} {spec.family.step_name} {shown}/{total}  {values}")
+            stops.check()
+            value = metrics.get(objective.step_metric)
+            if value is not None and math.isfinite(value):
+                trial.report(value, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step}: {objective.step_metric} {value:.5g}")
+
+        context = TrialContext(trial.number, hparams, run, echo, report)
+        try:
+            result = spec.prepared.fitter.fit(context)
+            value = result.metrics.get(objective.metric)
+            if value is None or not math.isfinite(value):
+                raise FloatingPointError(f"the objective {objective.metric} is {value}")
+            nan = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v))
+            if nan:
+                raise FloatingPointError(f"metric {', '.join(nan)} is NaN")
+            run.log_metrics(result.metrics)
+            run.log_checkpoint(result.model, {"dataset": spec.session.dataset_id,
+                                              "data_hash": spec.session.data_hash,
+                                              **spec.prepared.run_tags, **result.checkpoint_metadata})
+        except optuna.TrialPruned as pruned:
+            tracker.close(run.run_id, "KILLED", "PRUNED", str(pruned))
+            echo(f"trial {trial.number} pruned after {time.perf_counter() - started:.0f} s ({pruned})")
+            raise
+        except KeyboardInterrupt as stop:
+            tracker.close(run.run_id, "KILLED", "FAIL", f"interrupted ({stop or 'Ctrl-C'})")
+            raise
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            run.log_text("".join(traceback.format_exception(err)), "error.txt")
+            tracker.close(run.run_id, "FAILED", "FAIL", reason)
+            failures.append(f"trial {trial.number}: {reason}")
+            echo(f"trial {trial.number} failed: {reason.splitlines()[0][:300]}")
+            _release_device_memory()
+            raise
+        tracker.close(run.run_id, "FINISHED", "COMPLETE")
+        echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: {objective.metric} {value:.6g}")
+        return value
+
+    in_a_row = {"failed": 0}
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        in_a_row["failed"] = in_a_row["failed"] + 1 if trial.state == TrialState.FAIL else 0
+        if in_a_row["failed"] >= MAX_CONSECUTIVE_FAILURES or stops.requested:
+            study.stop()
+        if trial.state == TrialState.COMPLETE:
+            _log_answer(study, parent, objective)
+
+    interrupted = None
+    with stops.installed():
+        try:
+            if to_run:
+                # no trial count: failed trials are not finished ones, so the study runs until the
+                # callback sees `wanted` finished trials (from every worker), or failures pile up
+                study.optimize(objective_fn, n_trials=None, catch=(Exception,),
+                               callbacks=[optuna.study.MaxTrialsCallback(wanted, states=FINISHED_STATES), after_trial])
+        except KeyboardInterrupt as err:
+            interrupted = err
+    counts = _count(study)
+    _log_answer(study, parent, objective)
+    if stops.requested and interrupted is None:
+        interrupted = StudyInterrupted("SIGTERM")
+    parent.terminate("KILLED" if interrupted else "FINISHED")
+    refresh_statistics(spec.store)
+    if interrupted:
+        raise interrupted
+    if in_a_row["failed"] >= MAX_CONSECUTIVE_FAILURES:
+        raise TrialsKeepFailing(
+            f"study '{spec.study_name}': {in_a_row['failed']} trials in a row failed, so this worker stopped "
+            f"(last: {failures[-1]}). Finished trials are kept; fix the cause and re-run to resume")
+    best = study.best_trial if counts["COMPLETE"] else None
+    return StudyOutcome(
+        study_name=spec.study_name, experiment=spec.experiment, experiment_id=experiment_id,
+        parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
+        n_failed=counts["FAIL"], best_trial=best.number if best else None, best_value=best.value if best else None,
+        best_run_id=best.user_attrs.get(MLFLOW_RUN_ATTR) if best else None, tracking_uri=spec.store.tracking_uri,
+        optuna_storage=spec.store.optuna_storage, ran_now=to_run, metric=objective.metric,
+        direction=objective.direction, failures=failures,
+    )
+
+
+def _log_answer(study: optuna.Study, parent: RunLogger, objective: Objective) -> None:
+    """The study's answer so far on its parent run: the MLflow UI shows it without expanding."""
+    counts = _count(study)
+    metrics = {"n_complete": counts["COMPLETE"], "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"]}
+    if counts["COMPLETE"]:
+        best = study.best_trial
+        metrics[objective.metric] = best.value
+        parent.set_tags({"bnet.best_trial": best.number, "bnet.best_run_id": best.user_attrs.get(MLFLOW_RUN_ATTR, "")})
+    parent.log_metrics(metrics)
+
+
+def _release_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

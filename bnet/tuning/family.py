@@ -1,0 +1,177 @@
+"""How a model family is declared to the study engine.
+
+A family says once what its studies optimise (:class:`Objective`), what they search when
+the user's config searches nothing (``default_space``, BehaveNet's recommended ranges),
+what they fix when the user does not (``default_budget``), which dimensions are
+conditional, and how to turn a session and its upstream runs into trials to fit
+(``prepare``). ``bnet tune``, ``bnet best``/``register``, ensembles, upstream resolution
+and the summaries all read these declarations; adding a family is one module that calls
+:func:`register_family`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from bnet.config import Dimension, ProjectConfig
+from bnet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bnet.data.session import Session
+    from bnet.tracking.store import Store
+    from bnet.tuning.space import Condition
+    from bnet.tuning.study import TrialContext
+
+DIRECTIONS = ("minimize", "maximize")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a study optimises.
+
+    Attributes:
+        metric: the final run metric that ranks trials (what ``bnet best`` orders by).
+        direction: ``minimize`` or ``maximize``, for ``metric`` and ``step_metric`` alike.
+        step_metric: the per-step series (per epoch, per EM iteration) the pruner sees:
+            the same quantity as ``metric`` on the same scale and direction, under its own
+            name (MLflow's latest value of a metric is the one with the highest step).
+    """
+
+    metric: str
+    direction: str
+    step_metric: str
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be minimize or maximize, got {self.direction!r}")
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is better than ``b`` in this objective's direction."""
+        return a < b if self.direction == "minimize" else a > b
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What fitting one trial produced.
+
+    Attributes:
+        metrics: final metrics, the objective's ``metric`` among them.
+        model: the fitted model (a registry model with ``config`` and ``state_dict``),
+            saved as the run's checkpoint.
+        checkpoint_metadata: extra fields the checkpoint records.
+    """
+
+    metrics: dict[str, float]
+    model: Any
+    checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class TrialFitter(Protocol):
+    """Fits one model per trial for one prepared study."""
+
+    def check(self, hparams: dict[str, Any]) -> None:
+        """Raise a BnetError if this point of the space cannot be fitted."""
+
+    def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Every hyperparameter the fit uses (defaults included) and the run's model tags."""
+
+    def fit(self, context: "TrialContext") -> TrialResult:
+        """Fit, reporting each step through ``context.report``; log exports and figures."""
+
+
+@dataclass
+class PreparedStudy:
+    """One study a family prepared from a request: its data, trials and answer.
+
+    Attributes:
+        session: the session file the trials fit.
+        fitter: fits a trial.
+        objective: what the study optimises.
+        run_tags: tags of every run beyond the session's (upstream run ids, target).
+        study_suffix: appended to the study name (one decoder study per neuron subset).
+    """
+
+    session: "Session"
+    fitter: TrialFitter
+    objective: Objective
+    run_tags: dict[str, str] = field(default_factory=dict)
+    study_suffix: str = ""
+
+
+@dataclass
+class StudyRequest:
+    """What the user asked for, with the config's fixed values and space already merged
+    with the family's defaults.
+
+    Attributes:
+        data: the session file (``--data``; else the config's ``data`` or BehaveNet's
+            ``data_dir/lab/expt/animal/session``).
+        values: fixed hyperparameters and search dimensions by name.
+        upstream: ``{family: (reference, experiment)}`` for ``--ae``/``--arhmm``.
+        target: a decoder's behaviour target.
+        labels: segment labels instead of AE latents.
+    """
+
+    data: str | Path | None
+    values: dict[str, Any]
+    upstream: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    target: str | None = None
+    labels: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the study engine knows it.
+
+    Attributes:
+        name: ``ae``, ``arhmm``, ``decoder``; tagged on every run as ``bnet.family``.
+        default_space: searched when the user's config searches nothing.
+        default_budget: fixed values (epochs, patience, EM iterations) used where the
+            user sets none, sized so a zero-config study runs in minutes.
+        conditions: conditional dimensions, by name.
+        step_name: what one reported step is, in progress lines (``epoch``).
+        prepare: the studies a request asks for (``(request, store) -> [PreparedStudy]``).
+        default_model_class: the ``model_class`` when the config names none.
+    """
+
+    name: str
+    default_space: dict[str, Dimension]
+    default_budget: dict[str, Any]
+    conditions: dict[str, "Condition"]
+    step_name: str
+    prepare: Callable[[StudyRequest, "Store"], list[PreparedStudy]]
+    default_model_class: Callable[[StudyRequest], str]
+
+
+FAMILY_MODULES = {"ae": "bnet.tuning.ae", "arhmm": "bnet.tuning.arhmm", "decoder": "bnet.tuning.decoder"}
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise RuntimeError(f"family '{family.name}' registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILY_MODULES:
+        raise ConfigError(f"unknown model family '{name}' (known: {', '.join(FAMILY_MODULES)})")
+    if name not in _FAMILIES:
+        import_module(FAMILY_MODULES[name])
+    return _FAMILIES[name]
+
+
+def merged_values(family: Family, config: ProjectConfig) -> tuple[dict[str, Any], bool]:
+    """The config's values over the family's budget, and its default space where the
+    config searches nothing (minus what the user fixed). Returns (values, defaulted)."""
+    values = {**family.default_budget, **config.values}
+    if config.dimensions():
+        return values, False
+    for name, dim in family.default_space.items():
+        if name not in config.values:
+            values[name] = dim
+    return values, True

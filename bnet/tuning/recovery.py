@@ -1,0 +1,135 @@
+"""What a study does for workers that died, and for workers that start together.
+
+* Every trial records which process runs it (host, pid and the process's start time, so a
+  reused pid is not mistaken for the worker). When a study opens, trials left RUNNING by a
+  dead process on this host fail at once; trials of other hosts fail when their Optuna
+  heartbeat is older than the grace period. Their MLflow runs end KILLED with the reason.
+* One parent run per study whatever the race: creating it is guarded by a lock that is an
+  Optuna study of its own (study names are unique in the storage, so exactly one worker
+  creates the lock; the others wait for the parent run id it writes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from bnet.tracking.tracker import Tracker
+
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+WORKER_ATTR = "bnet_worker"
+HEARTBEAT_SECONDS = 20
+GRACE_SECONDS = 60
+LOCK_WAIT_SECONDS = 60
+
+Echo = Callable[[str], None]
+
+
+def _start_ticks(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name (field 2) may hold spaces: count from the closing parenthesis
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}/{_start_ticks(os.getpid()) or '-'}"
+
+
+def worker_is_dead(worker: str) -> bool:
+    """Whether the worker named by :func:`this_worker` is known to be gone (same host only)."""
+    try:
+        host, pid_text, ticks = worker.rsplit("/", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False  # another machine: the heartbeat decides
+    if ticks != "-":
+        return _start_ticks(pid) != ticks
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def closing_callback(tracker: Tracker, echo: Echo):
+    """Optuna's ``heartbeat_stale_trial_callback``: the run of a trial failed as stale ends KILLED."""
+
+    def close(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
+        reason = "worker stopped sending heartbeats (killed or lost)"
+        if run_id and tracker.close_if_running(run_id, "KILLED", "FAIL", reason):
+            echo(f"trial {trial.number} (run {run_id[:8]}): its worker is gone; trial FAIL, run KILLED")
+
+    return close
+
+
+def recover_dead_trials(study: optuna.Study, storage, tracker: Tracker, echo: Echo) -> None:
+    """Fail trials whose worker is gone and close their runs, before this worker starts."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat (closes runs via the callback)
+    close = closing_callback(tracker, echo)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        if worker and worker_is_dead(worker):
+            try:
+                # FrozenTrial keeps its storage id private; fail_stale_trials uses it the same way
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker recovered it first
+            close(study, trial)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
+        if run_id:
+            tracker.close_if_running(run_id, "KILLED", "FAIL", "its worker ended before the run was closed")
+
+
+def parent_run_id(study: optuna.Study, storage, create: Callable[[], str]) -> str:
+    """The study's parent run id, created by exactly one of the workers that ask at once."""
+    lock_name = f"{study.study_name}#bnet-parent-run"
+    waited_since = time.monotonic()
+    while True:
+        existing = study.user_attrs.get(PARENT_RUN_ATTR)
+        if existing:
+            return existing
+        try:
+            optuna.create_study(study_name=lock_name, storage=storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            if time.monotonic() - waited_since > LOCK_WAIT_SECONDS:
+                # its holder died between taking the lock and writing the id
+                _delete_lock(lock_name, storage)
+                waited_since = time.monotonic()
+            time.sleep(0.2)
+            continue
+        try:
+            existing = study.user_attrs.get(PARENT_RUN_ATTR)  # written before the last holder let go
+            if existing:
+                return existing
+            run_id = create()
+            study.set_user_attr(PARENT_RUN_ATTR, run_id)
+            return run_id
+        finally:
+            _delete_lock(lock_name, storage)
+
+
+def _delete_lock(lock_name: str, storage) -> None:
+    try:
+        optuna.delete_study(study_name=lock_name, storage=storage)
+    except KeyError:
+        pass
