@@ -74,8 +74,8 @@ experiment: prune-dec
 model: {model_class: neural-labels, n_lags: 0, n_hid_layers: 0}
 training:
   learning_rate: {low: 1.0e-7, high: 3.0e-2, log: true}
-  max_n_epochs: 6
-  min_n_epochs: 6
+  max_n_epochs: 8
+  min_n_epochs: 8
 tuning: {n_trials: 3, pruner: median, seed: 0}
 """
 
@@ -110,8 +110,8 @@ experiment: prune-ae
 model: {n_ae_latents: 2}
 training:
   learning_rate: {low: 1.0e-8, high: 3.0e-3, log: true}
-  max_n_epochs: 4
-  min_n_epochs: 4
+  max_n_epochs: 7
+  min_n_epochs: 7
   batch_size: 16
 tuning: {n_trials: 3, pruner: median, seed: 0}
 """
@@ -355,7 +355,7 @@ def test_resuming_on_other_data_or_other_fixed_values_is_refused(tmp_path, tiny_
     assert "study 'resume' cannot resume with this command: it was started on other data" in output
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                     "--store", store, "--n-trials", 2, "--max-epochs", 3, code=2)
-    assert "fixed hyperparameters differ: max_n_epochs 6 -> 3" in output
+    assert "fixed hyperparameters differ: max_n_epochs 8 -> 3" in output
     assert "1 to go" in invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                                "--store", store, "--n-trials", 2)
 
