@@ -5,6 +5,7 @@ The notebook API mirrors the CLI::
     import bnet
     bnet.synthesize("demo.hdf5")
     outcome = bnet.tune_ae("demo.hdf5", experiment="ae-demo", n_trials=4, max_epochs=5)
+    # the same for every family: bnet.tune("decoder", "demo.hdf5", target="ae", ae="best", ...)
     best = bnet.best_runs("ae-demo", family="ae")[0]
     model = bnet.load_model(best.run_id)            # or "models:/ae-demo@champion"
 
@@ -21,7 +22,11 @@ _API = {
     "load_model": "bnet.tracking.registry",
     "register_run": "bnet.tracking.registry",
     "resolve_store": "bnet.tracking.store",
+    "tune": "bnet.tuning.tune",
     "tune_ae": "bnet.tuning.ae",
+    "tune_arhmm": "bnet.tuning.arhmm",
+    "tune_decoder": "bnet.tuning.decoder",
+    "build_ensemble": "bnet.ensemble.build",
     "load_project_config": "bnet.config",
     "open_session": "bnet.data.session",
     "split_trials": "bnet.data.splits",

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 import bnet
 from bnet.cli.main import cli
 from bnet.config import Categorical, Range, TuningConfig, load_project_config
-from bnet.data import SynthConfig, open_session, synthesize
+from bnet.data import open_session, synthesize
 from bnet.models.decoders import DecoderConfig
 from bnet.tracking import resolve_store
 from bnet.tuning.family import Family, Objective, PreparedStudy, TrialResult
@@ -175,7 +175,7 @@ class StubFitter:
         return TrialResult(dict(self.metrics), bnet.build_model(DecoderConfig(model_class="neural-labels")))
 
 
-STUB = Family("stub", {}, {}, {}, "step", prepare=None, default_model_class=lambda request: "stub")
+STUB = Family("stub", {}, {}, {}, "step", "max_n_epochs", prepare=None, default_model_class=lambda request: "stub")
 OBJECTIVE = Objective("best_val_loss", "minimize", "val_loss")
 
 

@@ -27,7 +27,7 @@ from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings
 from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
-from bnet.tuning.study import Echo, StudyOutcome, TrialContext
+from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "ae"
 OBJECTIVE = Objective(metric="best_val_loss", direction="minimize", step_metric="val_loss")
@@ -166,33 +166,19 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
 
 FAMILY_DECLARATION = register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions={},
-    step_name="epoch", prepare=prepare, default_model_class=lambda request: "ae",
+    step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=lambda request: "ae",
 ))
 
 
-def tune_ae(
-    data: str | Path | None = None,
-    experiment: str | None = None,
-    config: ProjectConfig | None = None,
-    n_trials: int | None = None,
-    max_epochs: int | None = None,
-    sampler: str | None = None,
-    pruner: str | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    study: str | None = None,
-    store: Store | None = None,
-    echo: Echo = print,
-) -> StudyOutcome:
+def tune_ae(data: str | Path | None = None, experiment: str | None = None,
+            config: ProjectConfig | None = None, max_epochs: int | None = None, **options) -> StudyOutcome:
     """Run (or resume) an autoencoder study; the Python face of ``bnet tune ae``.
 
-    Arguments left as None come from ``config`` (a :class:`ProjectConfig`), then the
-    family's defaults (:data:`DEFAULT_SPACE` when the config searches nothing,
-    :data:`DEFAULT_BUDGET`).
+    ``max_epochs`` is ``max_n_epochs`` of every trial; ``options`` are those of
+    :func:`bnet.tuning.tune.tune` (``n_trials``, ``sampler``, ``pruner``, ``seed``, ``study``,
+    ``device``, ``store``, ``echo``). Unset values come from ``config``, then from
+    :data:`DEFAULT_SPACE` (when the config searches nothing) and :data:`DEFAULT_BUDGET`.
     """
     from bnet.tuning.tune import tune
 
-    return tune(FAMILY, data=data, experiment=experiment, config=config,
-                tuning_options={"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
-                                "study": study},
-                fixed_options={"max_n_epochs": max_epochs, "device": device}, store=store, echo=echo)[0]
+    return tune(FAMILY, data, experiment, config, max_steps=max_epochs, **options)[0]

@@ -35,7 +35,7 @@ from bnet.training import resolve_device
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, upstream_export, upstream_run
 from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
 from bnet.tuning.space import Condition
-from bnet.tuning.study import Echo, StudyOutcome, TrialContext
+from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "arhmm"
 OBJECTIVE = Objective(metric="val_ll_per_step", direction="maximize", step_metric="val_ll")
@@ -263,40 +263,20 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
 
 FAMILY_DECLARATION = register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
-    step_name="EM iteration", prepare=prepare,
+    step_name="EM iteration", budget_key="n_iters", prepare=prepare,
     default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",
 ))
 
 
-def tune_arhmm(
-    data: str | Path | None = None,
-    experiment: str | None = None,
-    ae: str | None = None,
-    ae_experiment: str | None = None,
-    labels: bool = False,
-    config: ProjectConfig | None = None,
-    n_trials: int | None = None,
-    max_iters: int | None = None,
-    sampler: str | None = None,
-    pruner: str | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    study: str | None = None,
-    store: Store | None = None,
-    echo: Echo = print,
-) -> StudyOutcome:
+def tune_arhmm(data: str | Path | None = None, experiment: str | None = None,
+               config: ProjectConfig | None = None, max_iters: int | None = None, **options) -> StudyOutcome:
     """Run (or resume) an ARHMM study; the Python face of ``bnet tune arhmm``.
 
-    Args:
-        ae: ``best`` (the best AE fitted to this file), a run id or ``models:/NAME@ALIAS``
-            of the AE whose latents to segment.
-        ae_experiment: the experiment ``ae="best"`` searches.
-        labels: segment the session's labels instead (``arhmm-labels``).
+    ``ae`` (``best``: the best AE fitted to this file; a run id; ``models:/NAME@ALIAS``) and
+    ``ae_experiment`` name the AE whose latents to segment, or ``labels=True`` segments the
+    session's labels; ``max_iters`` is ``n_iters`` of every trial; the other ``options`` are
+    those of :func:`bnet.tuning.tune.tune`.
     """
     from bnet.tuning.tune import tune
 
-    return tune(FAMILY, data=data, experiment=experiment, config=config, upstream={"ae": (ae, ae_experiment)},
-                labels=labels,
-                tuning_options={"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
-                                "study": study},
-                fixed_options={"n_iters": max_iters, "device": device}, store=store, echo=echo)[0]
+    return tune(FAMILY, data, experiment, config, max_steps=max_iters, **options)[0]

@@ -37,7 +37,7 @@ from bnet.tuning.common import (
 )
 from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
 from bnet.tuning.space import Condition
-from bnet.tuning.study import Echo, StudyOutcome, TrialContext
+from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "decoder"
 TARGETS = ("ae", "ae-me", "arhmm", "labels")
@@ -359,34 +359,16 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
 
 FAMILY_DECLARATION = register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
-    step_name="epoch", prepare=prepare, default_model_class=_model_class,
+    step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
 ))
 
 
-def tune_decoder(
-    data: str | Path | None = None,
-    target: str = "ae",
-    experiment: str | None = None,
-    ae: str | None = None,
-    ae_experiment: str | None = None,
-    arhmm: str | None = None,
-    arhmm_experiment: str | None = None,
-    config: ProjectConfig | None = None,
-    n_trials: int | None = None,
-    max_epochs: int | None = None,
-    sampler: str | None = None,
-    pruner: str | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    study: str | None = None,
-    store: Store | None = None,
-    echo: Echo = print,
-) -> list[StudyOutcome]:
-    """Run (or resume) decoder studies (one per neuron subset); the Python face of ``bnet tune decoder``."""
+def tune_decoder(data: str | Path | None = None, target: str = "ae", experiment: str | None = None,
+                 config: ProjectConfig | None = None, max_epochs: int | None = None,
+                 **options) -> list[StudyOutcome]:
+    """Run (or resume) decoder studies (one per neuron subset); the Python face of
+    ``bnet tune decoder``. ``ae``/``ae_experiment`` and ``arhmm``/``arhmm_experiment`` name
+    the upstream runs; the other ``options`` are those of :func:`bnet.tuning.tune.tune`."""
     from bnet.tuning.tune import tune
 
-    return tune(FAMILY, data=data, experiment=experiment, config=config, target=target,
-                upstream={"ae": (ae, ae_experiment), "arhmm": (arhmm, arhmm_experiment)},
-                tuning_options={"n_trials": n_trials, "sampler": sampler, "pruner": pruner, "seed": seed,
-                                "study": study},
-                fixed_options={"max_n_epochs": max_epochs, "device": device}, store=store, echo=echo)
+    return tune(FAMILY, data, experiment, config, target=target, max_steps=max_epochs, **options)

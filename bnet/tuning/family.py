@@ -133,6 +133,7 @@ class Family:
             user sets none, sized so a zero-config study runs in minutes.
         conditions: conditional dimensions, by name.
         step_name: what one reported step is, in progress lines (``epoch``).
+        budget_key: the hyperparameter that bounds a trial's steps (``max_n_epochs``).
         prepare: the studies a request asks for (``(request, store) -> [PreparedStudy]``).
         default_model_class: the ``model_class`` when the config names none.
     """
@@ -142,6 +143,7 @@ class Family:
     default_budget: dict[str, Any]
     conditions: dict[str, "Condition"]
     step_name: str
+    budget_key: str
     prepare: Callable[[StudyRequest, "Store"], list[PreparedStudy]]
     default_model_class: Callable[[StudyRequest], str]
 

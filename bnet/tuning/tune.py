@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from bnet.config import Categorical, ProjectConfig, Range
 from bnet.errors import ConfigError
 from bnet.tracking.store import Store, resolve_store
@@ -18,34 +16,46 @@ def tune(
     data: str | Path | None = None,
     experiment: str | None = None,
     config: ProjectConfig | None = None,
-    upstream: dict[str, tuple[str | None, str | None]] | None = None,
+    *,
+    ae: str | None = None,
+    ae_experiment: str | None = None,
+    arhmm: str | None = None,
+    arhmm_experiment: str | None = None,
     target: str | None = None,
     labels: bool = False,
-    tuning_options: dict[str, Any] | None = None,
-    fixed_options: dict[str, Any] | None = None,
+    n_trials: int | None = None,
+    max_steps: int | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+    study: str | None = None,
+    device: str | None = None,
     store: Store | None = None,
     echo: Echo = print,
 ) -> list[StudyOutcome]:
     """Run (or resume) the studies a family prepares from a session (one, or one per
-    neuron subset for decoders).
+    neuron subset for decoders). Arguments left as None come from ``config``, then from the
+    family's defaults (its default space when the config searches nothing, its budget).
 
     Args:
         family: ``ae``, ``arhmm`` or ``decoder``.
         data: the session file (default: the config's).
         experiment: MLflow experiment (default: the config's).
         config: the project config (fixed values, search space, tuning).
-        upstream: ``{family: (reference, experiment)}`` of upstream runs (``best``, a run
-            id or ``models:/NAME@ALIAS``).
+        ae, arhmm: the upstream run: ``best`` (the best one fitted to this file), a run id or
+            ``models:/NAME@ALIAS``; ae_experiment, arhmm_experiment: where ``best`` looks.
         target: a decoder's behaviour target; labels: segment labels (ARHMM).
-        tuning_options: ``n_trials``, ``sampler``, ``pruner``, ``seed``, ``study`` (None keeps).
-        fixed_options: fixed hyperparameters from CLI options (None keeps).
+        n_trials, sampler, pruner, seed, study: the search (``tuning`` in the config).
+        max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
+        device: ``cpu``, ``cuda`` or ``auto``.
     """
     declared = get_family(family)
     config = config or ProjectConfig()
     store = store or resolve_store()
-    config.override(**(fixed_options or {}))
+    config.override(**{declared.budget_key: max_steps, "device": device})
     tuning = config.tuning
-    for name, value in (tuning_options or {}).items():
+    for name, value in (("n_trials", n_trials), ("sampler", sampler), ("pruner", pruner), ("seed", seed),
+                        ("study", study)):
         if value is not None:
             setattr(tuning, name, value)
     tuning.validate()
@@ -55,7 +65,8 @@ def tune(
     for note in config.notes:
         echo(f"note: {note}")
 
-    request = StudyRequest(data, {}, upstream or {}, target, labels)
+    request = StudyRequest(data, {}, {"ae": (ae, ae_experiment), "arhmm": (arhmm, arhmm_experiment)},
+                           target, labels)
     values, defaulted = merged_values(declared, config)
     values.setdefault("model_class", declared.default_model_class(request))
     request.values = values
