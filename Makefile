@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/arhmm_em.py
 	$(BIN)/python bench/arhmm_science.py
 	$(BIN)/python bench/decoder_ensemble.py
+	$(BIN)/python bench/workers_scaling.py
 
 ui: install
 	$(BIN)/bnet ui

@@ -209,10 +209,20 @@ def parse_value(key: str, value: Any, where: str) -> Any:
         log = bool(value.get("log", False))
         if log and low <= 0:
             raise ConfigError(f"{where}: '{key}' log range needs low > 0, got {low}")
-        step = value.get("step")
+        step = value.get("step")  # None (no step) is how plain_value writes it
         if log and step is not None:
             raise ConfigError(f"{where}: '{key}' cannot have both log and step")
         return Range(low, high, log, step)
+    return value
+
+
+def plain_value(value: Any) -> Any:
+    """A value as the config file writes it: a list for a categorical dimension, a mapping
+    for a range (the inverse of :func:`parse_value`)."""
+    if isinstance(value, Categorical):
+        return list(value.choices)
+    if isinstance(value, Range):
+        return {"low": value.low, "high": value.high, "log": value.log, "step": value.step}
     return value
 
 

@@ -288,6 +288,10 @@ def test_sigkilled_worker_trial_fails_at_once_on_the_next_invocation(tmp_path, t
     run = mlflow_client(store).get_run(killed_run)
     assert run.info.status == "KILLED" and run.data.tags["bnet.trial_state"] == "FAIL"
     assert time.time() - started < 120
+    # the killed trial's hyperparameters were fitted again, the retry linked to the killed run
+    retry = study.trials[1]
+    assert retry.user_attrs["bnet_retry_of_trial"] == 0 and retry.params == study.trials[0].params
+    assert mlflow_client(store).get_run(retry.user_attrs["mlflow_run_id"]).data.tags["bnet.retry_of_run"] == killed_run
 
 
 def test_sigterm_ends_the_trial_between_epochs_and_the_study_resumes(tmp_path, tiny_session):

@@ -14,8 +14,9 @@ from bnet.cli.best import best, register
 from bnet.cli.data import data
 from bnet.cli.ensemble import ensemble, lineage
 from bnet.cli.plot import plot
+from bnet.cli.server import postgres, server, ui
 from bnet.cli.tune import tune
-from bnet.cli.ui import ui
+from bnet.cli.workers import slurm, worker
 
 
 class BnetGroup(click.Group):
@@ -39,7 +40,7 @@ def cli():
     """bnet: BehaveNet studies tracked in MLflow and tuned by Optuna."""
 
 
-for command in (data, tune, best, register, ensemble, lineage, plot, ui):
+for command in (data, tune, worker, slurm, best, register, ensemble, lineage, plot, ui, server, postgres):
     cli.add_command(command)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
+from bnet.cli.workers import n_workers_option, refuse_sqlite_for_many, run_workers
 
 
 def study_options(command):
@@ -19,6 +20,7 @@ def study_options(command):
                      help="[default median]"),
         click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
         click.option("--seed", type=int, default=None, help="Sampler seed."),
+        n_workers_option,
     ]):
         command = option(command)
     return command
@@ -45,7 +47,7 @@ def tune():
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_config, model_config,
             training_config, compute_config, store, storage, tracking_uri, sampler, pruner, study,
-            seed, device):
+            seed, n_workers, device):
     """Tune convolutional (or linear) autoencoders on one session."""
     from bnet.config import load_project_config
     from bnet.tuning.ae import tune_ae as run
@@ -54,10 +56,12 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
     config = load_project_config(config_path, {"data": data_config, "model": model_config,
                                                "training": training_config, "compute": compute_config})
     resolved = resolve(store, tracking_uri, storage)
+    if many_workers(n_workers, resolved):
+        return
     outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
                   max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device,
                   study=study, store=resolved, echo=click.echo)
-    _summary(outcome, resolved)
+    summary(outcome, resolved)
 
 
 @tune.command("arhmm")
@@ -77,8 +81,8 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
 @click.option("--engine", type=click.Choice(["bnet", "ssm"]), default=None,
               help="Fit with bnet's engine or with ssm where it is importable [default bnet].")
 def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, max_iters, config_path,
-               model_config, training_config, store, storage, tracking_uri, sampler, pruner, study, seed, device,
-               engine):
+               model_config, training_config, store, storage, tracking_uri, sampler, pruner, study, seed, n_workers,
+               device, engine):
     """Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels."""
     from bnet.config import load_project_config
     from bnet.tuning.arhmm import tune_arhmm as run
@@ -87,10 +91,12 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
     config = load_project_config(config_path, {"model": model_config, "training": training_config})
     config.override(engine=engine)
     resolved = resolve(store, tracking_uri, storage)
+    if many_workers(n_workers, resolved):
+        return
     outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
                   config=config, n_trials=n_trials, max_iters=max_iters, sampler=sampler, pruner=pruner,
                   seed=seed, device=device, study=study, store=resolved, echo=click.echo)
-    _summary(outcome, resolved)
+    summary(outcome, resolved)
 
 
 @tune.command("decoder")
@@ -112,7 +118,7 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arhmm_ref, experiment, n_trials,
                  max_epochs, config_path, data_config, model_config, training_config, store, storage, tracking_uri,
-                 sampler, pruner, study, seed, device):
+                 sampler, pruner, study, seed, n_workers, device):
     """Tune neural decoders of AE latents, their motion energy, ARHMM states or labels."""
     from bnet.config import load_project_config
     from bnet.tuning.decoder import tune_decoder as run
@@ -121,12 +127,25 @@ def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arh
     config = load_project_config(config_path, {"data": data_config, "model": model_config,
                                                "training": training_config})
     resolved = resolve(store, tracking_uri, storage)
+    if many_workers(n_workers, resolved):
+        return
     outcomes = run(data=data_path, target=target, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment,
                    arhmm=arhmm_ref, arhmm_experiment=arhmm_experiment, config=config, n_trials=n_trials,
                    max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device, study=study,
                    store=resolved, echo=click.echo)
     for outcome in outcomes:
-        _summary(outcome, resolved)
+        summary(outcome, resolved)
+
+
+def many_workers(n_workers: int, resolved) -> bool:
+    """With --n-workers K > 1, run K workers of this very command instead, and say so."""
+    if n_workers == 1:
+        return False
+    refuse_sqlite_for_many(resolved.optuna_storage)
+    from bnet.cli.workers import command_line
+
+    run_workers(n_workers, command_line(click.get_current_context()))
+    return True
 
 
 def _check_counts(**counts):
@@ -137,7 +156,8 @@ def _check_counts(**counts):
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def _summary(outcome, resolved) -> None:
+def summary(outcome, resolved) -> None:
+    """The few lines that end a study: counts, failures, the best run, where it all is."""
     click.echo("")
     click.echo(f"study '{outcome.study_name}' in experiment '{outcome.experiment}': "
                f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed")

@@ -14,6 +14,7 @@ TAG_OBJECTIVE = "bnet.objective"  # the metric the run's study optimised
 TAG_DIRECTION = "bnet.direction"  # minimize or maximize
 TAG_CONFIG_HASH = "bnet.config_hash"  # family, data, upstream runs and every hyperparameter
 TAG_ERROR = "bnet.error"  # why a trial failed or was killed
+TAG_RETRY_OF = "bnet.retry_of_run"  # the run of a killed trial that this one fits again
 TAG_NEURON_SUBSET = "bnet.neuron_subset"
 TAG_TARGET = "bnet.target"
 TAG_TARGET_KIND = "bnet.target_kind"

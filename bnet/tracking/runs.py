@@ -23,19 +23,35 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def retry_locked(call: Callable[[], T], seconds: float = 120.0) -> T:
-    """Run ``call``, retrying while an embedded SQLite store is locked by another local
-    worker's write (SQLite serialises writers; its own busy wait is 5 s in MLflow)."""
+# what a store says while another local worker writes (SQLite) or while a database server
+# restarts or drops the connection (PostgreSQL): worth waiting for, not failing a trial over
+TRANSIENT = ("database is locked", "server closed the connection", "Connection refused",
+             "terminating connection", "could not connect", "connection is closed",
+             "the database system is starting up", "the database system is shutting down",
+             "connection to server", "SSL SYSCALL error", "consuming input failed")
+
+
+def is_transient(err: BaseException) -> bool:
+    chain = error_chain(err)
+    return any(sign in chain for sign in TRANSIENT)
+
+
+def retry_transient(call: Callable[[], T], seconds: float = 120.0) -> T:
+    """Run ``call``, retrying while the store is locked by another local worker's write
+    (SQLite serialises writers; its own busy wait is 5 s in MLflow) or its database server
+    is out of reach for a while (a restart)."""
     import random
 
     deadline = time.monotonic() + seconds
+    delay = 0.05
     while True:
         try:
             return call()
         except Exception as err:
-            if "database is locked" not in error_chain(err) or time.monotonic() > deadline:
+            if not is_transient(err) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.05 + random.random() * 0.2)
+            time.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 2.0)
 
 
 def error_chain(err: BaseException | None) -> str:
@@ -56,14 +72,14 @@ class RunLogger:
     def set_tags(self, values: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        retry_locked(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()]))
+        retry_transient(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()]))
 
     def log_params(self, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         params = [Param(k, _param_text(v)) for k, v in sorted(values.items())]
         for start in range(0, len(params), 100):  # MLflow's per-batch limit
-            retry_locked(lambda: self.client.log_batch(self.run_id, params=params[start : start + 100]))
+            retry_transient(lambda: self.client.log_batch(self.run_id, params=params[start : start + 100]))
 
     def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -71,7 +87,7 @@ class RunLogger:
         stamp = _now_ms()
         metrics = [Metric(k, float(v), stamp, step) for k, v in values.items() if v is not None]
         if metrics:
-            retry_locked(lambda: self.client.log_batch(self.run_id, metrics=metrics))
+            retry_transient(lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
@@ -85,7 +101,7 @@ class RunLogger:
                           tags.CHECKPOINT_PATH.rsplit("/", 1)[0])
 
     def log_text(self, text: str, name: str) -> None:
-        retry_locked(lambda: self.client.log_text(self.run_id, text, name))
+        retry_transient(lambda: self.client.log_text(self.run_id, text, name))
 
     def log_figure(self, figure, name: str) -> None:
         """Save a matplotlib figure as ``plots/<name>.png`` and close it."""
@@ -114,7 +130,7 @@ class RunLogger:
         )
 
     def terminate(self, status: str) -> None:
-        retry_locked(lambda: self.client.set_terminated(self.run_id, status=status))
+        retry_transient(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def _param_text(value: Any) -> str:
@@ -137,6 +153,6 @@ def create_run(client, experiment_id: str, run_name: str, run_tags: dict[str, An
                 "mlflow.source.name": "bnet", **run_tags}
     if parent_run_id:
         all_tags[tags.MLFLOW_PARENT] = parent_run_id
-    run = retry_locked(lambda: client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()},
+    run = retry_transient(lambda: client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()},
                                                  run_name=run_name))
     return RunLogger(client, run.info.run_id)

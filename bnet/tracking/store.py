@@ -123,7 +123,7 @@ def ensure_experiment(client, store: Store, name: str) -> str:
     """
     from mlflow.exceptions import MlflowException
 
-    from bnet.tracking.runs import retry_locked
+    from bnet.tracking.runs import retry_transient
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -135,7 +135,7 @@ def ensure_experiment(client, store: Store, name: str) -> str:
         store.artifact_root.mkdir(parents=True, exist_ok=True)
         location = artifact_folder(store.artifact_root, name).as_uri()
     try:
-        return retry_locked(lambda: client.create_experiment(name, artifact_location=location))
+        return retry_transient(lambda: client.create_experiment(name, artifact_location=location))
     except MlflowException:
         experiment = client.get_experiment_by_name(name)  # another worker created it first
         if experiment is None:

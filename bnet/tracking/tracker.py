@@ -6,7 +6,7 @@ from typing import Any
 
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary, find_config_run
-from bnet.tracking.runs import RunLogger, create_run, retry_locked
+from bnet.tracking.runs import RunLogger, create_run, retry_transient
 from bnet.tracking.store import Store, connect, ensure_experiment
 
 MAX_TAG_LENGTH = 5000
@@ -30,10 +30,10 @@ class Tracker:
         return RunLogger(self.client, run_id)
 
     def status(self, run_id: str) -> str:
-        return retry_locked(lambda: self.client.get_run(run_id)).info.status
+        return retry_transient(lambda: self.client.get_run(run_id)).info.status
 
     def reopen(self, run_id: str) -> RunLogger:
-        retry_locked(lambda: self.client.update_run(run_id, status="RUNNING"))
+        retry_transient(lambda: self.client.update_run(run_id, status="RUNNING"))
         return self.run(run_id)
 
     def close(self, run_id: str, status: str, trial_state: str, reason: str | None = None) -> None:

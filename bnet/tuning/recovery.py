@@ -65,35 +65,60 @@ def worker_is_dead(worker: str) -> bool:
     return False
 
 
-def closing_callback(tracker: Tracker, echo: Echo):
-    """Optuna's ``heartbeat_stale_trial_callback``: the run of a trial failed as stale ends KILLED."""
+RETRY_OF_ATTR = "bnet_retry_of_trial"
+RETRY_OF_RUN_ATTR = "bnet_retry_of_run"
+RETRIES_ATTR = "bnet_retries"
+MAX_RETRIES = 2
 
-    def close(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+
+def dead_trial_handler(tracker: Tracker, echo: Echo):
+    """What happens to a trial whose worker is gone (also Optuna's heartbeat callback): its
+    run ends KILLED, and the same hyperparameters are queued again (up to MAX_RETRIES
+    times), the retry linked to the run it replaces."""
+
+    def handle(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
-        reason = "worker stopped sending heartbeats (killed or lost)"
-        if run_id and tracker.close_if_running(run_id, "KILLED", "FAIL", reason):
-            echo(f"trial {trial.number} (run {run_id[:8]}): its worker is gone; trial FAIL, run KILLED")
+        reason = "its worker is gone (killed, preempted or lost)"
+        if run_id:
+            tracker.close_if_running(run_id, "KILLED", "FAIL", reason)
+        retried = queue_retry(study, trial.number, trial.params, trial.user_attrs)
+        echo(f"trial {trial.number}" + (f" (run {run_id[:8]})" if run_id else "")
+             + ": its worker is gone; trial FAIL, run KILLED" + ("; queued again" if retried else ""))
 
-    return close
+    return handle
+
+
+def queue_retry(study: optuna.Study, number: int, params: dict, user_attrs: dict) -> bool:
+    """Queue a trial's hyperparameters again (a trial that never finished through no fault
+    of its own); False once it was retried MAX_RETRIES times."""
+    retries = int(user_attrs.get(RETRIES_ATTR, 0))
+    if retries >= MAX_RETRIES:
+        return False
+    study.enqueue_trial(params, user_attrs={RETRY_OF_ATTR: number, RETRY_OF_RUN_ATTR: user_attrs.get(MLFLOW_RUN_ATTR, ""),
+                                            RETRIES_ATTR: retries + 1})
+    return True
 
 
 def recover_dead_trials(study: optuna.Study, storage, tracker: Tracker, echo: Echo) -> None:
-    """Fail trials whose worker is gone and close their runs, before this worker starts."""
+    """Fail trials whose worker is gone, close their runs and queue them again, before this
+    worker starts. Called between trials, so this process's own RUNNING trials (left by a
+    lost database connection) are gone too."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat (closes runs via the callback)
-    close = closing_callback(tracker, echo)
+        optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat (handled by the callback)
+    handle = dead_trial_handler(tracker, echo)
+    me = this_worker()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
-        if worker and worker_is_dead(worker):
+        if worker and (worker == me or worker_is_dead(worker)):
             try:
                 # FrozenTrial keeps its storage id private; fail_stale_trials uses it the same way
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker recovered it first
-            close(study, trial)
+            handle(study, trial)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
         if run_id:

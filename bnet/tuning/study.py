@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,20 +39,23 @@ from bnet.config import TuningConfig
 from bnet.data.session import Session
 from bnet.errors import BnetError, ConfigError
 from bnet.tracking import conventions as tags
-from bnet.tracking.runs import RunLogger
+from bnet.tracking.runs import RunLogger, is_transient, retry_transient
 from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
 from bnet.tracking.tracker import Tracker
 from bnet.tuning.family import Family, Objective, PreparedStudy
 from bnet.tuning.recovery import (
-    GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, WORKER_ATTR, closing_callback, parent_run_id,
-    recover_dead_trials, this_worker,
+    GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, RETRY_OF_RUN_ATTR, WORKER_ATTR, dead_trial_handler,
+    parent_run_id, queue_retry, recover_dead_trials, this_worker,
 )
 from bnet.tuning.space import SearchSpace
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "bnet_fingerprint"
+RECIPE_ATTR = "bnet_recipe"  # what `bnet worker --study` needs to join from another machine
 DUPLICATE_ATTR = "bnet_same_config_as_run"
 MAX_CONSECUTIVE_FAILURES = 3
+SURPLUS_ATTR = "bnet_surplus"
+POLL_SECONDS = 5.0
 
 # Values that say where things are or how to show them, not what is fitted: they may
 # differ between the workers and resumptions of one study.
@@ -64,6 +68,10 @@ Echo = Callable[[str], None]
 
 class StudyInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: the running trial stopped between steps; finished trials are kept."""
+
+
+class SurplusTrial(Exception):
+    """A trial started by two workers' race for the last needed one: failed unfitted."""
 
 
 class TrialsKeepFailing(BnetError):
@@ -81,6 +89,7 @@ class StudySpec:
     space: SearchSpace
     fixed: dict[str, Any]
     store: Store
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def study_name(self) -> str:
@@ -147,12 +156,12 @@ class StudyOutcome:
     failures: list[str] = field(default_factory=list)
 
 
-def make_sampler(tuning: TuningConfig, space: SearchSpace):
+def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None):
     if tuning.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=tuning.seed)
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if tuning.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tuning.seed)
-    return optuna.samplers.TPESampler(seed=tuning.seed, multivariate=True, group=True,
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                       n_startup_trials=min(10, max(2, tuning.n_trials // 3)))
 
 
@@ -170,7 +179,7 @@ def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
     with schema_lock(spec.store, url):
         return retry_schema_race(lambda: optuna.storages.RDBStorage(
             url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=closing_callback(tracker, echo),
+            heartbeat_stale_trial_callback=dead_trial_handler(tracker, echo),
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
         ))
 
@@ -178,11 +187,16 @@ def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
 def open_study(spec: StudySpec, storage) -> optuna.Study:
     """Create or load the Optuna study; refuse one that optimises something else or was
     started on other data, other upstream runs or other fixed hyperparameters."""
-    study = optuna.create_study(
-        study_name=spec.study_name, storage=storage, load_if_exists=True,
-        direction=spec.objective.direction, sampler=make_sampler(spec.tuning, spec.space),
-        pruner=make_pruner(spec.tuning),
-    )
+    try:
+        study = optuna.create_study(
+            study_name=spec.study_name, storage=storage, direction=spec.objective.direction,
+            sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed), pruner=make_pruner(spec.tuning))
+    except optuna.exceptions.DuplicatedStudyError:
+        # a worker joining (or resuming) a study samples with a seed of its own: workers that
+        # share one seed propose the very same hyperparameters at the same time
+        seed = None if spec.tuning.seed is None else zlib.crc32(f"{spec.tuning.seed}/{this_worker()}".encode())
+        study = optuna.load_study(study_name=spec.study_name, storage=storage,
+                                  sampler=make_sampler(spec.tuning, spec.space, seed), pruner=make_pruner(spec.tuning))
     if study.direction.name.lower() != spec.objective.direction:
         raise ConfigError(f"study '{spec.study_name}' exists with direction {study.direction.name.lower()}, "
                           f"not {spec.objective.direction}; use another --study name")
@@ -190,6 +204,7 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
     recorded = study.user_attrs.get(FINGERPRINT_ATTR)
     if recorded is None:
         study.set_user_attr(FINGERPRINT_ATTR, wanted)
+        study.set_user_attr(RECIPE_ATTR, spec.recipe)
     elif recorded != wanted:
         raise ConfigError(f"study '{spec.study_name}' cannot resume with this command: "
                           f"{_differences(recorded, wanted)}; use another --study name (or the original settings)")
@@ -255,9 +270,11 @@ class _StopRequests:
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
+    """Trials by state; surplus trials (never fitted) are not failures."""
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
     for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] += 1
+        if not trial.user_attrs.get(SURPLUS_ATTR):
+            counts[trial.state.name] += 1
     return counts
 
 
@@ -280,7 +297,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     def create_parent() -> str:
         run = tracker.create_run(experiment_id, f"study {spec.study_name}",
                                  {tags.TAG_ROLE: tags.ROLE_STUDY, **spec.run_tags})
-        run.log_params({**{k: v for k, v in spec.fixed.items() if k not in spec.space.dimensions},
+        run.log_params({**spec.fixed,
                         **{f"search.{k}": v for k, v in spec.space.describe().items()},
                         "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
                         "tuning.metric": objective.metric, "tuning.direction": objective.direction})
@@ -311,6 +328,15 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
 
     def objective_fn(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, this_worker())
+        # straight from the database: the study's cache may hold a queued trial without the
+        # attributes it was queued with (seen when this process queued it itself)
+        retry_of_run = storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF_RUN_ATTR)
+        ahead = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= wanted:
+            # another worker started the last needed trial at the same moment: this one is not fitted
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the {wanted} the study needs")
         chosen = spec.space.suggest(trial, spec.fixed)
         hparams = spec.space.resolve(chosen, spec.fixed)
         params, model_tags = spec.prepared.fitter.resolve(hparams)
@@ -325,7 +351,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         run = tracker.create_run(
             experiment_id, run_name=f"{spec.study_name}-trial-{trial.number:03d}",
             run_tags={tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL: trial.number,
-                      tags.TAG_CONFIG_HASH: identity, **spec.run_tags, **model_tags},
+                      tags.TAG_CONFIG_HASH: identity, **spec.run_tags, **model_tags,
+                      **({tags.TAG_RETRY_OF: retry_of_run} if retry_of_run else {})},
             parent_run_id=parent.run_id,
         )
         trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
@@ -366,6 +393,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
             raise
         except KeyboardInterrupt as stop:
             tracker.close(run.run_id, "KILLED", "FAIL", f"interrupted ({stop or 'Ctrl-C'})")
+            if queue_retry(study, trial.number, trial.params, trial.user_attrs):
+                echo(f"trial {trial.number} stopped; its hyperparameters are queued for the next worker")
             raise
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
@@ -382,20 +411,39 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     in_a_row = {"failed": 0}
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.user_attrs.get(SURPLUS_ATTR):
+            return
         in_a_row["failed"] = in_a_row["failed"] + 1 if trial.state == TrialState.FAIL else 0
-        if in_a_row["failed"] >= MAX_CONSECUTIVE_FAILURES or stops.requested:
-            study.stop()
         if trial.state == TrialState.COMPLETE:
             _log_answer(study, parent, objective)
 
     interrupted = None
+    waiting_said = False
     with stops.installed():
         try:
-            if to_run:
-                # no trial count: failed trials are not finished ones, so the study runs until the
-                # callback sees `wanted` finished trials (from every worker), or failures pile up
-                study.optimize(objective_fn, n_trials=None, catch=(Exception,),
-                               callbacks=[optuna.study.MaxTrialsCallback(wanted, states=FINISHED_STATES), after_trial])
+            # one trial at a time until the study (every worker's trials) holds `wanted` finished
+            # ones; failed trials are not finished ones, so they are replaced
+            while not stops.requested and in_a_row["failed"] < MAX_CONSECUTIVE_FAILURES:
+                counts = _count(study)
+                finished = counts["COMPLETE"] + counts["PRUNED"]
+                if finished >= wanted or (spec.tuning.sampler == "grid" and finished + counts["FAIL"] >= wanted
+                                          and not counts["WAITING"] and not counts["RUNNING"]):
+                    break
+                if finished + counts["RUNNING"] >= wanted:
+                    if not waiting_said:
+                        echo(f"waiting for {counts['RUNNING']} running trials of other workers")
+                        waiting_said = True
+                    time.sleep(POLL_SECONDS)
+                    recover_dead_trials(study, storage, tracker, echo)
+                    continue
+                try:
+                    study.optimize(objective_fn, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                except Exception as err:
+                    if not is_transient(err):
+                        raise
+                    echo(f"the study's database is out of reach ({str(err).splitlines()[0][:120]}); waiting")
+                    retry_transient(lambda: study.get_trials(deepcopy=False), seconds=600)
+                    recover_dead_trials(study, storage, tracker, echo)
         except KeyboardInterrupt as err:
             interrupted = err
     counts = _count(study)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from bnet.config import Categorical, ProjectConfig, Range
+from bnet.config import Categorical, ProjectConfig, Range, parse_value, plain_value
 from bnet.errors import ConfigError
+from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
 from bnet.tuning.family import StudyRequest, get_family, merged_values
 from bnet.tuning.space import SearchSpace
@@ -90,5 +91,39 @@ def tune(
         if (metric and metric != study.objective.metric) or (direction and direction != study.objective.direction):
             raise ConfigError(f"{family} studies of this data optimise {study.objective.direction} "
                               f"{study.objective.metric}; tuning.metric/direction cannot name another yet")
-    return [run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store), echo)
-            for study in prepared]
+    outcomes = []
+    for study in prepared:
+        upstream_runs = {key[len(tags.UPSTREAM_TAG_PREFIX):].removesuffix("_run_id"): run_id
+                         for key, run_id in study.run_tags.items() if key.startswith(tags.UPSTREAM_TAG_PREFIX)}
+        recipe = {"family": family, "experiment": experiment, "data": str(study.session.path),
+                  "values": {k: plain_value(v) for k, v in values.items()}, "study": tuning.study or experiment,
+                  "tuning": {"n_trials": tuning.n_trials, "sampler": tuning.sampler, "pruner": tuning.pruner,
+                             "seed": tuning.seed},
+                  "target": target, "labels": labels, "upstream": upstream_runs}
+        outcomes.append(run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe), echo))
+    return outcomes
+
+
+def join_study(study: str, store: Store | None = None, data: str | Path | None = None, n_trials: int | None = None,
+               device: str | None = None, echo: Echo = print) -> list[StudyOutcome]:
+    """Join a study another worker started, from what it recorded (``bnet worker``): the same
+    family, data, config and upstream runs, from any machine that reaches its storage."""
+    import optuna
+
+    from bnet.tuning.study import RECIPE_ATTR
+
+    store = store or resolve_store()
+    try:
+        recorded = optuna.load_study(study_name=study, storage=store.optuna_storage)
+    except KeyError:
+        raise ConfigError(f"no study '{study}' in {store.optuna_storage}") from None
+    recipe = recorded.user_attrs.get(RECIPE_ATTR)
+    if recipe is None:
+        raise ConfigError(f"study '{study}' was not started by bnet tune (it records no recipe to join)")
+    config = ProjectConfig(recipe["experiment"], {k: parse_value(k, v, f"study '{study}'")
+                                                  for k, v in recipe["values"].items()})
+    options = recipe["tuning"] | ({"n_trials": n_trials} if n_trials else {})
+    upstream = recipe["upstream"]
+    return tune(recipe["family"], data or recipe["data"], recipe["experiment"], config,
+                ae=upstream.get("ae"), arhmm=upstream.get("arhmm"), target=recipe["target"],
+                labels=recipe["labels"], study=recipe["study"], device=device, store=store, echo=echo, **options)

@@ -1,0 +1,134 @@
+"""``bnet ui`` and ``bnet server``: the MLflow server over a store, for people and workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import click
+
+from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
+
+
+@click.command()
+@store_option
+@tracking_uri_option
+@click.option("--port", default=5000, show_default=True)
+def ui(store, tracking_uri, port):
+    """Serve the MLflow UI for the store's runs (Ctrl-C or SIGTERM stops it and its workers)."""
+    from bnet.tracking.query import experiment_links
+
+    resolved = resolve(store, tracking_uri)
+    for name, experiment_id in experiment_links(resolved):
+        click.echo(f"  {name}: {runs_link(experiment_id, port)}")
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} over {resolved.tracking_uri}")
+    serve_mlflow(resolved.tracking_uri, resolved.artifact_root, "127.0.0.1", port)
+
+
+@click.command()
+@store_option
+@click.option("--backend-store-uri", default=None,
+              help="Runs and registry database: postgresql+psycopg://USER@HOST:PORT/DB or sqlite:///PATH "
+                   "[default the store's mlflow.db].")
+@click.option("--artifacts-destination", default=None,
+              help="Where the server keeps artifacts (a folder, s3://...) [default the store's artifacts/].")
+@click.option("--storage", default=None, help="The Optuna storage workers share (printed for them; "
+                                              "PostgreSQL for several machines).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; anything but 127.0.0.1 makes the server reachable from other machines.")
+@click.option("--port", default=5000, show_default=True)
+def server(store, backend_store_uri, artifacts_destination, storage, host, port):
+    """Start an MLflow tracking server for workers on many machines, and print the URIs
+    they need (Ctrl-C or SIGTERM stops it)."""
+    from pathlib import Path
+
+    from bnet.tracking.store import connect
+
+    resolved = resolve(store, backend_store_uri, storage)
+    connect(resolved)  # creates (or migrates) the backend schema once, before any worker races for it
+    artifacts = Path(artifacts_destination) if artifacts_destination else resolved.artifact_root
+    address = host if host not in ("0.0.0.0", "::") else _hostname()
+    click.echo(f"MLflow tracking server on http://{address}:{port} (runs in {resolved.tracking_uri}, "
+               f"artifacts in {artifacts})")
+    click.echo("workers join with:")
+    click.echo(f"  --tracking-uri http://{address}:{port} --storage {resolved.optuna_storage}")
+    if resolved.optuna_storage.startswith("sqlite"):
+        click.echo("  (a SQLite Optuna storage serves one process; give workers on several machines a "
+                   "PostgreSQL --storage)")
+    extra = [] if host == "127.0.0.1" else ["--allowed-hosts", f"{address}:{port},{address},localhost:{port},"
+                                                               f"127.0.0.1:{port}"]
+    serve_mlflow(resolved.tracking_uri, artifacts, host, port, extra)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def serve_mlflow(backend_uri: str, artifacts, host: str, port: int, extra: list[str] = ()) -> None:
+    """Run ``mlflow server`` until it ends or bnet is stopped (then end it and its workers)."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+               "--host", host, "--port", str(port), "--workers", "1", *extra]
+    if artifacts is not None:
+        command += ["--artifacts-destination", str(artifacts)]
+    # mlflow server starts uvicorn (and a job runner) as children of its own: in a process
+    # group of their own they can all be ended together, whatever signal ends bnet
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(signum=None, frame=None):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        end_process_group(process)
+
+
+def end_process_group(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader may be gone while its workers linger
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+
+
+@click.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--port", type=int, default=55432, show_default=True)
+def postgres(folder, port):
+    """Run a throwaway PostgreSQL server in FOLDER on 127.0.0.1 for trying many workers on one
+    machine (Debian's postgresql package); prints the URLs to pass. Ctrl-C stops it."""
+    import time
+
+    from bnet.tracking.local_postgres import LocalPostgres
+
+    server = LocalPostgres(folder, port).start()
+    try:
+        optuna_url, mlflow_url = server.create_database("optuna"), server.create_database("mlflow")
+        click.echo(f"PostgreSQL on 127.0.0.1:{port}, data in {server.root}/data; workers pass:")
+        click.echo(f"  --storage {optuna_url} --tracking-uri {mlflow_url}")
+        stopped = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+        while not stopped:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        click.echo("PostgreSQL stopped")
