@@ -1,13 +1,13 @@
 """Trials per hour with 1, 2 and 4 workers on one tiny study, and MLflow logging latency.
 
-Every row runs the same fixed decoder study (synthetic session, 3 epochs a trial) from a
+Every row runs the same fixed decoder study (synthetic session, 40 epochs a trial) from a
 fresh database: SQLite with one worker (the embedded default; it serves one process), then
 PostgreSQL (a throwaway local server) with 1, 2 and 4 workers (`--n-workers`). Then the
 latency of one batched `log_metrics` call into the embedded SQLite store, straight into
 PostgreSQL, and through `bnet server` over HTTP. On a 2-core machine the CPUs saturate at 2
 workers: the figures say how much of the step is the trials' own compute.
 
-    python bench/workers_scaling.py [--trials 24]
+    python bench/workers_scaling.py [--trials 16]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bnet.tracking.tracker import Tracker
 STUDY = """
 experiment: scaling
 model: {{model_class: neural-labels, n_lags: 1, n_hid_layers: 1, n_hid_units: 32}}
-training: {{learning_rate: {{low: 1.0e-3, high: 3.0e-2, log: true}}, max_n_epochs: 3, min_n_epochs: 3}}
+training: {{learning_rate: {{low: 1.0e-3, high: 3.0e-2, log: true}}, max_n_epochs: 40, min_n_epochs: 40}}
 tuning: {{n_trials: {n}, pruner: none, seed: 0}}
 """
 
@@ -74,7 +74,7 @@ def wait_for_port(port: int, seconds: float = 120) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--trials", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         root = Path(tmp)
@@ -88,7 +88,7 @@ def main() -> None:
                 storage = server.create_database(f"optuna_{workers}")
                 tracking = server.create_database(f"mlflow_{workers}")
                 rows.append(("PostgreSQL", workers, run_study(root, data, args.trials, workers, storage, tracking)))
-            print(f"{args.trials} trials of a 3-epoch decoder study (each row a fresh database):")
+            print(f"{args.trials} trials of a 40-epoch decoder study (each row a fresh database):")
             base = rows[1][2]
             for backend, workers, rate in rows:
                 print(f"  {backend:18s} {workers} worker(s): {rate:8.0f} trials/hour  ({rate / base:.2f}x PostgreSQL x1)")

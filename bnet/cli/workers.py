@@ -54,6 +54,8 @@ def run_workers(n_workers: int, words: list[str]) -> None:
 
     command = [sys.executable, "-m", "bnet", *words]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # K processes each running torch on every core oversubscribe the machine: share the cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                   start_new_session=True) for _ in range(n_workers)]
     click.echo(f"{n_workers} workers: {shlex.join(['bnet', *words])}")
