@@ -25,7 +25,7 @@ from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
-from bnet.tuning.common import resolve_data_path, session_splits, split_settings
+from bnet.tuning.common import resolve_data_path, session_splits, split_settings, training_configs
 from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
 from bnet.tuning.study import StudyOutcome, TrialContext
 
@@ -60,11 +60,7 @@ class AETrials:
         C, Y, X = self.session.image_shape
         model = dataclass_from_values(AEConfig, {**hparams, "n_input_channels": C, "y_pixels": Y, "x_pixels": X})
         model.validate()
-        training = dataclass_from_values(TrainingConfig, hparams)
-        training.validate()
-        compute = dataclass_from_values(ComputeConfig, hparams)
-        compute.validate()
-        return model, training, compute
+        return (model, *training_configs(hparams))
 
     def batches(self, hparams: dict[str, Any], chunk: int | None) -> tuple[Any, dict[str, TrialBatches]]:
         splits = session_splits(self.session, hparams)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from bnet.config import dataclass_from_values
 from bnet.data.exports import read_export
 from bnet.data.session import Session, trial_name
 from bnet.data.splits import TrialSplits, split_trials
@@ -16,8 +17,18 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import download_artifact, resolve_upstream
 from bnet.tracking.store import Store
+from bnet.training import ComputeConfig, TrainingConfig
 
 SPLIT_KEYS = ("trial_splits", "rng_seed_data", "train_frac")
+
+
+def training_configs(hparams: dict[str, Any]) -> tuple[TrainingConfig, ComputeConfig]:
+    """How a gradient-trained trial fits, and where, from its hyperparameters (validated)."""
+    training = dataclass_from_values(TrainingConfig, hparams)
+    training.validate()
+    compute = dataclass_from_values(ComputeConfig, hparams)
+    compute.validate()
+    return training, compute
 
 
 def resolve_data_path(values: dict[str, Any], data: str | Path | None) -> Path:

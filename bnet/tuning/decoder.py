@@ -33,7 +33,7 @@ from bnet.tracking.registry import resolve_upstream
 from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
 from bnet.tuning.common import (
-    refuse_other_splits, resolve_data_path, session_splits, upstream_export, upstream_run,
+    refuse_other_splits, resolve_data_path, session_splits, training_configs, upstream_export, upstream_run,
 )
 from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
 from bnet.tuning.space import Condition
@@ -252,11 +252,7 @@ class DecoderTrials:
             "n_max_lags": self.n_max_lags,
             "noise_dist": noise_dist(self.data.kind, model_type, hparams.get("noise_dist"))})
         model.validate()
-        training = dataclass_from_values(TrainingConfig, hparams)
-        training.validate()
-        compute = dataclass_from_values(ComputeConfig, hparams)
-        compute.validate()
-        return model, training, compute
+        return (model, *training_configs(hparams))
 
     def check(self, hparams: dict[str, Any]) -> None:
         model_class = str(hparams.get("model_class"))
