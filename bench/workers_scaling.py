@@ -13,7 +13,6 @@ workers: the figures say how much of the step is the trials' own compute.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 from bnet.data import SynthConfig, synthesize
-from bnet.tracking.local_postgres import LocalPostgres, free_port
+from bnet.tracking.local_postgres import LocalPostgres, free_port, wait_for_port
 from bnet.tracking.store import resolve_store
 from bnet.tracking.tracker import Tracker
 
@@ -61,17 +60,6 @@ def logging_latency(store, calls: int = 50) -> float:
     return statistics.median(times) * 1000
 
 
-def wait_for_port(port: int, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
@@ -100,7 +88,8 @@ def main() -> None:
                                        "--backend-store-uri", server.create_database("mlflow_served"),
                                        "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                wait_for_port(port)
+                if not wait_for_port(port):
+                    raise SystemExit(f"bnet server did not listen on {port}")
                 http = logging_latency(resolve_store(root / "latency-http", tracking_uri=f"http://127.0.0.1:{port}"))
             finally:
                 served.terminate()

@@ -5,19 +5,18 @@ temporary folder; the test is skipped with the reason where no PostgreSQL is ins
 """
 
 import os
-import signal
-import time
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bnet.tracking.local_postgres import LocalPostgres, free_port, postgres_binaries
+from bnet.tracking.local_postgres import LocalPostgres, free_port, postgres_binaries, wait_for_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -182,13 +181,7 @@ def test_mlflow_server_with_a_postgresql_backend_serves_workers_over_http(postgr
                                "--storage", f"{postgres}/optuna"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        assert wait_for_port(port)
         uri = f"http://127.0.0.1:{port}"
         config = tmp_path / "http.yaml"
         config.write_text(MANY_YAML.format(name="over-http", n=2, epochs=3))

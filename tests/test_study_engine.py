@@ -584,19 +584,12 @@ def test_a_locked_sqlite_store_is_waited_for_not_failed(tmp_path, tiny_session):
 def test_ui_stopped_with_sigterm_ends_its_server_and_workers(tmp_path):
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bnet.tracking.local_postgres import free_port, wait_for_port
+
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "bnet", "ui", "--store", str(tmp_path / "store"),
                            "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
+    if not wait_for_port(port, 90):
         ui.kill()
         raise AssertionError(ui.stdout.read())
     def pgrep(*args):

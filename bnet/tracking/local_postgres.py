@@ -22,6 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, seconds: float = 120.0) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` within ``seconds``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
 def postgres_binaries() -> str | None:
     """The folder of ``initdb`` and ``pg_ctl`` (the newest installed), None if absent."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
