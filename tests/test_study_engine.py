@@ -521,7 +521,7 @@ def test_conditional_dimensions_are_asked_only_where_they_matter():
     seen = set()
     for _ in range(12):
         trial = study.ask()
-        chosen = space.suggest(trial, {})
+        chosen = space.suggest(trial)
         values = space.resolve(chosen, {})
         assert ("kappa" in trial.params) == (chosen["transitions"] == "sticky")
         assert (values["kappa"] > 0) == (chosen["transitions"] == "sticky")

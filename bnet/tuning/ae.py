@@ -160,7 +160,7 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
     return [PreparedStudy(session, AETrials(session), OBJECTIVE)]
 
 
-FAMILY_DECLARATION = register_family(Family(
+register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions={},
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=lambda request: "ae",
 ))

@@ -261,7 +261,7 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
     return [PreparedStudy(session, ARHMMTrials(observations, session, source), OBJECTIVE, run_tags)]
 
 
-FAMILY_DECLARATION = register_family(Family(
+register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="EM iteration", budget_key="n_iters", prepare=prepare,
     default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",

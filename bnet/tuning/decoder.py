@@ -353,7 +353,7 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
     return prepared
 
 
-FAMILY_DECLARATION = register_family(Family(
+register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
 ))

@@ -48,10 +48,6 @@ class Objective:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be minimize or maximize, got {self.direction!r}")
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether ``a`` is better than ``b`` in this objective's direction."""
-        return a < b if self.direction == "minimize" else a > b
-
 
 @dataclass(frozen=True)
 class TrialResult:

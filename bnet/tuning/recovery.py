@@ -119,6 +119,11 @@ def recover_dead_trials(study: optuna.Study, storage, tracker: Tracker, echo: Ec
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker recovered it first
             handle(study, trial)
+
+
+def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """Runs of failed trials still RUNNING (their worker died while closing them) end
+    KILLED; one MLflow query per failed trial, so when a study opens, not while polling."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
         if run_id:

@@ -39,18 +39,24 @@ class SearchSpace:
     dimensions: dict[str, Dimension]
     conditions: dict[str, Condition] = field(default_factory=dict)
 
+    @classmethod
+    def split(cls, values: dict[str, Any], conditions: dict[str, Condition]) -> tuple["SearchSpace", dict[str, Any]]:
+        """The space searched over ``values`` (lists and ranges) and the fixed rest; a
+        conditional dimension that a fixed value switches off is no dimension at all."""
+        dimensions = {k: v for k, v in values.items() if isinstance(v, (Categorical, Range))}
+        fixed = {k: v for k, v in values.items() if k not in dimensions}
+        for name, condition in conditions.items():
+            if name in dimensions and condition.parent in fixed and not condition.active(fixed[condition.parent]):
+                del dimensions[name]
+                fixed[name] = condition.inactive
+        return cls(dimensions, conditions), fixed
+
     def __bool__(self) -> bool:
         return bool(self.dimensions)
 
     def _ordered(self) -> list[str]:
         # parents before the dimensions that depend on them
         return sorted(self.dimensions, key=lambda name: name in self.conditions)
-
-    def _condition(self, name: str, fixed: dict[str, Any]) -> Condition | None:
-        condition = self.conditions.get(name)
-        if condition is None or (condition.parent not in self.dimensions and condition.parent not in fixed):
-            return None
-        return condition
 
     def resolve(self, chosen: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
         """Every hyperparameter of a point: fixed values, chosen ones, and the inactive
@@ -63,12 +69,13 @@ class SearchSpace:
                 values[name] = condition.inactive
         return values
 
-    def suggest(self, trial, fixed: dict[str, Any]) -> dict[str, Any]:
+    def suggest(self, trial) -> dict[str, Any]:
         """One value per active dimension, asked of an Optuna trial (define-by-run)."""
         chosen: dict[str, Any] = {}
         for name in self._ordered():
-            condition = self._condition(name, fixed)
-            if condition is not None and not condition.active({**fixed, **chosen}.get(condition.parent)):
+            condition = self.conditions.get(name)
+            if condition is not None and condition.parent in self.dimensions and \
+                    not condition.active(chosen.get(condition.parent)):
                 continue
             chosen[name] = _suggest_one(trial, name, self.dimensions[name])
         return chosen

@@ -44,7 +44,8 @@ from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, sc
 from bnet.tracking.tracker import Tracker
 from bnet.tuning.family import Family, Objective, PreparedStudy
 from bnet.tuning.recovery import (
-    GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, RETRY_OF_RUN_ATTR, WORKER_ATTR, dead_trial_handler,
+    GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, RETRY_OF_RUN_ATTR, WORKER_ATTR, close_orphaned_runs,
+    dead_trial_handler,
     parent_run_id, queue_retry, recover_dead_trials, this_worker,
 )
 from bnet.tuning.space import SearchSpace
@@ -292,6 +293,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     storage = _storage(spec, tracker, echo)
     study = open_study(spec, storage)
     recover_dead_trials(study, storage, tracker, echo)
+    close_orphaned_runs(study, tracker)
     objective = spec.objective
 
     def create_parent() -> str:
@@ -337,7 +339,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
             # another worker started the last needed trial at the same moment: this one is not fitted
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the {wanted} the study needs")
-        chosen = spec.space.suggest(trial, spec.fixed)
+        chosen = spec.space.suggest(trial)
         hparams = spec.space.resolve(chosen, spec.fixed)
         params, model_tags = spec.prepared.fitter.resolve(hparams)
         identity = config_hash(spec, params)

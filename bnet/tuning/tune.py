@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from bnet.config import Categorical, ProjectConfig, Range, parse_value, plain_value
+
+from bnet.config import ProjectConfig, parse_value, plain_value
 from bnet.errors import ConfigError
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
@@ -71,14 +72,7 @@ def tune(
     values, defaulted = merged_values(declared, config)
     values.setdefault("model_class", declared.default_model_class(request))
     request.values = values
-    dimensions = {k: v for k, v in values.items() if isinstance(v, (Categorical, Range))}
-    fixed = {k: v for k, v in values.items() if k not in dimensions}
-    for name, condition in declared.conditions.items():
-        # a dimension that a fixed value switches off is no dimension at all
-        if name in dimensions and condition.parent in fixed and not condition.active(fixed[condition.parent]):
-            del dimensions[name]
-            fixed[name] = condition.inactive
-    space = SearchSpace(dimensions, declared.conditions)
+    space, fixed = SearchSpace.split(values, declared.conditions)
     if defaulted and space:
         echo(f"note: the config searches nothing, so the {family} default space is searched: "
              + ", ".join(f"{k} {v}" for k, v in space.describe().items()))
