@@ -41,6 +41,11 @@ SECTION_KEYS: dict[str, set[str]] = {
     "model": {
         "model_class", "model_type", "n_ae_latents", "l2_reg", "rng_seed_model",
         "fit_sess_io_layers", "ae_arch_json", "experiment_name",
+        # the rest of the AE family (BehaveNet's glossary) and the searchable architecture
+        "conditional_encoder", "vae.beta", "vae.beta_anneal_epochs", "beta_tcvae.beta",
+        "beta_tcvae.beta_anneal_epochs", "msp.alpha", "ps_vae.alpha", "ps_vae.beta", "ps_vae.delta",
+        "ps_vae.gamma", "ps_vae.anneal_epochs", "n_background", "n_sessions_per_batch",
+        "ae_n_conv_layers", "ae_first_channels", "ae_kernel_size",
         # segmentation (BehaveNet's arhmm_model.json)
         "n_arhmm_states", "n_arhmm_lags", "noise_type", "transitions", "kappa", "alpha",
         "arhmm_es_tol", "ae_experiment_name", "ae_version", "ae_model_type",
@@ -66,7 +71,7 @@ SECTION_KEYS: dict[str, set[str]] = {
 # its JSON files load unchanged; each changes nothing in bnet, and saying so is a warning.
 IGNORED_KEYS = {
     "save_dir": "runs and artifacts live in the MLflow store (--store / --tracking-uri)",
-    "all_source": "only meaningful with 'all' sessions (multi-session data, not implemented yet)",
+    "ps_vae.gamma": "BehaveNet's subspace-overlap weight, unused there too (the subspaces are orthogonal by construction)",
     "export_latents_best": "bnet always exports the best-val weights' latents (export_latents)",
     "as_numpy": "bnet reads trials from HDF5 as tensors",
     "batch_load": "bnet reads trials from HDF5 on demand",
@@ -83,23 +88,19 @@ IGNORED_KEYS = {
     "neural_type": "informational: spike counts are detected from the data (Poisson encoders)",
     "ae_model_type": "the AE is resolved by MLflow query (--ae best|RUN_ID|models:/NAME@ALIAS)",
     "arhmm_model_type": "the ARHMM is resolved by MLflow query (--arhmm best|RUN_ID|models:/NAME@ALIAS)",
-    "mem_limit_gb": "no architecture search yet, so there is nothing to guard",
 }
 
 # BehaveNet features bnet does not implement yet: their neutral value is accepted (so
 # BehaveNet's default JSON files load), anything else is refused rather than dropped.
 UNIMPLEMENTED_KEYS = {
-    "sessions_csv": ("", "multi-session data is not implemented yet: fit one session file per study"),
-    "fit_sess_io_layers": (False, "session-specific input/output layers need multi-session data, not implemented yet"),
-    "ae_arch_json": (None, "custom architectures from a JSON file are not implemented yet: use model_type conv or linear"),
-    "use_label_mask": (False, "label masks are used by label-supervised AEs, not implemented yet"),
     "subsample_idxs_group_1": (None, "bnet subsets neurons by regions/<subsample_idxs_group_0>/<name> only"),
 }
 
 SESSION_KEYS = ("lab", "expt", "animal", "session")
 
 # Keys that name things rather than tune them: a list here is not a search dimension.
-NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name",
+NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name", "sessions_csv",
+                  "all_source", "ae_arch_json",
                   "ae_experiment_name", "ae_version", "arhmm_experiment_name", "arhmm_version",
                   "subsample_idxs_dataset"}
 
@@ -243,9 +244,6 @@ def _merge_section(config: ProjectConfig, section: str, content: Any, source: st
         if key in IGNORED_KEYS:
             config.notes.append(f"{source} [{section}]: '{key}' is accepted and ignored: {IGNORED_KEYS[key]}")
             continue
-        if key in SESSION_KEYS and value == "all":
-            raise ConfigError(f"{source} [{section}]: '{key}: all' is refused: multi-session data is not "
-                              f"implemented yet; fit one session file per study")
         config.values[key] = parse_value(key, value, f"{source} [{section}]")
     if section == "model" and "experiment_name" in content and config.experiment is None:
         config.experiment = str(content["experiment_name"])
@@ -349,9 +347,15 @@ def dataclass_from_values(cls: type, values: dict[str, Any], where: str = ""):
     hints = get_type_hints(cls)
     chosen = {}
     for f in fields(cls):
-        if f.name in values:
-            chosen[f.name] = typed_value(f.name, values[f.name], hints[f.name], where)
+        key = f.metadata.get("key", f.name)  # BehaveNet's dotted names (vae.beta -> vae_beta)
+        if key in values:
+            chosen[f.name] = typed_value(key, values[key], hints[f.name], where)
     return cls(**chosen)
+
+
+def named_values(config: Any) -> dict[str, Any]:
+    """A config dataclass's values under their hyperparameter names (dotted where BehaveNet's are)."""
+    return {f.metadata.get("key", f.name): getattr(config, f.name) for f in fields(config)}
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

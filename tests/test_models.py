@@ -45,7 +45,7 @@ def test_transposed_decoder_is_adjoint_of_encoder_layer():
     # <conv(x), y> == <x, conv_T(y)> for the padding/cropping pair the AE uses
     model = build_model(AEConfig(y_pixels=20, x_pixels=20, rng_seed_model=1))
     coder = model.coder
-    conv, deconv = coder.encoder_convs[0], coder.decoder_convs[-1]
+    conv, deconv = coder.first_convs[0], coder.last_convs[0]
     deconv.weight.data = conv.weight.data.clone()
     x = torch.randn(1, 1, 20, 20)
     out_y, out_x = coder.sizes[1]
@@ -60,8 +60,8 @@ def test_linear_ae_and_seeded_initialisation():
     a = build_model(AEConfig(model_type="linear", y_pixels=8, x_pixels=8, n_ae_latents=3, rng_seed_model=7))
     b = build_model(AEConfig(model_type="linear", y_pixels=8, x_pixels=8, n_ae_latents=3, rng_seed_model=7))
     c = build_model(AEConfig(model_type="linear", y_pixels=8, x_pixels=8, n_ae_latents=3, rng_seed_model=8))
-    assert torch.equal(a.coder.to_latents.weight, b.coder.to_latents.weight)
-    assert not torch.equal(a.coder.to_latents.weight, c.coder.to_latents.weight)
+    assert torch.equal(a.coder.encoders[0].weight, b.coder.encoders[0].weight)
+    assert not torch.equal(a.coder.encoders[0].weight, c.coder.encoders[0].weight)
     assert a(torch.rand(2, 1, 8, 8))[0].shape == (2, 1, 8, 8)
 
 

@@ -31,7 +31,7 @@ def syllables(run_id, out, clips, min_frames, fps, store, tracking_uri):
     from bnet.data import open_session
     from bnet.data.exports import read_export
     from bnet.errors import TrackingError
-    from bnet.plotting.movies import state_segments, write_syllable_movie
+    from bnet.plotting.movies import state_segments, write_panel_movie
     from bnet.tracking import conventions as tags
     from bnet.tracking.registry import download_artifact, resolve_upstream
 
@@ -56,5 +56,5 @@ def syllables(run_id, out, clips, min_frames, fps, store, tracking_uri):
         titles.append(f"state {state} ({len(segments)} clips)")
     if out is None:
         out = f"syllables-{run.run_id[:8]}.{'mp4' if animation.writers.is_available('ffmpeg') else 'gif'}"
-    written = write_syllable_movie(panels, titles, out, fps)
+    written = write_panel_movie(panels, titles, out, fps)
     click.echo(f"wrote {written}: {n_states} states, up to {clips} clips each (channel 0)")

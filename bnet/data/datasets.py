@@ -7,6 +7,8 @@ training loop needs no collation. Images come out as float32 in [0, 1].
 
 from __future__ import annotations
 
+import math
+
 import h5py
 import numpy as np
 import torch
@@ -84,3 +86,48 @@ class TrialBatches(torch.utils.data.Dataset):
     def trial_batches(self, trial: int) -> list[dict[str, torch.Tensor]]:
         """All batches of one trial, in frame order (for exporting per-trial outputs)."""
         return [self[i] for i, (t, _, _) in enumerate(self.index) if t == trial]
+
+
+class SessionBatches(torch.utils.data.Dataset):
+    """Batches of several sessions' splits, each tagged with its session's index
+    (``batch["session"]``, one entry per frame) for session-specific layers and losses.
+
+    Args:
+        per_session: one :class:`TrialBatches` per session, in session-index order.
+        mix: sessions per batch; 1 serves each session's batches as they are, k > 1
+            concatenates batches of k different sessions (``msps-vae``'s training batches),
+            each session's batches used in turn so every one is seen once per epoch.
+    """
+
+    def __init__(self, per_session: list[TrialBatches], mix: int = 1):
+        if mix > len(per_session):
+            raise ConfigError(f"n_sessions_per_batch is {mix} but only {len(per_session)} sessions are fitted")
+        self.per_session = per_session
+        self.n_frames = sum(b.n_frames for b in per_session)
+        items = [(s, i) for s, batches in enumerate(per_session) for i in range(len(batches))]
+        if mix == 1:
+            self.index = [[item] for item in items]
+            return
+        n_batches = math.ceil(len(items) / mix)
+        cursor = [0] * len(per_session)
+        self.index = []
+        for j in range(n_batches):
+            group = []
+            for m in range(mix):
+                s = (j * mix + m) % len(per_session)
+                group.append((s, cursor[s] % len(per_session[s])))
+                cursor[s] += 1
+            self.index.append(group)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        parts = []
+        for s, j in self.index[i]:
+            batch = self.per_session[s][j]
+            n = next(iter(batch.values())).shape[0]
+            parts.append({**batch, "session": torch.full((n,), s, dtype=torch.long)})
+        if len(parts) == 1:
+            return parts[0]
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

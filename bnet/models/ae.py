@@ -1,38 +1,69 @@
-"""Autoencoders: BehaveNet's default convolutional AE and a linear AE.
+"""The autoencoder family's common parts: its config, the conv and linear architectures,
+and the plain autoencoder (``ae``) every other class of the family extends.
 
-The conv architecture is BehaveNet's paper default: five conv layers of 32-64-128-256-512
-channels, kernel 5, strides 2-2-2-2-5 with TensorFlow-style 'same' zero padding and
-LeakyReLU(0.05), a linear layer to the latents, and the mirror-image decoder of transposed
-convolutions ending in a sigmoid (1x128x128 -> 8,758,285 parameters at 12 latents).
+The conv architecture defaults to BehaveNet's paper default: five conv layers of
+32-64-128-256-512 channels, kernel 5, strides 2-2-2-2-5 with TensorFlow-style 'same' zero
+padding and LeakyReLU(0.05), a linear layer to the latents, and the mirror-image decoder of
+transposed convolutions ending in a sigmoid (1x128x128 -> 8,758,285 parameters at 12
+latents). Other depths, widths and kernels come from an ``ae_arch_json`` file or from the
+searchable ``ae_n_conv_layers`` / ``ae_first_channels`` / ``ae_kernel_size``
+(:mod:`bnet.models.ae_arch`).
+
+A model of the family computes its loss as named terms (:meth:`AutoEncoder.loss_terms`,
+``loss`` the total), which the training loop averages per epoch and the trials log.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from bnet.errors import ConfigError
+from bnet.models.ae_losses import masked_mse
 from bnet.models.registry import register
 
 CONV_CHANNELS = (32, 64, 128, 256, 512)
 CONV_STRIDES = (2, 2, 2, 2, 5)
-CONV_KERNEL = 5
+CONV_KERNELS = (5, 5, 5, 5, 5)
 LEAKY_SLOPE = 0.05
 
 
 @dataclass
 class AEConfig:
-    """An autoencoder (BehaveNet's ``model`` config keys).
+    """A model of the autoencoder family (BehaveNet's ``model`` config keys; dotted names
+    such as ``vae.beta`` are BehaveNet's and map to the underscored fields).
 
     Attributes:
-        model_class: ``ae``.
-        model_type: ``conv`` (BehaveNet's default architecture) or ``linear``.
-        n_ae_latents: latent dimensions.
+        model_class: ``ae``, ``vae``, ``beta-tcvae``, ``cond-ae``, ``cond-vae``,
+            ``cond-ae-msp``, ``ps-vae``, ``msps-vae`` or ``labels-images``.
+        model_type: ``conv`` or ``linear``.
+        n_ae_latents: latent dimensions; for ``ps-vae`` and ``msps-vae`` the unsupervised
+            ones (the model adds one supervised latent per label and ``n_background``).
         n_input_channels, y_pixels, x_pixels: frame shape (filled from the data).
+        n_labels: label dimensions (filled from the data for classes that read labels).
+        n_sessions: sessions the model is fitted to (filled from the data).
+        fit_sess_io_layers: one first encoder layer and one last decoder layer per session,
+            the rest shared (sessions filmed with different cameras or lighting).
+        conv_channels, conv_kernels, conv_strides: the encoder's conv layers (the decoder
+            mirrors them); set from ``ae_arch_json`` or the architecture search keys.
+        conditional_encoder: conditional classes also feed the labels to the encoder.
+        vae_beta (``vae.beta``): weight of the KL term of ``vae`` and ``cond-vae``.
+        vae_beta_anneal_epochs (``vae.beta_anneal_epochs``): epochs over which that weight
+            rises linearly from 0 (0: no annealing).
+        beta_tcvae_beta (``beta_tcvae.beta``): weight of the total correlation.
+        beta_tcvae_beta_anneal_epochs (``beta_tcvae.beta_anneal_epochs``): its annealing.
+        msp_alpha (``msp.alpha``): weight of the matrix subspace projection loss.
+        ps_vae_alpha (``ps_vae.alpha``): weight of the label reconstruction.
+        ps_vae_beta (``ps_vae.beta``): weight of the unsupervised latents' total correlation.
+        ps_vae_delta (``ps_vae.delta``): weight of ``msps-vae``'s triplet loss.
+        ps_vae_anneal_epochs (``ps_vae.anneal_epochs``): epochs over which the KL terms'
+            weights rise from 0.
+        n_background: ``msps-vae``'s background latents (what differs between sessions).
+        n_sessions_per_batch: sessions each ``msps-vae`` training batch mixes (2-4).
         l2_reg: weight decay of the optimiser.
         rng_seed_model: seed of the weight initialisation.
     """
@@ -43,6 +74,24 @@ class AEConfig:
     n_input_channels: int = 1
     y_pixels: int = 64
     x_pixels: int = 64
+    n_labels: int = 0
+    n_sessions: int = 1
+    fit_sess_io_layers: bool = False
+    conv_channels: tuple = CONV_CHANNELS
+    conv_kernels: tuple = CONV_KERNELS
+    conv_strides: tuple = CONV_STRIDES
+    conditional_encoder: bool = False
+    vae_beta: float = field(default=1.0, metadata={"key": "vae.beta"})
+    vae_beta_anneal_epochs: int = field(default=0, metadata={"key": "vae.beta_anneal_epochs"})
+    beta_tcvae_beta: float = field(default=1.0, metadata={"key": "beta_tcvae.beta"})
+    beta_tcvae_beta_anneal_epochs: int = field(default=0, metadata={"key": "beta_tcvae.beta_anneal_epochs"})
+    msp_alpha: float = field(default=1.0, metadata={"key": "msp.alpha"})
+    ps_vae_alpha: float = field(default=1.0, metadata={"key": "ps_vae.alpha"})
+    ps_vae_beta: float = field(default=1.0, metadata={"key": "ps_vae.beta"})
+    ps_vae_delta: float = field(default=1.0, metadata={"key": "ps_vae.delta"})
+    ps_vae_anneal_epochs: int = field(default=0, metadata={"key": "ps_vae.anneal_epochs"})
+    n_background: int = 0
+    n_sessions_per_batch: int = 1
     l2_reg: float = 0.0
     rng_seed_model: int = 0
 
@@ -56,6 +105,24 @@ class AEConfig:
             raise ConfigError(f"n_ae_latents must be at least 1, got {self.n_ae_latents}")
         if self.l2_reg < 0:
             raise ConfigError(f"l2_reg must be non-negative, got {self.l2_reg}")
+        layers = (len(self.conv_channels), len(self.conv_kernels), len(self.conv_strides))
+        if len(set(layers)) != 1 or layers[0] < 1:
+            raise ConfigError(f"the conv architecture needs as many channels, kernels and strides, at least one "
+                              f"layer each (got {layers[0]}, {layers[1]}, {layers[2]})")
+        for name in ("vae_beta", "beta_tcvae_beta", "msp_alpha", "ps_vae_alpha", "ps_vae_beta", "ps_vae_delta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{parameter_name(name)} must be non-negative, got {getattr(self, name)}")
+
+
+def parameter_name(field_name: str) -> str:
+    """A config field's hyperparameter name as users write it (``vae_beta`` -> ``vae.beta``)."""
+    for f in AE_FIELDS:
+        if f.name == field_name:
+            return f.metadata.get("key", f.name)
+    return field_name
+
+
+AE_FIELDS = tuple(AEConfig.__dataclass_fields__.values())
 
 
 def same_padding(size: int, stride: int, kernel: int) -> tuple[int, int, int]:
@@ -89,8 +156,31 @@ def patch_conv_transpose(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Ten
     return patches.reshape(batch, out_channels, height * k, width * k) + conv.bias.view(1, -1, 1, 1)
 
 
+def per_session(layers: nn.ModuleList, x: torch.Tensor, session: torch.Tensor | None, run) -> torch.Tensor:
+    """``run(layers[s], x)`` with each frame's own session's layer (one layer: all frames)."""
+    if len(layers) == 1 or session is None:
+        return run(layers[0], x)
+    present = torch.unique(session)
+    if present.numel() == 1:
+        return run(layers[int(present)], x)
+    parts = {int(s): run(layers[int(s)], x[session == s]) for s in present}
+    out = x.new_empty((x.shape[0], *next(iter(parts.values())).shape[1:]))
+    for s, part in parts.items():
+        out[session == s] = part
+    return out
+
+
 class ConvCoder(nn.Module):
-    """BehaveNet's conv encoder and its mirror-image decoder.
+    """A conv encoder (conv layers with 'same' padding, then a linear layer) and its
+    mirror-image decoder (a linear layer, then transposed convolutions).
+
+    Args:
+        config: the architecture (``conv_*``), frame shape and session count.
+        n_outputs: encoder outputs (latents, or means and log-variances); 0 builds the
+            decoder alone.
+        n_extra_inputs: values appended to the encoder's flattened features (labels of a
+            conditional encoder).
+        n_decoder_inputs: decoder inputs (latents, plus labels for conditional decoders).
 
     Attributes:
         patch_gemm: compute layers whose stride equals their kernel as one GEMM (same
@@ -98,109 +188,207 @@ class ConvCoder(nn.Module):
             exactly BehaveNet's ops (benchmarks compare the two).
     """
 
-    def __init__(self, config: AEConfig):
+    def __init__(self, config: AEConfig, n_outputs: int, n_extra_inputs: int, n_decoder_inputs: int):
         super().__init__()
         self.patch_gemm = True
         self.pads: list[tuple[int, int, int, int]] = []
         self.sizes: list[tuple[int, int]] = [(config.y_pixels, config.x_pixels)]
-        in_channels = config.n_input_channels
-        encoder = []
-        for channels, stride in zip(CONV_CHANNELS, CONV_STRIDES):
+        channels = tuple(int(c) for c in config.conv_channels)
+        kernels = tuple(int(k) for k in config.conv_kernels)
+        strides = tuple(int(s) for s in config.conv_strides)
+        n_io = config.n_sessions if config.fit_sess_io_layers else 1
+        in_channels = (config.n_input_channels,) + channels[:-1]
+        for kernel, stride in zip(kernels, strides):
             y, x = self.sizes[-1]
-            y_out, top, bottom = same_padding(y, stride, CONV_KERNEL)
-            x_out, left, right = same_padding(x, stride, CONV_KERNEL)
+            y_out, top, bottom = same_padding(y, stride, kernel)
+            x_out, left, right = same_padding(x, stride, kernel)
             self.pads.append((left, right, top, bottom))
             self.sizes.append((y_out, x_out))
-            encoder.append(nn.Conv2d(in_channels, channels, CONV_KERNEL, stride))
-            in_channels = channels
-        self.encoder_convs = nn.ModuleList(encoder)
         y, x = self.sizes[-1]
-        self.bottleneck = (CONV_CHANNELS[-1], y, x)
-        flat = CONV_CHANNELS[-1] * y * x
-        self.to_latents = nn.Linear(flat, config.n_ae_latents)
-        self.from_latents = nn.Linear(config.n_ae_latents, flat)
-        out_channels = (config.n_input_channels,) + CONV_CHANNELS[:-1]
+        self.bottleneck = (channels[-1], y, x)
+        flat = channels[-1] * y * x
+        if n_outputs:
+            self.first_convs = nn.ModuleList(nn.Conv2d(in_channels[0], channels[0], kernels[0], strides[0])
+                                             for _ in range(n_io))
+            self.encoder_convs = nn.ModuleList(nn.Conv2d(in_channels[i], channels[i], kernels[i], strides[i])
+                                               for i in range(1, len(channels)))
+            self.to_latents = nn.Linear(flat + n_extra_inputs, n_outputs)
+        self.from_latents = nn.Linear(n_decoder_inputs, flat)
         self.decoder_convs = nn.ModuleList(
-            nn.ConvTranspose2d(CONV_CHANNELS[i], out_channels[i], CONV_KERNEL, CONV_STRIDES[i])
-            for i in reversed(range(len(CONV_CHANNELS)))
+            nn.ConvTranspose2d(channels[i], in_channels[i], kernels[i], strides[i])
+            for i in reversed(range(1, len(channels)))
         )
+        self.last_convs = nn.ModuleList(nn.ConvTranspose2d(channels[0], in_channels[0], kernels[0], strides[0])
+                                        for _ in range(n_io))
 
-    def _run_layer(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    def _run_layer(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.patch_gemm and conv.stride == conv.kernel_size:
             return patch_conv_transpose(x, conv) if isinstance(conv, nn.ConvTranspose2d) else patch_conv(x, conv)
         return conv(x)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        h = images
-        for conv, pad in zip(self.encoder_convs, self.pads):
-            h = F.leaky_relu(self._run_layer(F.pad(h, pad), conv), LEAKY_SLOPE)
-        return self.to_latents(h.flatten(1))
+    def encode(self, images: torch.Tensor, session: torch.Tensor | None = None,
+               extra: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.leaky_relu(per_session(self.first_convs, F.pad(images, self.pads[0]), session, self._run_layer),
+                         LEAKY_SLOPE)
+        for conv, pad in zip(self.encoder_convs, self.pads[1:]):
+            h = F.leaky_relu(self._run_layer(conv, F.pad(h, pad)), LEAKY_SLOPE)
+        h = h.flatten(1)
+        return self.to_latents(h if extra is None else torch.cat([h, extra.to(h.dtype)], 1))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.from_latents(latents), LEAKY_SLOPE)
+    def _crop(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        # The transposed conv is the adjoint of the padded conv: crop the same padding.
+        left, _, top, _ = self.pads[layer]
+        y, x = self.sizes[layer]
+        return h[:, :, top : top + y, left : left + x]
+
+    def decode(self, inputs: torch.Tensor, session: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.leaky_relu(self.from_latents(inputs), LEAKY_SLOPE)
         h = h.view(-1, *self.bottleneck)
-        n_layers = len(self.decoder_convs)
+        n_layers = len(self.decoder_convs) + 1
         for i, conv in enumerate(self.decoder_convs):
-            layer = n_layers - 1 - i
-            left, _, top, _ = self.pads[layer]
-            y, x = self.sizes[layer]
-            # The transposed conv is the adjoint of the padded conv: crop the same padding.
-            h = self._run_layer(h, conv)[:, :, top : top + y, left : left + x]
-            h = torch.sigmoid(h) if layer == 0 else F.leaky_relu(h, LEAKY_SLOPE)
-        return h
+            h = F.leaky_relu(self._crop(self._run_layer(conv, h), n_layers - 1 - i), LEAKY_SLOPE)
+        return torch.sigmoid(self._crop(per_session(self.last_convs, h, session, self._run_layer), 0))
 
 
 class LinearCoder(nn.Module):
-    """A linear encoder and decoder (the subspace PCA finds, fitted by gradient descent)."""
+    """A linear encoder and decoder (the subspace PCA finds, fitted by gradient descent);
+    with ``fit_sess_io_layers`` each session has its own pair."""
 
-    def __init__(self, config: AEConfig):
+    def __init__(self, config: AEConfig, n_outputs: int, n_extra_inputs: int, n_decoder_inputs: int):
         super().__init__()
         self.shape = (config.n_input_channels, config.y_pixels, config.x_pixels)
         n_pixels = math.prod(self.shape)
-        self.to_latents = nn.Linear(n_pixels, config.n_ae_latents)
-        self.from_latents = nn.Linear(config.n_ae_latents, n_pixels)
+        n_io = config.n_sessions if config.fit_sess_io_layers else 1
+        if n_outputs:
+            self.encoders = nn.ModuleList(nn.Linear(n_pixels + n_extra_inputs, n_outputs) for _ in range(n_io))
+        self.decoders = nn.ModuleList(nn.Linear(n_decoder_inputs, n_pixels) for _ in range(n_io))
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.to_latents(images.flatten(1))
+    def encode(self, images: torch.Tensor, session: torch.Tensor | None = None,
+               extra: torch.Tensor | None = None) -> torch.Tensor:
+        h = images.flatten(1)
+        h = h if extra is None else torch.cat([h, extra.to(h.dtype)], 1)
+        return per_session(self.encoders, h, session, lambda layer, x: layer(x))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.from_latents(latents).view(-1, *self.shape)
+    def decode(self, inputs: torch.Tensor, session: torch.Tensor | None = None) -> torch.Tensor:
+        return per_session(self.decoders, inputs, session, lambda layer, x: layer(x)).view(-1, *self.shape)
 
 
 AE_ARCHITECTURES: dict[str, type[nn.Module]] = {"conv": ConvCoder, "linear": LinearCoder}
 
 
-def masked_mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over the pixels the mask keeps (all pixels without a mask)."""
-    squared = (reconstruction - target) ** 2
-    if mask is None:
-        return squared.mean()
-    return (squared * mask).sum() / mask.sum().clamp_min(1.0)
+def anneal(weight: float, epochs: int, epoch: int, training: bool) -> float:
+    """A loss weight rising linearly from 0 over the first ``epochs`` training epochs
+    (reaching ``weight`` at epoch ``epochs - 1``); evaluation always uses the full weight,
+    so validation losses of different epochs compare."""
+    if not training or epochs <= 0:
+        return weight
+    return weight * min(1.0, (epoch + 1) / epochs)
 
 
 @register("ae", family="ae", config_type=AEConfig)
 class AutoEncoder(nn.Module):
-    """Frames -> latents -> frames; ``model_type`` picks the architecture."""
+    """Frames -> latents -> frames; the base of every class of the family.
+
+    Subclasses say how many values the encoder produces (:attr:`n_encoder_outputs`), what
+    the decoder reads (:meth:`decoder_inputs`) and which terms make the loss
+    (:meth:`loss_terms`). ``encode`` returns the latents downstream stages read (posterior
+    means for variational classes).
+    """
+
+    uses_labels = False  # the class needs the session's labels
+    variational = False
+    has_encoder = True  # False: a decoder alone (no encoder layers are built)
+    exports_latents = True
 
     def __init__(self, config: AEConfig):
         super().__init__()
         config.validate()
         self.config = config
+        self.check_config(config)
+        self.epoch = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.rng_seed_model)
-            self.coder = AE_ARCHITECTURES[config.model_type](config)
+            self.coder = AE_ARCHITECTURES[config.model_type](
+                config, self.n_encoder_outputs if self.has_encoder else 0, self.n_encoder_extra_inputs,
+                self.n_decoder_inputs)
+            self.build_heads()
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.coder.encode(images)
+    def check_config(self, config: AEConfig) -> None:
+        """Raise a ConfigError if the class cannot be built from ``config``."""
+        if self.uses_labels and config.n_labels < 1:
+            raise ConfigError(f"model_class '{config.model_class}' needs labels (n_labels is {config.n_labels}): "
+                              f"fit it to a session with a 'labels' group")
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.coder.decode(latents)
+    def build_heads(self) -> None:
+        """Layers beyond the coder (label readouts, projections)."""
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = self.encode(images)
-        return self.decode(latents), latents
+    @property
+    def n_latents(self) -> int:
+        """Dimensions of the latents ``encode`` returns."""
+        return self.config.n_ae_latents
+
+    @property
+    def n_encoder_outputs(self) -> int:
+        return 2 * self.n_latents if self.variational else self.n_latents
+
+    @property
+    def n_encoder_extra_inputs(self) -> int:
+        return self.config.n_labels if self.config.conditional_encoder and self.uses_labels else 0
+
+    @property
+    def n_decoder_inputs(self) -> int:
+        return self.n_latents
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch about to run (annealed loss weights follow it)."""
+        self.epoch = epoch
+
+    def posterior(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder outputs: (latents, None), or (means, log-variances) for variational classes."""
+        extra = clean_labels(batch) if self.n_encoder_extra_inputs else None
+        out = self.coder.encode(batch["images"], batch.get("session"), extra)
+        if not self.variational:
+            return out, None
+        return out[:, : self.n_latents], out[:, self.n_latents :]
+
+    def decoder_inputs(self, latents: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return latents
+
+    def encode(self, images: torch.Tensor, session: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        batch = {"images": images, **({"session": session} if session is not None else {}),
+                 **({"labels": labels} if labels is not None else {})}
+        return self.posterior(batch)[0]
+
+    def decode(self, latents: torch.Tensor, session: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        batch = {"labels": labels} if labels is not None else {}
+        return self.coder.decode(self.decoder_inputs(latents, batch), session)
+
+    def forward(self, images: torch.Tensor, session: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = self.encode(images, session, labels)
+        return self.decode(latents, session, labels), latents
+
+    def reconstruct(self, batch: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+        return self.coder.decode(self.decoder_inputs(latents, batch), batch.get("session"))
+
+    def pixel_mse(self, batch: dict[str, torch.Tensor], reconstruction: torch.Tensor) -> torch.Tensor:
+        return masked_mse(reconstruction.float(), batch["images"], batch.get("masks"))
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss (``loss``) and its named terms on one batch, each a frame mean."""
+        latents, _ = self.posterior(batch)
+        mse = self.pixel_mse(batch, self.reconstruct(batch, latents))
+        return {"loss": mse, "pixel_mse": mse}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Masked MSE of the reconstruction of ``batch['images']``."""
-        reconstruction, _ = self(batch["images"])
-        return masked_mse(reconstruction.float(), batch["images"], batch.get("masks"))
+        return self.loss_terms(batch)["loss"]
+
+
+def clean_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labels as model inputs: unobserved ones (NaN or masked) read as 0."""
+    labels = batch["labels"]
+    masks = batch.get("labels_masks")
+    observed = torch.isfinite(labels) if masks is None else torch.isfinite(labels) & (masks != 0)
+    return torch.where(observed, labels, torch.zeros_like(labels))

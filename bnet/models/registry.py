@@ -66,5 +66,7 @@ def config_from_dict(values: dict[str, Any]):
 
 def _load_builtin_models() -> None:
     # Importing the model modules runs their @register decorators.
-    from bnet.models import ae, decoders, ensemble  # noqa: F401
+    from bnet.models import (  # noqa: F401
+        ae, beta_tcvae, conditional, decoders, ensemble, labels_images, msp, msps_vae, ps_vae, vae,
+    )
     from bnet.models.arhmm import registered  # noqa: F401

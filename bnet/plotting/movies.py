@@ -1,4 +1,5 @@
-"""Syllable movies: clips of frames from each discrete state, one panel per state."""
+"""Movies of panels side by side: syllable clips (one panel per discrete state), latent
+traversals (one panel per latent)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,21 @@ def state_segments(states: dict[int, np.ndarray], state: int, min_frames: int) -
     return segments
 
 
-def write_syllable_movie(panels: list[np.ndarray], titles: list[str], path: str | Path, fps: int = 20) -> Path:
-    """Write a movie with one panel per state; ``panels[k]`` is (T, Y, X) in [0, 1].
+def ffmpeg_available() -> bool:
+    """Whether matplotlib can write mp4: ffmpeg on the PATH, or the binary imageio-ffmpeg ships."""
+    if animation.writers.is_available("ffmpeg"):
+        return True
+    try:
+        import imageio_ffmpeg
+
+        matplotlib.rcParams["animation.ffmpeg_path"] = imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return animation.writers.is_available("ffmpeg")
+
+
+def write_panel_movie(panels: list[np.ndarray], titles: list[str], path: str | Path, fps: int = 20) -> Path:
+    """Write a movie of panels side by side; ``panels[k]`` is (T, Y, X) in [0, 1].
 
     ``.mp4`` needs ffmpeg (matplotlib's FFMpegWriter); ``.gif`` is written with Pillow.
     """
@@ -36,9 +50,9 @@ def write_syllable_movie(panels: list[np.ndarray], titles: list[str], path: str 
     if path.suffix == ".gif":
         writer = animation.PillowWriter(fps=fps)
     elif path.suffix == ".mp4":
-        if not animation.writers.is_available("ffmpeg"):
-            raise BnetError(f"{path}: writing .mp4 needs ffmpeg on the PATH (apt-get install ffmpeg), "
-                            f"or ask for a .gif instead")
+        if not ffmpeg_available():
+            raise BnetError(f"{path}: writing .mp4 needs ffmpeg (pip install imageio-ffmpeg, or apt-get install "
+                            f"ffmpeg), or ask for a .gif instead")
         writer = animation.FFMpegWriter(fps=fps)
     else:
         raise BnetError(f"{path}: movies are .mp4 (ffmpeg) or .gif")

@@ -184,3 +184,21 @@ def get_run(run_id: str, store: Store | None = None) -> RunSummary:
         return RunSummary.from_run(client.get_run(run_id))
     except MlflowException:
         raise TrackingError(f"no run with id '{run_id}' in the tracking store") from None
+
+
+def fitted_datasets(store: Store) -> set[str]:
+    """The ``lab/expt/animal/session`` ids that finished trials in the store were fitted to
+    (multi-session fits count for each member): BehaveNet's ``all_source: save``."""
+    client = connect(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found: set[str] = set()
+    if not experiments:
+        return found
+    token = None
+    while True:
+        page = client.search_runs(experiments, trial_filter(), max_results=1000, page_token=token)
+        for run in page:
+            found.update(d for d in run.data.tags.get(tags.TAG_DATASET, "").split("+") if d.count("/") == 3)
+        token = page.token
+        if not token:
+            return found

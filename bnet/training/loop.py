@@ -64,11 +64,16 @@ class TrainingConfig:
 
 @dataclass
 class EpochRecord:
+    """One epoch: losses, and every named loss term the model reports (``pixel_mse``,
+    ``kl``, ``label_mse``...) averaged over the epoch's frames."""
+
     epoch: int
     train_loss: float
     val_loss: float | None
     seconds: float
     frames: int
+    train_terms: dict[str, float] = field(default_factory=dict)
+    val_terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,32 +152,59 @@ def _n_frames(batch: dict[str, torch.Tensor]) -> int:
     return next(iter(batch.values())).shape[0]
 
 
+def loss_terms(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's named loss terms (``loss`` the total); a model with only ``loss`` has one."""
+    if hasattr(model, "loss_terms"):
+        return model.loss_terms(batch)
+    return {"loss": model.loss(batch)}
+
+
+class TermAverages:
+    """Frame-weighted running means of named loss terms."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.frames = 0
+
+    def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach()) * n
+        self.frames += n
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.frames, 1) for name, total in self.sums.items()}
+
+
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device = torch.device("cpu")) -> float:
-    """Frame-weighted mean loss over a dataset's batches, in float32.
+def evaluate_terms(model, batches, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Frame-weighted mean of every loss term over a dataset's batches, in float32.
 
     Selection and test metrics are always float32 so they do not depend on the precision
     the model was trained in, and a reloaded model reproduces them.
     """
     model.to(device).eval()
-    total, frames = 0.0, 0
+    averages = TermAverages()
     for i in range(len(batches)):
         batch = _to_device(batches[i], device)
-        n = _n_frames(batch)
-        total += float(model.loss(batch)) * n
-        frames += n
-    return total / max(frames, 1)
+        averages.add(loss_terms(model, batch), _n_frames(batch))
+    return averages.means()
 
 
-def train_step(model, optimizer, batch: dict[str, torch.Tensor], device: torch.device, precision: str) -> float:
-    """One optimiser step on one batch; returns the batch loss."""
+def evaluate(model, batches, device: torch.device = torch.device("cpu")) -> float:
+    """Frame-weighted mean loss over a dataset's batches, in float32."""
+    return evaluate_terms(model, batches, device)["loss"]
+
+
+def train_step(model, optimizer, batch: dict[str, torch.Tensor], device: torch.device,
+               precision: str) -> dict[str, torch.Tensor]:
+    """One optimiser step on one batch; returns the batch's loss terms (``loss`` the total)."""
     batch = _to_device(batch, device)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model.loss(batch)
-    loss.backward()
+        terms = loss_terms(model, batch)
+    terms["loss"].backward()
     optimizer.step()
-    return float(loss.detach())
+    return terms
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -214,28 +246,32 @@ def fit(
     for epoch in range(config.max_n_epochs):
         epoch_start = time.perf_counter()
         model.train()
-        total, frames = 0.0, 0
+        if hasattr(model, "set_epoch"):
+            model.set_epoch(epoch)  # annealed loss weights
+        averages = TermAverages()
         for i in rng.permutation(len(train_batches)):
             batch = train_batches[int(i)]
-            n = _n_frames(batch)
-            total += train_step(model, optimizer, batch, device, precision) * n
-            frames += n
+            averages.add(train_step(model, optimizer, batch, device, precision), _n_frames(batch))
         train_seconds += time.perf_counter() - epoch_start
+        frames = averages.frames
         train_frames_seen += frames
-        train_loss = total / max(frames, 1)
+        train_terms = averages.means()
+        train_loss = train_terms.pop("loss")
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}")
 
-        val_loss = None
+        val_loss, val_terms = None, {}
         if (epoch + 1) % config.val_check_interval == 0 or epoch + 1 == config.max_n_epochs:
-            val_loss = evaluate(model, val_batches, device)
+            val_terms = evaluate_terms(model, val_batches, device)
+            val_loss = val_terms.pop("loss")
             model.train()
             if val_loss < best_val:
                 best_val, best_epoch, stale_epochs = val_loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale_epochs += config.val_check_interval
-        record = EpochRecord(epoch, train_loss, val_loss, time.perf_counter() - epoch_start, frames)
+        record = EpochRecord(epoch, train_loss, val_loss, time.perf_counter() - epoch_start, frames,
+                             train_terms, val_terms)
         history.append(record)
         for callback in callbacks:
             callback.on_epoch_end(record)

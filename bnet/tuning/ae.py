@@ -1,30 +1,44 @@
-"""The autoencoder family: studies of AEs on one session (``bnet tune ae``).
+"""The autoencoder family: studies of every AE class on one session or several
+(``bnet tune ae``).
 
-Everything about the inputs is checked before the first run is created (data file, config
+Every class of the family (``ae``, ``vae``, ``beta-tcvae``, ``cond-ae``, ``cond-vae``,
+``cond-ae-msp``, ``ps-vae``, ``msps-vae``, ``labels-images``) is fitted by the same trials:
+its named loss terms are logged per epoch (``val_<term>``) and at the best epoch
+(``best_val_<term>``, ``test_<term>``), label-reading classes add label R², PS-VAEs the
+mean absolute correlation of their unsupervised latents and MSPS-VAEs the accuracy of a
+classifier telling sessions apart from them. Any of these final metrics can be a study's
+objective (``tuning.metric``), or several at once (a multi-objective study).
+
+Everything about the inputs is checked before the first run is created (data files, config
 keys, model class, search ranges, splits), so bad input leaves nothing in the store.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
 
-from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values
+from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values, named_values
 from bnet.data import TrialBatches, open_session
+from bnet.data.datasets import SessionBatches
 from bnet.data.exports import write_export
 from bnet.data.session import Session
+from bnet.data.sessions import SessionGroup, export_name, members, select_sessions, wants_several
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_entry
 from bnet.models.ae import AEConfig
+from bnet.models.ae_arch import architecture_values, estimate_memory_gb
+from bnet.models.ae_losses import label_mask, mean_abs_correlation, r2_score
 from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
+from bnet.tracking.query import fitted_datasets
 from bnet.tracking.store import Store
-from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate, fit, resolve_device, resolve_precision
+from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate_terms, fit, resolve_device, resolve_precision
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, training_configs
 from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
 from bnet.tuning.study import StudyOutcome, TrialContext
@@ -41,123 +55,296 @@ DEFAULT_SPACE = {
 # conv AE leaves its mean-image plateau after ~5 epochs, the pruner cuts the laggards.
 DEFAULT_BUDGET = {"max_n_epochs": 30, "min_n_epochs": 8, "early_stop_history": 5}
 
+# final metrics every class has, beyond its loss terms' best_val_/test_ values
+COMMON_METRICS = {"best_val_loss": "minimize", "test_loss": "minimize", "best_epoch": "minimize",
+                  "n_epochs": "minimize", "train_frames_per_s": "maximize", "fit_seconds": "minimize"}
+LABEL_METRICS = {"val_label_r2": "maximize", "test_label_r2": "maximize"}
+PS_METRICS = {"val_unsup_corr": "minimize", "test_unsup_corr": "minimize"}
+SESSION_METRICS = {"val_session_accuracy": "minimize", "test_session_accuracy": "minimize"}
 
-def _check_image_shape(session: Session, values: dict[str, Any]) -> None:
-    for key, actual in zip(("n_input_channels", "y_pixels", "x_pixels"), session.image_shape):
+
+def _check_image_shape(data: Session | SessionGroup, values: dict[str, Any]) -> None:
+    for key, actual in zip(("n_input_channels", "y_pixels", "x_pixels"), data.image_shape):
         wanted = values.get(key)
         if wanted is not None and not isinstance(wanted, (Categorical, Range)) and int(wanted) != actual:
-            raise DataError(f"{session.path}: images are {session.image_shape} (C, Y, X) but the config sets {key}={wanted}")
+            raise DataError(f"{data.path}: images are {data.image_shape} (C, Y, X) but the config sets {key}={wanted}")
+
+
+def _model_classes(values: dict[str, Any]) -> list[str]:
+    chosen = values.get("model_class", "ae")
+    return list(chosen.choices) if isinstance(chosen, Categorical) else [str(chosen)]
+
+
+def _uses_labels(model_class: str) -> bool:
+    return model_entry(model_class).builder.uses_labels
 
 
 class AETrials:
-    """Fits one autoencoder per trial on a session (the family's TrialFitter)."""
+    """Fits one model of the AE family per trial on one session or a group (the family's
+    TrialFitter)."""
 
-    def __init__(self, session: Session):
-        self.session = session
-        self._batches: dict[tuple, dict[str, TrialBatches]] = {}
+    def __init__(self, data: Session | SessionGroup):
+        self.data = data
+        self.sessions = members(data)
+        self._batches: dict[tuple, dict[str, SessionBatches]] = {}
 
     def configs(self, hparams: dict[str, Any]) -> tuple[AEConfig, TrainingConfig, ComputeConfig]:
-        C, Y, X = self.session.image_shape
-        model = dataclass_from_values(AEConfig, {**hparams, "n_input_channels": C, "y_pixels": Y, "x_pixels": X})
+        C, Y, X = self.data.image_shape
+        model_class = str(hparams.get("model_class", "ae"))
+        filled = {"n_input_channels": C, "y_pixels": Y, "x_pixels": X, "n_sessions": len(self.sessions),
+                  "n_labels": (self.data.n_labels or 0) if _uses_labels(model_class) else 0,
+                  **architecture_values(hparams, (Y, X))}
+        model = dataclass_from_values(AEConfig, {**hparams, **filled})
         model.validate()
+        if model.fit_sess_io_layers and len(self.sessions) < 2:
+            raise ConfigError("fit_sess_io_layers needs several sessions (sessions_csv or 'all')")
+        if model_class == "msps-vae" and len(self.sessions) < 2:
+            raise ConfigError("msps-vae separates sessions: fit it to several (sessions_csv or 'all')")
         return (model, *training_configs(hparams))
 
-    def batches(self, hparams: dict[str, Any], chunk: int | None) -> tuple[Any, dict[str, TrialBatches]]:
-        splits = session_splits(self.session, hparams)
-        signals = ("images", "masks") if hparams.get("use_output_mask") else ("images",)
-        key = (splits, chunk, signals)
+    def signals(self, model: AEConfig, hparams: dict[str, Any]) -> tuple[str, ...]:
+        signals = ["images"]
+        if hparams.get("use_output_mask"):
+            signals.append("masks")
+        if model.n_labels:
+            signals.append("labels")
+            if hparams.get("use_label_mask"):
+                signals.append("labels_masks")
+        return tuple(signals)
+
+    def batches(self, hparams: dict[str, Any], model: AEConfig, chunk: int | None):
+        splits = [session_splits(s, hparams) for s in self.sessions]
+        signals = self.signals(model, hparams)
+        key = (tuple(splits), chunk, signals, model.n_sessions_per_batch)
         if key not in self._batches:
-            self._batches = {key: {name: TrialBatches(self.session, splits[name], signals, chunk)
-                                   for name in ("train", "val", "test")}}
+            built = {}
+            for name in ("train", "val", "test"):
+                per_session = [TrialBatches(s, split[name], signals, chunk) for s, split in zip(self.sessions, splits)]
+                mix = model.n_sessions_per_batch if name == "train" and model.model_class == "msps-vae" else 1
+                built[name] = SessionBatches(per_session, mix)
+            self._batches = {key: built}
         return splits, self._batches[key]
 
+    def metric_names(self, hparams: dict[str, Any]) -> dict[str, str]:
+        """The final metrics a trial with these hyperparameters logs, with their better direction."""
+        model = build_model(self.configs(hparams)[0])
+        batch = {"images": torch.zeros((2, *self.data.image_shape)), "session": torch.zeros(2, dtype=torch.long)}
+        if model.config.n_labels:
+            batch["labels"] = torch.zeros((2, model.config.n_labels))
+        terms = [t for t in model.eval().loss_terms(batch) if t != "loss"]
+        names = dict(COMMON_METRICS)
+        for term in terms:
+            names[f"best_val_{term}"] = names[f"test_{term}"] = "minimize"
+        if model.config.model_class == "msps-vae":
+            names["train_triplet_at_best"] = "minimize"
+        if hasattr(model, "predict_labels"):
+            names.update(LABEL_METRICS)
+        if hasattr(model, "latent_groups"):
+            names.update(PS_METRICS)
+            if len(self.sessions) > 1:
+                names.update(SESSION_METRICS)
+        return names
+
     def check(self, hparams: dict[str, Any]) -> None:
-        if model_entry(str(hparams.get("model_class", "ae"))).family != FAMILY:
-            raise ConfigError(f"model_class '{hparams.get('model_class')}' is not an autoencoder")
-        self.configs(hparams)
-        session_splits(self.session, hparams)
-        if hparams.get("use_output_mask") and "masks" not in self.session.signals:
-            raise DataError(f"{self.session.path}: use_output_mask is set but there is no group 'masks'")
+        model_class = str(hparams.get("model_class", "ae"))
+        if model_entry(model_class).family != FAMILY:
+            raise ConfigError(f"model_class '{model_class}' is not an autoencoder")
+        model, _, _ = self.configs(hparams)
+        build_model(model)  # class-specific checks (latent counts, sessions per batch)
+        for session in self.sessions:
+            session_splits(session, hparams)
+            if hparams.get("use_output_mask") and "masks" not in session.signals:
+                raise DataError(f"{session.path}: use_output_mask is set but there is no group 'masks'")
+            if model.n_labels and hparams.get("use_label_mask") and "labels_masks" not in session.signals:
+                raise DataError(f"{session.path}: use_label_mask is set but there is no group 'labels_masks'")
 
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         model, training, compute = self.configs(hparams)
-        splits = session_splits(self.session, hparams)
-        params = {**asdict(model), **asdict(training), **asdict(compute), **split_settings(hparams),
+        splits = session_splits(self.sessions[0], hparams)
+        params = {**named_values(model), **named_values(training), **named_values(compute), **split_settings(hparams),
                   "use_output_mask": bool(hparams.get("use_output_mask", False)),
+                  "use_label_mask": bool(hparams.get("use_label_mask", False)),
+                  **({"mem_limit_gb": float(hparams["mem_limit_gb"])} if "mem_limit_gb" in hparams else {}),
                   **{f"n_{k}_trials": len(v) for k, v in splits.as_dict().items()}}
-        return params, {tags.TAG_MODEL_CLASS: model.model_class, tags.TAG_MODEL_TYPE: model.model_type}
+        run_tags = {tags.TAG_MODEL_CLASS: model.model_class, tags.TAG_MODEL_TYPE: model.model_type}
+        if isinstance(self.data, SessionGroup):
+            run_tags[tags.TAG_SESSION_HASHES] = self.data.session_hashes
+            run_tags[tags.TAG_N_SESSIONS] = len(self.sessions)
+        return params, run_tags
 
     def fit(self, context: TrialContext) -> TrialResult:
         hparams = context.hparams
         model_config, training, compute = self.configs(hparams)
-        splits, batches = self.batches(hparams, training.batch_size)
+        if "mem_limit_gb" in hparams:
+            needed = estimate_memory_gb(model_config, training.batch_size or max(max(s.n_frames) for s in self.sessions))
+            if needed > float(hparams["mem_limit_gb"]):
+                raise optuna.TrialPruned(f"skipped: this architecture needs about {needed:.1f} GB to train, "
+                                         f"over mem_limit_gb {hparams['mem_limit_gb']}")
+        splits, batches = self.batches(hparams, model_config, training.batch_size)
         device = resolve_device(compute.device)
         context.run.set_tags({"bnet.device": str(device), "bnet.precision": resolve_precision(compute.precision, device)})
         model = build_model(model_config)
+        if hasattr(model, "dataset_size"):
+            model.dataset_size = batches["train"].n_frames  # q(z)'s minibatch weighting
         max_epochs = training.max_n_epochs
 
         class Progress:
             def on_epoch_end(self, record: EpochRecord) -> None:
-                context.report(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss,
-                                              "frames_per_s": record.frames / record.seconds},
-                               max_epochs, shown=record.epoch + 1)
+                metrics = {"train_loss": record.train_loss, "val_loss": record.val_loss,
+                           "frames_per_s": record.frames / record.seconds,
+                           **{f"train_{k}": v for k, v in record.train_terms.items()},
+                           **{f"val_{k}": v for k, v in record.val_terms.items()}}
+                context.report(record.epoch, metrics, max_epochs, shown=record.epoch + 1)
 
         result = fit(model, batches["train"], batches["val"], training, weight_decay=model_config.l2_reg,
                      device=device, precision=compute.precision, callbacks=[Progress()])
-        test_loss = evaluate(model, batches["test"], device)
+        test_terms = evaluate_terms(model, batches["test"], device)
         best = result.history[result.best_epoch]
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
-                   "train_loss_at_best": best.train_loss, "test_loss": test_loss,
+                   "train_loss_at_best": best.train_loss, "test_loss": test_terms.pop("loss"),
                    "n_epochs": len(result.history), "train_frames_per_s": result.frames_per_second,
-                   "fit_seconds": result.train_seconds}
-        self._log_artifacts(context, model, model_config, training, result, splits, device, metrics)
+                   "fit_seconds": result.train_seconds,
+                   **{f"best_val_{k}": v for k, v in best.val_terms.items()},
+                   **{f"test_{k}": v for k, v in test_terms.items()}}
+        if "triplet" in best.train_terms:
+            metrics["train_triplet_at_best"] = best.train_terms["triplet"]  # only mixed (training) batches have one
+        outputs = {name: self._outputs(model, batches[name], device) for name in ("train", "val", "test")}
+        metrics.update(self._selection_metrics(model, outputs))
+        self._log_artifacts(context, model, model_config, training, result, splits, device, metrics, outputs)
         return TrialResult(metrics, model, {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss})
 
-    def _log_artifacts(self, context, model, model_config, training, result, splits, device, metrics) -> None:
+    @torch.no_grad()
+    def _outputs(self, model, batches: SessionBatches, device) -> dict[str, np.ndarray]:
+        """Latents, sessions and (for label-reading classes) labels and predictions of a split."""
+        model.to(device).eval()
+        parts: dict[str, list[np.ndarray]] = {"latents": [], "session": []}
+        for i in range(len(batches)):
+            batch = {k: v.to(device) for k, v in batches[i].items()}
+            latents = model.posterior(batch)[0].float()
+            parts["latents"].append(latents.cpu().numpy())
+            parts["session"].append(batch.get("session", torch.zeros(len(latents), dtype=torch.long)).cpu().numpy())
+            if hasattr(model, "predict_labels"):
+                labels = batch["labels"]
+                parts.setdefault("labels", []).append(labels.cpu().numpy())
+                parts.setdefault("label_mask", []).append(label_mask(labels, batch.get("labels_masks")).cpu().numpy())
+                parts.setdefault("predicted", []).append(model.predict_labels(latents).float().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _selection_metrics(self, model, outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+        metrics = {}
+        for split in ("val", "test"):
+            out = outputs[split]
+            if "predicted" in out:
+                metrics[f"{split}_label_r2"] = float(r2_score(
+                    torch.from_numpy(out["predicted"]), torch.from_numpy(out["labels"]),
+                    torch.from_numpy(out["label_mask"])))
+            if hasattr(model, "latent_groups"):
+                unsupervised = out["latents"][:, model.latent_groups()["unsupervised"]]
+                metrics[f"{split}_unsup_corr"] = float(mean_abs_correlation(torch.from_numpy(unsupervised)))
+                if len(self.sessions) > 1:
+                    metrics[f"{split}_session_accuracy"] = session_accuracy(
+                        outputs["train"]["latents"][:, model.latent_groups()["unsupervised"]],
+                        outputs["train"]["session"], unsupervised, out["session"], len(self.sessions))
+        if len(self.sessions) > 1 and hasattr(model, "latent_groups"):
+            metrics["session_accuracy_chance"] = 1.0 / len(self.sessions)
+        return metrics
+
+    def _log_artifacts(self, context, model, model_config, training, result, splits, device, metrics, outputs) -> None:
         run = context.run
-        if training.export_latents:
+        if training.export_latents and model.exports_latents:
             with tempfile.TemporaryDirectory() as tmp:
-                latents = encode_session(model, self.session, device)
-                path = write_export(Path(tmp) / "latents.hdf5", {"latents": latents}, splits,
-                                    {"run_id": run.run_id, "dataset": self.session.dataset_id})
-                run.log_file(path, tags.EXPORTS_DIR)
+                for index, (session, session_split) in enumerate(zip(self.sessions, splits)):
+                    latents = encode_session(model, session, device, index if len(self.sessions) > 1 else None,
+                                             labels=bool(model_config.n_labels))
+                    path = write_export(Path(tmp) / export_name("latents", session, self.data), {"latents": latents},
+                                        session_split, {"run_id": run.run_id, "dataset": session.dataset_id,
+                                                        "session_index": index})
+                    run.log_file(path, tags.EXPORTS_DIR)
         if training.export_train_plots:
             history = result.history
             val = [(r.epoch, r.val_loss) for r in history if r.val_loss is not None]
             run.log_figure(plot_training_curves(
                 [r.epoch for r in history], [r.train_loss for r in history],
                 [e for e, _ in val], [v for _, v in val], result.best_epoch,
-                f"{model_config.model_type} AE, {model_config.n_ae_latents} latents"), "training_curves")
+                f"{model_config.model_class} ({model_config.model_type}), {model_config.n_ae_latents} latents"),
+                "training_curves")
             run.log_figure(self._reconstruction_figure(model, splits, device, metrics), "reconstructions")
+            if hasattr(model, "latent_groups"):
+                from bnet.plotting.ps_vae import log_ps_vae_figures
+
+                log_ps_vae_figures(run, model, self.sessions[0], splits[0], outputs, metrics["test_label_r2"], device,
+                                   context.echo)
 
     def _reconstruction_figure(self, model, splits, device, metrics):
         rng = np.random.default_rng(0)
-        trials = list(splits.test)
-        picks = [(int(t), int(rng.integers(self.session.n_frames[self.session.trials.index(t)])))
+        session, split = self.sessions[0], splits[0]
+        trials = list(split.test)
+        picks = [(int(t), int(rng.integers(session.n_frames[session.trials.index(t)])))
                  for t in rng.choice(trials, size=min(6, len(trials) * 2), replace=len(trials) < 6)]
-        frames = np.stack([self.session.read("images", t)[i] for t, i in picks]).astype(np.float32) / 255
+        frames = np.stack([session.read("images", t)[i] for t, i in picks]).astype(np.float32) / 255
+        labels = (torch.from_numpy(np.stack([session.read("labels", t)[i] for t, i in picks]).astype(np.float32))
+                  if model.config.n_labels else None)
+        session_index = torch.zeros(len(picks), dtype=torch.long) if len(self.sessions) > 1 else None
         with torch.no_grad():
-            recon = model.to(device).eval()(torch.from_numpy(frames).to(device))[0].float().cpu().numpy()
+            model.to(device).eval()
+            recon = model(torch.from_numpy(frames).to(device), session_index,
+                          None if labels is None else labels.to(device))[0].float().cpu().numpy()
         return plot_reconstructions(frames, recon, [f"trial {t}, frame {i}" for t, i in picks],
-                                    f"test frames (test loss {metrics['test_loss']:.5f})")
+                                    f"{session.dataset_id}: test frames (test loss {metrics['test_loss']:.5g})")
+
+
+def session_accuracy(train_x: np.ndarray, train_sessions: np.ndarray, x: np.ndarray, sessions: np.ndarray,
+                     n_sessions: int, steps: int = 300) -> float:
+    """Held-out accuracy of a multinomial logistic regression telling sessions apart from
+    latents (fitted on the training split, standardised with its statistics): near chance
+    (1 / n_sessions) when the latents carry no session identity."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-8
+    features = torch.from_numpy((train_x - mean) / std).float()
+    targets = torch.from_numpy(train_sessions).long()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        classifier = torch.nn.Linear(features.shape[1], n_sessions)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(classifier(features), targets) + 1e-3 * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = classifier(torch.from_numpy((x - mean) / std).float()).argmax(1).numpy()
+    return float((predicted == sessions).mean())
 
 
 @torch.no_grad()
-def encode_session(model, session: Session, device: torch.device, chunk: int = 256) -> dict[int, np.ndarray]:
-    """Latents (T, n_latents) of every trial of a session."""
+def encode_session(model, session: Session, device: torch.device, session_index: int | None = None,
+                   labels: bool = False, chunk: int = 256) -> dict[int, np.ndarray]:
+    """Latents (T, n_latents) of every trial of a session (``session_index`` picks its
+    session-specific layers in a multi-session model; ``labels`` feeds conditional encoders)."""
     model.to(device).eval()
-    batches = TrialBatches(session, session.trials, ("images",), chunk)
+    signals = ("images", "labels") if labels else ("images",)
+    batches = TrialBatches(session, session.trials, signals, chunk)
     latents: dict[int, list[np.ndarray]] = {t: [] for t in session.trials}
     for i, (trial, _, _) in enumerate(batches.index):
-        images = batches[i]["images"].to(device).contiguous(memory_format=torch.channels_last)
-        latents[trial].append(model.encode(images).float().cpu().numpy())
+        batch = {k: v.to(device) for k, v in batches[i].items()}
+        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        if session_index is not None:
+            batch["session"] = torch.full((len(batch["images"]),), session_index, dtype=torch.long, device=device)
+        latents[trial].append(model.posterior(batch)[0].float().cpu().numpy())
     return {t: np.concatenate(parts) for t, parts in latents.items()}
 
 
 def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
-    session = open_session(resolve_data_path(request.values, request.data), require=("images",))
-    _check_image_shape(session, request.values)
-    return [PreparedStudy(session, AETrials(session), OBJECTIVE)]
+    values = request.values
+    require = ("images", "labels") if any(_uses_labels(c) for c in _model_classes(values)) else ("images",)
+    if wants_several(values) and not request.data:
+        data = select_sessions(values, require, fitted_sessions=lambda: fitted_datasets(store))
+    else:
+        data = open_session(resolve_data_path(values, request.data), require=require)
+    _check_image_shape(data, values)
+    return [PreparedStudy(data, AETrials(data), OBJECTIVE)]
 
 
 register_family(Family(

@@ -11,6 +11,7 @@ import numpy as np
 from bnet.config import dataclass_from_values
 from bnet.data.exports import read_export
 from bnet.data.session import Session, trial_name
+from bnet.data.sessions import session_slug, wants_several
 from bnet.data.splits import TrialSplits, split_trials
 from bnet.errors import ConfigError, DataError
 from bnet.tracking import conventions as tags
@@ -33,6 +34,9 @@ def training_configs(hparams: dict[str, Any]) -> tuple[TrainingConfig, ComputeCo
 
 def resolve_data_path(values: dict[str, Any], data: str | Path | None) -> Path:
     """``--data``, else ``data``, else BehaveNet's ``data_dir/lab/expt/animal/session``."""
+    if not data and wants_several(values):
+        raise ConfigError("sessions_csv and 'all' sessions are for autoencoders (bnet tune ae); later stages fit "
+                          "one session each: pass --data PATH or name one session")
     if data:
         return Path(data)
     if values.get("data"):
@@ -61,10 +65,18 @@ def upstream_run(family: str, reference: str | None, experiment: str | None, ses
     must have been fitted to this file too."""
     run = resolve_upstream(reference or "best", family, experiment, data_hash=session.data_hash, store=store)
     recorded = run.tags.get(tags.TAG_DATA_HASH)
-    if recorded != session.data_hash:
+    if recorded != session.data_hash and session.data_hash not in run.tags.get(tags.TAG_SESSION_HASHES, "").split(","):
         raise DataError(f"{session.path}: {family} run {run.run_id} was fitted to other data "
                         f"(data hash {recorded}, this file {session.data_hash})")
     return run
+
+
+def session_export_name(run: RunSummary, base: str, session: Session) -> str:
+    """The file a run exported ``base`` (latents, states) of one session to: per-session
+    names for multi-session fits (:func:`bnet.data.sessions.export_name`)."""
+    if session.data_hash in run.tags.get(tags.TAG_SESSION_HASHES, "").split(","):
+        return f"{base}.{session_slug(session)}.hdf5"
+    return f"{base}.hdf5"
 
 
 def upstream_export(run: RunSummary, name: str, group: str, session: Session,
@@ -72,7 +84,7 @@ def upstream_export(run: RunSummary, name: str, group: str, session: Session,
     """An upstream run's ``exports/<name>.hdf5`` group for every trial of the session, with
     the splits it was fitted on; None if the run exported nothing."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(run, f"{tags.EXPORTS_DIR}/{name}.hdf5", tmp, store)
+        path = download_artifact(run, f"{tags.EXPORTS_DIR}/{session_export_name(run, name, session)}", tmp, store)
         if path is None:
             return None
         values, splits = read_export(path, group)

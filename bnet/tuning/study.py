@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 
 from bnet.config import TuningConfig
 from bnet.data.session import Session
+from bnet.data.sessions import SessionGroup, members
 from bnet.errors import BnetError, ConfigError
 from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, is_transient, retry_transient
@@ -62,7 +63,7 @@ POLL_SECONDS = 5.0
 # differ between the workers and resumptions of one study.
 NOT_FITTED = {"data", "data_dir", "lab", "expt", "animal", "session", "device", "export_latents",
               "export_train_plots", "export_states", "ae_experiment_name", "ae_version",
-              "arhmm_experiment_name", "arhmm_version"}
+              "arhmm_experiment_name", "arhmm_version", "sessions_csv", "all_source", "ae_arch_json"}
 
 Echo = Callable[[str], None]
 
@@ -101,7 +102,7 @@ class StudySpec:
         return self.prepared.objective
 
     @property
-    def session(self) -> Session:
+    def session(self) -> Session | SessionGroup:
         return self.prepared.session
 
     @property
@@ -359,7 +360,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         )
         trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
         run.log_params(params)
-        run.log_dataset(spec.session.path, spec.session.dataset_id, spec.session.data_hash)
+        for member in members(spec.session):
+            run.log_dataset(member.path, member.dataset_id, member.data_hash)
         echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
         started = time.perf_counter()
 

@@ -1,0 +1,36 @@
+"""β-TCVAE (``beta-tcvae``, Chen et al. 2018): the VAE's KL split into index-code mutual
+information, total correlation and dimension-wise KL, the total correlation weighted by
+``beta_tcvae.beta`` (BehaveNet's weights: 1 on the other two, annealed from 0 alongside β)."""
+
+from __future__ import annotations
+
+import torch
+
+from bnet.models.ae import AEConfig, anneal
+from bnet.models.ae_losses import decomposed_kl
+from bnet.models.registry import register
+from bnet.models.vae import VAE
+
+DATASET_SIZE_DEFAULT = 10_000
+"""Frames ``q(z)`` is weighted for when the fit does not say (minibatch-weighted sampling)."""
+
+
+@register("beta-tcvae", family="ae", config_type=AEConfig)
+class BetaTCVAE(VAE):
+    dataset_size = DATASET_SIZE_DEFAULT  # set to the training set's frames by the trials
+
+    def kl_weights(self) -> tuple[float, float]:
+        """(weight of MI and DWKL, weight of TC) at this epoch."""
+        epochs = self.config.beta_tcvae_beta_anneal_epochs
+        return (anneal(1.0, epochs, self.epoch, self.training),
+                anneal(self.config.beta_tcvae_beta, epochs, self.epoch, self.training))
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mean, logvar = self.posterior(batch)
+        mean, logvar = mean.float(), logvar.float()
+        z = self.sample(mean, logvar)
+        terms = self.frame_terms(batch, z)
+        terms.update(decomposed_kl(z, mean, logvar, self.dataset_size))
+        k, beta = self.kl_weights()
+        terms["loss"] = terms["frame_nll"] + k * terms["mi"] + beta * terms["tc"] + k * terms["dwkl"]
+        return terms
