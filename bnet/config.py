@@ -136,9 +136,12 @@ class TuningConfig:
         pruner: ``median``, ``hyperband`` or ``none``; prunes on the family's per-step
             objective (per-epoch val loss, per-epoch val R², per-iteration val ll).
         metric: the run metric that ranks trials; default (None) the family's objective
-            (``best_val_loss``, ``val_ll_per_step``, ``val_r2`` or ``val_ll``), the only
-            one supported yet.
-        direction: ``minimize`` or ``maximize``; default the objective's.
+            (``best_val_loss``, ``val_ll_per_step``, ``val_r2`` or ``val_ll``). AE studies
+            may name any final metric their trials log (``best_val_pixel_mse``,
+            ``val_label_r2``, ``val_unsup_corr``...), or a list of them for a
+            multi-objective study (its answer is the Pareto front).
+        direction: ``minimize`` or ``maximize`` (a list, one per metric); default the
+            metric's natural direction.
         seed: sampler seed.
         study: Optuna study name (default: the experiment name).
     """
@@ -146,8 +149,8 @@ class TuningConfig:
     n_trials: int = 10
     sampler: str = "tpe"
     pruner: str = "median"
-    metric: str | None = None
-    direction: str | None = None
+    metric: str | list | None = None
+    direction: str | list | None = None
     seed: int | None = 0
     study: str | None = None
 
@@ -155,8 +158,16 @@ class TuningConfig:
         if self.n_trials < 1:
             raise ConfigError(f"n_trials must be at least 1, got {self.n_trials}")
         choices = {"sampler": ("tpe", "random", "grid"),
-                   "pruner": ("median", "hyperband", "none"),
-                   "direction": ("minimize", "maximize", None)}
+                   "pruner": ("median", "hyperband", "none")}
+        directions = self.direction if isinstance(self.direction, list) else [self.direction]
+        for direction in directions:
+            if direction not in ("minimize", "maximize", None):
+                raise ConfigError(f"tuning.direction '{direction}' is not one of minimize, maximize")
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if not all(m is None or isinstance(m, str) for m in metrics) or (isinstance(self.metric, list) and not metrics):
+            raise ConfigError(f"tuning.metric must be a metric name or a list of them, got {self.metric!r}")
+        if isinstance(self.direction, list) and len(directions) != len(metrics):
+            raise ConfigError(f"tuning.direction lists {len(directions)} directions for {len(metrics)} metrics")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(

@@ -164,8 +164,14 @@ def summary(outcome, resolved) -> None:
     for failure in outcome.failures:
         click.echo(f"  failed {failure.splitlines()[0][:200]}")
     if outcome.best_run_id:
-        click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, "
-                   f"{outcome.metric} {outcome.best_value:.6g} ({outcome.direction})")
+        if outcome.pareto:
+            click.echo(f"Pareto front ({len(outcome.pareto)} trials):")
+            for point in outcome.pareto:
+                values = "  ".join(f"{k} {v:.6g}" for k, v in point.values.items())
+                click.echo(f"  trial {point.trial}, run {point.run_id}: {values}")
+        else:
+            click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, "
+                       f"{outcome.metric} {outcome.best_value:.6g} ({outcome.direction})")
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:

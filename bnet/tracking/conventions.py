@@ -14,6 +14,7 @@ TAG_TRIAL = "bnet.trial"
 TAG_TRIAL_STATE = "bnet.trial_state"  # COMPLETE, PRUNED, FAIL (Optuna's words)
 TAG_OBJECTIVE = "bnet.objective"  # the metric the run's study optimised
 TAG_DIRECTION = "bnet.direction"  # minimize or maximize
+TAG_OBJECTIVES = "bnet.objectives"  # a multi-objective study's objectives ("minimize a, minimize b")
 TAG_CONFIG_HASH = "bnet.config_hash"  # family, data, upstream runs and every hyperparameter
 TAG_ERROR = "bnet.error"  # why a trial failed or was killed
 TAG_RETRY_OF = "bnet.retry_of_run"  # the run of a killed trial that this one fits again

@@ -37,16 +37,36 @@ class Objective:
         direction: ``minimize`` or ``maximize``, for ``metric`` and ``step_metric`` alike.
         step_metric: the per-step series (per epoch, per EM iteration) the pruner sees:
             the same quantity as ``metric`` on the same scale and direction, under its own
-            name (MLflow's latest value of a metric is the one with the highest step).
+            name (MLflow's latest value of a metric is the one with the highest step); ""
+            when the metric has no per-step series (nothing to prune on).
+        others: further ``(metric, direction)`` objectives of a multi-objective study, whose
+            answer is the Pareto front (not pruned: Optuna prunes single objectives only).
     """
 
     metric: str
     direction: str
     step_metric: str
+    others: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be minimize or maximize, got {self.direction!r}")
+        for direction in (self.direction, *(d for _, d in self.others)):
+            if direction not in DIRECTIONS:
+                raise ValueError(f"direction must be minimize or maximize, got {direction!r}")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric, *(m for m, _ in self.others))
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return (self.direction, *(d for _, d in self.others))
+
+    @property
+    def is_multi(self) -> bool:
+        return bool(self.others)
+
+    def describe(self) -> str:
+        return ", ".join(f"{d} {m}" for m, d in zip(self.metrics, self.directions))
 
 
 @dataclass(frozen=True)

@@ -111,11 +111,13 @@ class StudySpec:
         return {tags.TAG_FAMILY: self.family.name, tags.TAG_STUDY: self.study_name,
                 tags.TAG_DATASET: session.dataset_id, tags.TAG_DATA_HASH: session.data_hash,
                 tags.TAG_DATA_PATH: str(session.path), tags.TAG_OBJECTIVE: self.objective.metric,
-                tags.TAG_DIRECTION: self.objective.direction, **self.prepared.run_tags}
+                tags.TAG_DIRECTION: self.objective.direction,
+                **({tags.TAG_OBJECTIVES: self.objective.describe()} if self.objective.is_multi else {}),
+                **self.prepared.run_tags}
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when the study resumes."""
-        return {"family": self.family.name, "objective": self.objective.metric,
+        return {"family": self.family.name, "objective": ",".join(self.objective.metrics),
                 "data_hash": self.session.data_hash,
                 "upstream": {k: v for k, v in self.prepared.run_tags.items() if k.startswith(tags.UPSTREAM_TAG_PREFIX)},
                 "fixed": {k: str(v) for k, v in sorted(self.fixed.items()) if k not in NOT_FITTED}}
@@ -139,6 +141,15 @@ class TrialContext:
 
 
 @dataclass
+class ParetoPoint:
+    """A trial on a multi-objective study's Pareto front."""
+
+    trial: int
+    run_id: str
+    values: dict[str, float]
+
+
+@dataclass
 class StudyOutcome:
     study_name: str
     experiment: str
@@ -156,6 +167,7 @@ class StudyOutcome:
     metric: str
     direction: str = "minimize"
     failures: list[str] = field(default_factory=list)
+    pareto: list[ParetoPoint] = field(default_factory=list)
 
 
 def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None):
@@ -191,7 +203,7 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
     started on other data, other upstream runs or other fixed hyperparameters."""
     try:
         study = optuna.create_study(
-            study_name=spec.study_name, storage=storage, direction=spec.objective.direction,
+            study_name=spec.study_name, storage=storage, directions=list(spec.objective.directions),
             sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed), pruner=make_pruner(spec.tuning))
     except optuna.exceptions.DuplicatedStudyError:
         # a worker joining (or resuming) a study samples with a seed of its own: workers that
@@ -199,9 +211,10 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
         seed = None if spec.tuning.seed is None else zlib.crc32(f"{spec.tuning.seed}/{this_worker()}".encode())
         study = optuna.load_study(study_name=spec.study_name, storage=storage,
                                   sampler=make_sampler(spec.tuning, spec.space, seed), pruner=make_pruner(spec.tuning))
-    if study.direction.name.lower() != spec.objective.direction:
-        raise ConfigError(f"study '{spec.study_name}' exists with direction {study.direction.name.lower()}, "
-                          f"not {spec.objective.direction}; use another --study name")
+    recorded_directions = tuple(d.name.lower() for d in study.directions)
+    if recorded_directions != spec.objective.directions:
+        raise ConfigError(f"study '{spec.study_name}' exists with direction(s) {', '.join(recorded_directions)}, "
+                          f"not {', '.join(spec.objective.directions)}; use another --study name")
     wanted = spec.fingerprint()
     recorded = study.user_attrs.get(FINGERPRINT_ATTR)
     if recorded is None:
@@ -303,7 +316,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         run.log_params({**spec.fixed,
                         **{f"search.{k}": v for k, v in spec.space.describe().items()},
                         "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
-                        "tuning.metric": objective.metric, "tuning.direction": objective.direction})
+                        "tuning.metric": ",".join(objective.metrics),
+                        "tuning.direction": ",".join(objective.directions)})
         return run.run_id
 
     parent = tracker.reopen(parent_run_id(study, storage, create_parent))
@@ -324,12 +338,20 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     if done:
         echo(f"study '{spec.study_name}' resumes with {done} finished trials; {to_run} to go")
     else:
+        pruner = "none (multi-objective)" if objective.is_multi else spec.tuning.pruner
         echo(f"study '{spec.study_name}': {to_run} trials, sampler {spec.tuning.sampler}, "
-             f"pruner {spec.tuning.pruner}, objective {objective.direction} {objective.metric}")
+             f"pruner {pruner}, objective {objective.describe()}")
     stops = _StopRequests(echo)
     failures: list[str] = []
 
-    def objective_fn(trial: optuna.Trial) -> float:
+    def answer(metrics: dict[str, float]) -> float | tuple[float, ...]:
+        values = tuple(metrics.get(m) for m in objective.metrics)
+        bad = [m for m, v in zip(objective.metrics, values) if v is None or not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"the objective {bad[0]} is {metrics.get(bad[0])}")
+        return values if objective.is_multi else values[0]
+
+    def objective_fn(trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, this_worker())
         # straight from the database: the study's cache may hold a queued trial without the
         # attributes it was queued with (seen when this process queued it itself)
@@ -346,11 +368,11 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         identity = config_hash(spec, params)
         described = ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())
         same = tracker.find_config(experiment_id, identity)
-        if same is not None and objective.metric in same.metrics:
+        if same is not None and all(m in same.metrics for m in objective.metrics):
             trial.set_user_attr(MLFLOW_RUN_ATTR, same.run_id)
             trial.set_user_attr(DUPLICATE_ATTR, same.run_id)
             echo(f"trial {trial.number} {described}: already fitted on this data (run {same.run_id[:8]}), not refitted")
-            return same.metrics[objective.metric]
+            return answer(same.metrics)
         run = tracker.create_run(
             experiment_id, run_name=f"{spec.study_name}-trial-{trial.number:03d}",
             run_tags={tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL: trial.number,
@@ -372,7 +394,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
                 values = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if v is not None)
                 echo(f"  trial {trial.number} {spec.family.name} {spec.family.step_name} {shown}/{total}  {values}")
             stops.check()
-            value = metrics.get(objective.step_metric)
+            value = metrics.get(objective.step_metric) if objective.step_metric and not objective.is_multi else None
             if value is not None and math.isfinite(value):
                 trial.report(value, step)
                 if trial.should_prune():
@@ -381,9 +403,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         context = TrialContext(trial.number, hparams, run, echo, report)
         try:
             result = spec.prepared.fitter.fit(context)
-            value = result.metrics.get(objective.metric)
-            if value is None or not math.isfinite(value):
-                raise FloatingPointError(f"the objective {objective.metric} is {value}")
+            value = answer(result.metrics)
             nan = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v))
             if nan:
                 raise FloatingPointError(f"metric {', '.join(nan)} is NaN")
@@ -409,7 +429,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
             _release_device_memory()
             raise
         tracker.close(run.run_id, "FINISHED", "COMPLETE")
-        echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: {objective.metric} {value:.6g}")
+        shown = "  ".join(f"{m} {v:.6g}" for m, v in zip(objective.metrics, value if objective.is_multi else [value]))
+        echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: {shown}")
         return value
 
     in_a_row = {"failed": 0}
@@ -462,15 +483,27 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         raise TrialsKeepFailing(
             f"study '{spec.study_name}': {in_a_row['failed']} trials in a row failed, so this worker stopped "
             f"(last: {failures[-1]}). Finished trials are kept; fix the cause and re-run to resume")
-    best = study.best_trial if counts["COMPLETE"] else None
+    front = pareto_front(study, objective) if counts["COMPLETE"] else []
+    best = front[0] if front else None
     return StudyOutcome(
         study_name=spec.study_name, experiment=spec.experiment, experiment_id=experiment_id,
         parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
-        n_failed=counts["FAIL"], best_trial=best.number if best else None, best_value=best.value if best else None,
+        n_failed=counts["FAIL"], best_trial=best.number if best else None, best_value=best.values[0] if best else None,
         best_run_id=best.user_attrs.get(MLFLOW_RUN_ATTR) if best else None, tracking_uri=spec.store.tracking_uri,
         optuna_storage=spec.store.optuna_storage, ran_now=to_run, metric=objective.metric,
         direction=objective.direction, failures=failures,
+        pareto=[ParetoPoint(t.number, t.user_attrs.get(MLFLOW_RUN_ATTR, ""), dict(zip(objective.metrics, t.values)))
+                for t in front] if objective.is_multi else [],
     )
+
+
+def pareto_front(study: optuna.Study, objective: Objective) -> list[optuna.trial.FrozenTrial]:
+    """The study's answer: its best trial, or for a multi-objective study the Pareto front,
+    ordered by the first objective."""
+    if not objective.is_multi:
+        return [study.best_trial]
+    reverse = objective.direction == "maximize"
+    return sorted(study.best_trials, key=lambda t: t.values[0], reverse=reverse)
 
 
 def _log_answer(study: optuna.Study, parent: RunLogger, objective: Objective) -> None:
@@ -478,9 +511,16 @@ def _log_answer(study: optuna.Study, parent: RunLogger, objective: Objective) ->
     counts = _count(study)
     metrics = {"n_complete": counts["COMPLETE"], "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"]}
     if counts["COMPLETE"]:
-        best = study.best_trial
-        metrics[objective.metric] = best.value
+        front = pareto_front(study, objective)
+        best = front[0]
+        metrics.update(zip(objective.metrics, best.values))
         parent.set_tags({"bnet.best_trial": best.number, "bnet.best_run_id": best.user_attrs.get(MLFLOW_RUN_ATTR, "")})
+        if objective.is_multi:
+            metrics["pareto_size"] = len(front)
+            parent.set_tags({"bnet.pareto_trials": ",".join(str(t.number) for t in front)})
+            parent.log_text(json.dumps([{"trial": t.number, "run_id": t.user_attrs.get(MLFLOW_RUN_ATTR, ""),
+                                         **dict(zip(objective.metrics, t.values))} for t in front], indent=1),
+                            "pareto_front.json")
     parent.log_metrics(metrics)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnet.config import ProjectConfig, parse_value, plain_value
+from bnet.config import ProjectConfig, TuningConfig, parse_value, plain_value
 from bnet.errors import ConfigError
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
-from bnet.tuning.family import StudyRequest, get_family, merged_values
+from bnet.tuning.family import Objective, PreparedStudy, StudyRequest, get_family, merged_values
 from bnet.tuning.space import SearchSpace
 from bnet.tuning.study import Echo, StudyOutcome, StudySpec, run_study
 
@@ -31,6 +31,8 @@ def tune(
     pruner: str | None = None,
     seed: int | None = None,
     study: str | None = None,
+    metric: str | list | None = None,
+    direction: str | list | None = None,
     device: str | None = None,
     store: Store | None = None,
     echo: Echo = print,
@@ -47,7 +49,8 @@ def tune(
         ae, arhmm: the upstream run: ``best`` (the best one fitted to this file), a run id or
             ``models:/NAME@ALIAS``; ae_experiment, arhmm_experiment: where ``best`` looks.
         target: a decoder's behaviour target; labels: segment labels (ARHMM).
-        n_trials, sampler, pruner, seed, study: the search (``tuning`` in the config).
+        n_trials, sampler, pruner, seed, study, metric, direction: the search (``tuning`` in
+            the config; a list of metrics makes a multi-objective study).
         max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
         device: ``cpu``, ``cuda`` or ``auto``.
     """
@@ -57,7 +60,7 @@ def tune(
     config.override(**{declared.budget_key: max_steps, "device": device})
     tuning = config.tuning
     for name, value in (("n_trials", n_trials), ("sampler", sampler), ("pruner", pruner), ("seed", seed),
-                        ("study", study)):
+                        ("study", study), ("metric", metric), ("direction", direction)):
         if value is not None:
             setattr(tuning, name, value)
     tuning.validate()
@@ -81,10 +84,7 @@ def tune(
     for study in prepared:
         for point in space.check_points(fixed):
             study.fitter.check(point)
-        metric, direction = tuning.metric, tuning.direction
-        if (metric and metric != study.objective.metric) or (direction and direction != study.objective.direction):
-            raise ConfigError(f"{family} studies of this data optimise {study.objective.direction} "
-                              f"{study.objective.metric}; tuning.metric/direction cannot name another yet")
+        study.objective = chosen_objective(family, study, tuning, space.check_points(fixed))
     outcomes = []
     for study in prepared:
         upstream_runs = {key[len(tags.UPSTREAM_TAG_PREFIX):].removesuffix("_run_id"): run_id
@@ -92,10 +92,36 @@ def tune(
         recipe = {"family": family, "experiment": experiment, "data": str(study.session.path),
                   "values": {k: plain_value(v) for k, v in values.items()}, "study": tuning.study or experiment,
                   "tuning": {"n_trials": tuning.n_trials, "sampler": tuning.sampler, "pruner": tuning.pruner,
-                             "seed": tuning.seed},
+                             "seed": tuning.seed, "metric": tuning.metric, "direction": tuning.direction},
                   "target": target, "labels": labels, "upstream": upstream_runs}
         outcomes.append(run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe), echo))
     return outcomes
+
+
+def chosen_objective(family: str, study: PreparedStudy, tuning: TuningConfig, points) -> Objective:
+    """The objective the user chose (``tuning.metric``/``direction``), else the family's."""
+    default = study.objective
+    metrics = tuning.metric if isinstance(tuning.metric, list) else [tuning.metric or default.metric]
+    directions = tuning.direction if isinstance(tuning.direction, list) else [tuning.direction] * len(metrics)
+    if metrics == [default.metric] and directions[0] in (None, default.direction):
+        return default
+    available = getattr(study.fitter, "metric_names", None)
+    if available is None:
+        raise ConfigError(f"{family} studies of this data optimise {default.direction} {default.metric}; "
+                          f"tuning.metric/direction cannot name another for this family")
+    names: dict[str, str] = {}
+    for i, point in enumerate(points):
+        found = available(point)
+        names = found if i == 0 else {k: v for k, v in names.items() if k in found}
+    unknown = [m for m in metrics if m not in names]
+    if unknown:
+        raise ConfigError(f"tuning.metric {', '.join(unknown)}: not a metric every trial of this study logs "
+                          f"(they log {', '.join(sorted(names))})")
+    chosen = [(m, d or names[m]) for m, d in zip(metrics, directions)]
+    metric, direction = chosen[0]
+    # the pruner sees the per-epoch series of a best-epoch metric (best_val_x -> val_x)
+    step = metric.removeprefix("best_") if metric.startswith("best_val_") else ""
+    return Objective(metric, direction, step, tuple(chosen[1:]))
 
 
 def join_study(study: str, store: Store | None = None, data: str | Path | None = None, n_trials: int | None = None,
