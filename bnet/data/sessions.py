@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -124,7 +124,8 @@ def select_sessions(values: dict[str, Any], require: tuple[str, ...],
         path = data_dir.joinpath(*parts) / "data.hdf5"
         if not path.exists():
             raise DataError(f"{source}: session {'/'.join(parts)} has no data file at {path}")
-        sessions.append(open_session(path, require=require))
+        # named by where it was found: the selection's ids, whatever the file's attributes say
+        sessions.append(replace(open_session(path, require=require), dataset_id="/".join(parts)))
     _check_alike(sessions)
     return SessionGroup(tuple(sessions), source.absolute())
 

@@ -62,19 +62,20 @@ def label_mask(labels: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor
     return observed if masks is None else observed * (masks != 0).to(labels.dtype)
 
 
-def decomposed_kl(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-                  dataset_size: int) -> dict[str, torch.Tensor]:
+def decomposed_kl(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
     """The KL term split into index-code mutual information, total correlation and
-    dimension-wise KL (Chen et al. 2018), estimated on the batch by minibatch-weighted
-    sampling.
+    dimension-wise KL (Chen et al. 2018), estimated on the batch.
 
-    ``z`` are samples of ``q(z | x_i)`` for the batch's frames; ``q(z)`` is estimated as the
-    mixture of the batch's posteriors weighted as if drawn from ``dataset_size`` frames.
-    The three terms sum to the batch's sample estimate of ``E_x KL(q(z|x) || p(z))``.
+    ``z`` are samples of ``q(z | x_i)`` for the batch's frames; the aggregate posterior
+    ``q(z)`` and its marginals are the mixture of the batch's posteriors. The three terms sum
+    exactly to the batch's sample estimate of ``E_x KL(q(z|x) || p(z))`` and are all 0 when
+    every posterior is the prior. (Minibatch-weighted sampling, which weighs the mixture as
+    if drawn from the whole training set, adds log(training frames) to MI and subtracts it
+    per dimension from DWKL, constants without gradient; BehaveNet dropped them instead,
+    so its reported MI and DWKL were offset by log(batch size).)
     Returns ``{"mi", "tc", "dwkl"}``, each averaged over frames.
     """
-    batch = z.shape[0]
-    log_norm = math.log(batch * max(dataset_size, batch))
+    log_norm = math.log(z.shape[0])
     # pairwise[i, j, d] = log q(z_i[d] | x_j)
     pairwise = gaussian_log_density(z.unsqueeze(1), mean.unsqueeze(0), logvar.unsqueeze(0))
     log_q_z_given_x = gaussian_log_density(z, mean, logvar).sum(-1)

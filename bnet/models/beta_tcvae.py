@@ -11,14 +11,8 @@ from bnet.models.ae_losses import decomposed_kl
 from bnet.models.registry import register
 from bnet.models.vae import VAE
 
-DATASET_SIZE_DEFAULT = 10_000
-"""Frames ``q(z)`` is weighted for when the fit does not say (minibatch-weighted sampling)."""
-
-
 @register("beta-tcvae", family="ae", config_type=AEConfig)
 class BetaTCVAE(VAE):
-    dataset_size = DATASET_SIZE_DEFAULT  # set to the training set's frames by the trials
-
     def kl_weights(self) -> tuple[float, float]:
         """(weight of MI and DWKL, weight of TC) at this epoch."""
         epochs = self.config.beta_tcvae_beta_anneal_epochs
@@ -30,7 +24,7 @@ class BetaTCVAE(VAE):
         mean, logvar = mean.float(), logvar.float()
         z = self.sample(mean, logvar)
         terms = self.frame_terms(batch, z)
-        terms.update(decomposed_kl(z, mean, logvar, self.dataset_size))
+        terms.update(decomposed_kl(z, mean, logvar))
         k, beta = self.kl_weights()
         terms["loss"] = terms["frame_nll"] + k * terms["mi"] + beta * terms["tc"] + k * terms["dwkl"]
         return terms

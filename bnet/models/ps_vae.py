@@ -11,7 +11,9 @@ factorise by a β-TCVAE penalty. The loss per frame is
 with ``k`` and ``ps_vae.beta`` rising from 0 over ``ps_vae.anneal_epochs``. Labels are left
 out of the label term where they are NaN or ``labels_masks`` is 0. BehaveNet rotated a free
 linear layer's output by a fixed random orthogonal matrix to make the two subspaces; a free
-linear layer spans the same maps, so bnet's encoder writes both subspaces directly.
+linear layer spans the same maps, so bnet's encoder writes both subspaces directly. The
+label readout starts at the training labels' mean and standard deviation (BehaveNet's at
+1 x + 0), so labels in pixel units are reachable within a few epochs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from torch import nn
 from bnet.errors import ConfigError
 from bnet.models.ae import AEConfig, anneal
 from bnet.models.ae_losses import decomposed_kl, gaussian_kl, gaussian_nll, label_mask, masked_mse
-from bnet.models.beta_tcvae import DATASET_SIZE_DEFAULT
 from bnet.models.registry import register
 from bnet.models.vae import VAE
 
@@ -30,8 +31,6 @@ from bnet.models.vae import VAE
 @register("ps-vae", family="ae", config_type=AEConfig)
 class PSVAE(VAE):
     uses_labels = True
-    dataset_size = DATASET_SIZE_DEFAULT  # set to the training set's frames by the trials
-
     @property
     def n_background(self) -> int:
         return 0
@@ -59,6 +58,17 @@ class PSVAE(VAE):
         groups = {"supervised": slice(0, s), "background": slice(s, s + b), "unsupervised": slice(s + b, None)}
         return {k: v for k, v in groups.items() if k != "background" or b}
 
+    @torch.no_grad()
+    def initialize_label_readout(self, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        """Start the readout at the training labels' mean and spread, so supervised latents
+        start on the scale of N(0, 1) (labels in pixels are tens to hundreds; a readout
+        starting at 1 x + 0 spends hundreds of Adam steps on the offset alone)."""
+        weight = mask.sum(0).clamp_min(1.0)
+        mean = (torch.nan_to_num(labels) * mask).sum(0) / weight
+        std = (((torch.nan_to_num(labels) - mean) ** 2 * mask).sum(0) / weight).sqrt().clamp_min(1e-3)
+        self.label_offset.copy_(mean)
+        self.label_scale.copy_(std)
+
     def predict_labels(self, latents: torch.Tensor) -> torch.Tensor:
         return latents[:, : self.config.n_labels] * self.label_scale + self.label_offset
 
@@ -75,8 +85,7 @@ class PSVAE(VAE):
         terms["label_mse"] = masked_mse(predicted, labels, mask)
         supervised, unsupervised = groups["supervised"], groups["unsupervised"]
         terms["kl_supervised"] = gaussian_kl(mean[:, supervised], logvar[:, supervised])
-        terms.update(decomposed_kl(z[:, unsupervised], mean[:, unsupervised], logvar[:, unsupervised],
-                                   self.dataset_size))
+        terms.update(decomposed_kl(z[:, unsupervised], mean[:, unsupervised], logvar[:, unsupervised]))
         config = self.config
         k = anneal(1.0, config.ps_vae_anneal_epochs, self.epoch, self.training)
         beta = anneal(config.ps_vae_beta, config.ps_vae_anneal_epochs, self.epoch, self.training)

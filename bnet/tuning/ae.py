@@ -184,8 +184,11 @@ class AETrials:
         device = resolve_device(compute.device)
         context.run.set_tags({"bnet.device": str(device), "bnet.precision": resolve_precision(compute.precision, device)})
         model = build_model(model_config)
-        if hasattr(model, "dataset_size"):
-            model.dataset_size = batches["train"].n_frames  # q(z)'s minibatch weighting
+        if hasattr(model, "initialize_label_readout"):
+            train = [batches["train"][i] for i in range(len(batches["train"]))]
+            labels = torch.cat([b["labels"] for b in train])
+            model.initialize_label_readout(labels, torch.cat([label_mask(b["labels"], b.get("labels_masks"))
+                                                              for b in train]))
         max_epochs = training.max_n_epochs
 
         class Progress:
