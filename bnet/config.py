@@ -96,8 +96,6 @@ UNIMPLEMENTED_KEYS = {
     "subsample_idxs_group_1": (None, "bnet subsets neurons by regions/<subsample_idxs_group_0>/<name> only"),
 }
 
-SESSION_KEYS = ("lab", "expt", "animal", "session")
-
 # Keys that name things rather than tune them: a list here is not a search dimension.
 NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name", "sessions_csv",
                   "all_source", "ae_arch_json",

@@ -2,15 +2,17 @@
 family's study options, on real SQLite stores and HDF5 files."""
 
 import json
-import shutil
+from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from bnet.cli.main import cli
 from bnet.data import SynthConfig, open_session, synthesize
+from bnet.data.video import read_video, sleap_labels, write_session
 from bnet.data.sessions import select_sessions
 from bnet.errors import ConfigError, DataError
 from bnet.tracking import resolve_store
@@ -64,7 +66,8 @@ def test_every_class_tunes_logs_its_terms_and_loads_from_the_registry(tmp_path, 
         assert f"best_val_{term}" in run.data.metrics and f"test_{term}" in run.data.metrics, term
         assert len(client.get_metric_history(run.info.run_id, f"val_{term}")) == 2, term
     for name, value in CLASSES[model_class].items():
-        assert float(run.data.params[name]) == float(value) if not isinstance(value, bool) else run.data.params[name]
+        recorded = run.data.params[name]
+        assert recorded == str(value) if isinstance(value, bool) else float(recorded) == float(value), name
     if model_class in ("cond-ae-msp", "ps-vae"):
         assert "val_label_r2" in run.data.metrics
     if model_class == "ps-vae":
@@ -96,7 +99,9 @@ def test_session_selection_follows_behavenet(tmp_path):
     csv.write_text("lab,expt,animal,session,save_dir\nlab,expt,mouse,sess-2,x\nlab,expt,mouse,sess-0,x\n")
     ordered = select_sessions({**values, "sessions_csv": str(csv)}, ("images",))
     assert [s.dataset_id.split("/")[-1] for s in ordered.sessions] == ["sess-2", "sess-0"]  # the CSV's order
-    assert ordered.data_hash != select_sessions({**values, "sessions_csv": str(csv)}, ("images",)).data_hash[::-1]
+    (tmp_path / "swapped.csv").write_text("lab,expt,animal,session\nlab,expt,mouse,sess-0\nlab,expt,mouse,sess-2\n")
+    swapped = select_sessions({**values, "sessions_csv": str(tmp_path / "swapped.csv")}, ("images",))
+    assert ordered.data_hash != swapped.data_hash  # the order gives the indices: another model
     with pytest.raises(ConfigError, match="'lab: all' is refused"):
         select_sessions({**values, "lab": "all"}, ("images",))
     with pytest.raises(ConfigError, match="lacks column"):
@@ -177,10 +182,31 @@ def test_a_study_optimises_a_chosen_metric_or_a_pareto_front(tmp_path, tiny_sess
     assert "Pareto front" in output and "pruner none (multi-objective)" in output
     client, _, runs = trial_runs(store, "mo")
     parent = client.search_runs([runs[0].info.experiment_id], "tags.`bnet.role` = 'study'")[0]
-    front = json.loads(client.download_artifacts(parent.info.run_id, "pareto_front.json", str(tmp_path)) and
-                       (tmp_path / "pareto_front.json").read_text())
+    front = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto_front.json", str(tmp_path))).read_text())
     assert front and all({"best_val_pixel_mse", "best_val_label_mse", "run_id"} <= set(p) for p in front)
     config = write_config(tmp_path / "u.yaml", {"n_ae_latents": 3}, tuning="n_trials: 1, metric: val_label_r2")
     output = invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store, "--experiment", "u",
                     code=2)
     assert "not a metric every trial of this study logs" in output
+
+
+FLIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sleap_flies"
+
+
+@pytest.mark.skipif(not FLIES.is_dir(), reason="../shared/data/sleap_flies is absent")
+def test_a_session_builds_from_the_fly_video_and_its_sleap_labels(tmp_path):
+    labels, names = sleap_labels(FLIES / "predictions.analysis.h5", track=0, nodes=["head", "thorax"])
+    assert labels.shape == (3000, 4) and names == ["head_x", "thorax_x", "head_y", "thorax_y"]
+    labels = labels * 32 / 1024  # into the resized frames' pixels
+    frames = read_video(FLIES / "20190128_113421.120s.mp4", 32, 32, max_frames=250)
+    assert write_session(tmp_path / "fly.hdf5", frames, 50, labels) == 5
+    session = open_session(tmp_path / "fly.hdf5", require=("images", "labels", "labels_masks"))
+    assert session.image_shape == (1, 32, 32) and session.n_labels == 4 and session.n_frames == (50,) * 5
+    with h5py.File(tmp_path / "fly.hdf5") as f:
+        stored = np.concatenate([f["labels"][n][()] for n in sorted(f["labels"])])
+        masks = np.concatenate([f["labels_masks"][n][()] for n in sorted(f["labels_masks"])])
+        assert f["images"]["trial_0000"][()].max() > 0  # decoded frames, not zeros
+    assert np.array_equal(masks == 0, np.isnan(labels[:250]))
+    assert np.allclose(stored[masks > 0], labels[:250][masks > 0])
+    with pytest.raises(DataError, match="no such video"):
+        next(read_video(tmp_path / "missing.mp4", 8, 8))

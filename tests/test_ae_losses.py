@@ -106,6 +106,7 @@ def test_annealing_reaches_the_configured_weight_and_evaluation_uses_it():
     assert anneal(4.0, 4, 0, False) == 4.0  # BehaveNet's schedule ended at 1, not at the weight
 
 
+@torch.no_grad()
 def test_each_class_loss_is_its_terms_combined():
     torch.manual_seed(0)
     batch = {"images": torch.rand(8, 1, 16, 16), "labels": torch.randn(8, 2)}

@@ -38,22 +38,6 @@ def read_video(path: str | Path, y_pixels: int, x_pixels: int, max_frames: int |
         frames.close()
 
 
-def video_size(path: str | Path) -> tuple[int, int, float, int]:
-    """(height, width, frames per second, frame count) of a video, from its header."""
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        meta = next(reader)
-    except (RuntimeError, OSError, StopIteration) as err:
-        raise DataError(f"{path}: cannot be read as video ({err})") from None
-    finally:
-        reader.close()
-    width, height = meta["size"]
-    n_frames = imageio_ffmpeg.count_frames_and_secs(str(path))[0]
-    return height, width, float(meta["fps"]), int(n_frames)
-
-
 def sleap_labels(path: str | Path, track: int = 0, nodes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """One track of a SLEAP analysis file as (frames, 2 * nodes) labels, all x then all y
     (BehaveNet's label order), NaN where the node was not found; and the label names."""

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnet.errors import ConfigError
-from bnet.models.ae_losses import masked_mse
+from bnet.models.ae_losses import label_mask, masked_mse
 from bnet.models.registry import register
 
 CONV_CHANNELS = (32, 64, 128, 256, 512)
@@ -389,6 +389,4 @@ class AutoEncoder(nn.Module):
 def clean_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Labels as model inputs: unobserved ones (NaN or masked) read as 0."""
     labels = batch["labels"]
-    masks = batch.get("labels_masks")
-    observed = torch.isfinite(labels) if masks is None else torch.isfinite(labels) & (masks != 0)
-    return torch.where(observed, labels, torch.zeros_like(labels))
+    return torch.where(label_mask(labels, batch.get("labels_masks")) > 0, labels, torch.zeros_like(labels))

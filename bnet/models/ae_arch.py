@@ -9,7 +9,6 @@ has stride 2, the last one the stride that brings the frame to at most 4 x 4 pix
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -30,15 +29,10 @@ _JSON_IGNORED = {"ae_batch_norm_momentum", "ae_encoding_layer_type", "ae_decodin
 def architecture_from_json(path: str | Path) -> dict[str, tuple[int, ...]]:
     """``conv_channels``/``conv_kernels``/``conv_strides`` from a BehaveNet ``ae_arch_json``
     (symmetric, strided convolutions with 'same' padding: the decoder mirrors the encoder)."""
+    from bnet.config import read_behavenet_json
+
     path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ae_arch_json ({err.strerror})") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: ae_arch_json is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(content, dict):
-        raise ConfigError(f"{path}: ae_arch_json must be a JSON object")
+    content = read_behavenet_json(path)  # BehaveNet's JSON: comments and trailing commas allowed
     missing = [k for k in _JSON_LAYER_KEYS if k not in content]
     if missing:
         raise ConfigError(f"{path}: ae_arch_json lacks {', '.join(missing)}")

@@ -11,20 +11,21 @@ from bnet.models.ae_losses import decomposed_kl
 from bnet.models.registry import register
 from bnet.models.vae import VAE
 
+def tc_weights(beta: float, epochs: int, epoch: int, training: bool) -> tuple[float, float]:
+    """(weight of MI and DWKL, weight of TC) at ``epoch``: 1 and ``beta``, both rising from 0
+    over ``epochs`` training epochs (BehaveNet's schedule)."""
+    return anneal(1.0, epochs, epoch, training), anneal(beta, epochs, epoch, training)
+
+
 @register("beta-tcvae", family="ae", config_type=AEConfig)
 class BetaTCVAE(VAE):
-    def kl_weights(self) -> tuple[float, float]:
-        """(weight of MI and DWKL, weight of TC) at this epoch."""
-        epochs = self.config.beta_tcvae_beta_anneal_epochs
-        return (anneal(1.0, epochs, self.epoch, self.training),
-                anneal(self.config.beta_tcvae_beta, epochs, self.epoch, self.training))
-
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mean, logvar = self.posterior(batch)
         mean, logvar = mean.float(), logvar.float()
         z = self.sample(mean, logvar)
         terms = self.frame_terms(batch, z)
         terms.update(decomposed_kl(z, mean, logvar))
-        k, beta = self.kl_weights()
+        k, beta = tc_weights(self.config.beta_tcvae_beta, self.config.beta_tcvae_beta_anneal_epochs, self.epoch,
+                             self.training)
         terms["loss"] = terms["frame_nll"] + k * terms["mi"] + beta * terms["tc"] + k * terms["dwkl"]
         return terms

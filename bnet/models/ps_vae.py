@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from bnet.errors import ConfigError
-from bnet.models.ae import AEConfig, anneal
+from bnet.models.ae import AEConfig
 from bnet.models.ae_losses import decomposed_kl, gaussian_kl, gaussian_nll, label_mask, masked_mse
+from bnet.models.beta_tcvae import tc_weights
 from bnet.models.registry import register
 from bnet.models.vae import VAE
 
@@ -87,8 +88,7 @@ class PSVAE(VAE):
         terms["kl_supervised"] = gaussian_kl(mean[:, supervised], logvar[:, supervised])
         terms.update(decomposed_kl(z[:, unsupervised], mean[:, unsupervised], logvar[:, unsupervised]))
         config = self.config
-        k = anneal(1.0, config.ps_vae_anneal_epochs, self.epoch, self.training)
-        beta = anneal(config.ps_vae_beta, config.ps_vae_anneal_epochs, self.epoch, self.training)
+        k, beta = tc_weights(config.ps_vae_beta, config.ps_vae_anneal_epochs, self.epoch, self.training)
         terms["loss"] = (terms["frame_nll"] + config.ps_vae_alpha * terms["label_nll"] + terms["kl_supervised"]
                          + k * terms["mi"] + beta * terms["tc"] + k * terms["dwkl"])
         return terms

@@ -160,19 +160,21 @@ def loss_terms(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 class TermAverages:
-    """Frame-weighted running means of named loss terms."""
+    """Frame-weighted running means of named loss terms; the sums stay on the device until
+    :meth:`means`, so a step does not wait for the device once per term."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.frames = 0
 
     def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
         for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach()) * n
+            weighted = value.detach().float() * n
+            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
         self.frames += n
 
     def means(self) -> dict[str, float]:
-        return {name: total / max(self.frames, 1) for name, total in self.sums.items()}
+        return {name: float(total) / max(self.frames, 1) for name, total in self.sums.items()}
 
 
 @torch.no_grad()

@@ -211,36 +211,36 @@ class AETrials:
                    **{f"test_{k}": v for k, v in test_terms.items()}}
         if "triplet" in best.train_terms:
             metrics["train_triplet_at_best"] = best.train_terms["triplet"]  # only mixed (training) batches have one
-        outputs = {name: self._outputs(model, batches[name], device) for name in ("train", "val", "test")}
-        metrics.update(self._selection_metrics(model, outputs))
+        outputs = {}
+        if hasattr(model, "predict_labels"):  # label R², PS-VAE metrics and figures
+            outputs = {name: self._outputs(model, batches[name], device) for name in ("train", "val", "test")}
+            metrics.update(self._selection_metrics(model, outputs))
         self._log_artifacts(context, model, model_config, training, result, splits, device, metrics, outputs)
         return TrialResult(metrics, model, {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss})
 
     @torch.no_grad()
     def _outputs(self, model, batches: SessionBatches, device) -> dict[str, np.ndarray]:
-        """Latents, sessions and (for label-reading classes) labels and predictions of a split."""
+        """Latents, sessions, labels, their mask and the predicted labels of a split (for a
+        class that predicts labels)."""
         model.to(device).eval()
-        parts: dict[str, list[np.ndarray]] = {"latents": [], "session": []}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latents", "session", "labels", "label_mask", "predicted")}
         for i in range(len(batches)):
             batch = {k: v.to(device) for k, v in batches[i].items()}
             latents = model.posterior(batch)[0].float()
+            labels = batch["labels"]
             parts["latents"].append(latents.cpu().numpy())
             parts["session"].append(batch.get("session", torch.zeros(len(latents), dtype=torch.long)).cpu().numpy())
-            if hasattr(model, "predict_labels"):
-                labels = batch["labels"]
-                parts.setdefault("labels", []).append(labels.cpu().numpy())
-                parts.setdefault("label_mask", []).append(label_mask(labels, batch.get("labels_masks")).cpu().numpy())
-                parts.setdefault("predicted", []).append(model.predict_labels(latents).float().cpu().numpy())
+            parts["labels"].append(labels.cpu().numpy())
+            parts["label_mask"].append(label_mask(labels, batch.get("labels_masks")).cpu().numpy())
+            parts["predicted"].append(model.predict_labels(latents).float().cpu().numpy())
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def _selection_metrics(self, model, outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
         metrics = {}
         for split in ("val", "test"):
             out = outputs[split]
-            if "predicted" in out:
-                metrics[f"{split}_label_r2"] = float(r2_score(
-                    torch.from_numpy(out["predicted"]), torch.from_numpy(out["labels"]),
-                    torch.from_numpy(out["label_mask"])))
+            metrics[f"{split}_label_r2"] = float(r2_score(
+                torch.from_numpy(out["predicted"]), torch.from_numpy(out["labels"]), torch.from_numpy(out["label_mask"])))
             if hasattr(model, "latent_groups"):
                 unsupervised = out["latents"][:, model.latent_groups()["unsupervised"]]
                 metrics[f"{split}_unsup_corr"] = float(mean_abs_correlation(torch.from_numpy(unsupervised)))
