@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from bnet.cli.main import cli
 from bnet.data import SynthConfig, open_session, synthesize
-from bnet.data.video import read_video, sleap_labels, write_session
+from bnet.data.video import centred_crops, centred_labels, held_positions, read_video, sleap_labels, write_session
 from bnet.data.sessions import select_sessions
 from bnet.errors import ConfigError, DataError
 from bnet.tracking import resolve_store
@@ -210,3 +210,32 @@ def test_a_session_builds_from_the_fly_video_and_its_sleap_labels(tmp_path):
     assert np.allclose(stored[masks > 0], labels[:250][masks > 0])
     with pytest.raises(DataError, match="no such video"):
         next(read_video(tmp_path / "missing.mp4", 8, 8))
+
+
+@pytest.mark.skipif(not FLIES.is_dir(), reason="../shared/data/sleap_flies is absent")
+def test_a_ps_vae_reads_the_fly_pose_from_real_video(tmp_path):
+    """Fly-centred crops of the real video (the flies are ~2 px long in a 64 px whole frame);
+    the PS-VAE's supervised latents predict head, abdomen and wing positions on held-out
+    trials (50-frame trials, interleaved splits)."""
+    n_frames, scale, crop, size = 1500, 256, 64, 32
+    labels, names = sleap_labels(FLIES / "predictions.analysis.h5", track=0)
+    labels = labels[:n_frames] * scale / 1024
+    centres = held_positions(labels[:, [names.index("thorax_x"), names.index("thorax_y")]])
+    parts = ["head", "abdomen", "wingL", "wingR"]
+    chosen = [names.index(f"{p}_x") for p in parts] + [names.index(f"{p}_y") for p in parts]
+    frames = centred_crops(read_video(FLIES / "20190128_113421.120s.mp4", scale, scale, max_frames=n_frames),
+                           centres, crop, size)
+    data = tmp_path / "fly.hdf5"
+    assert write_session(data, frames, 50, centred_labels(labels[:, chosen], centres, crop, size)) == 30
+    config = tmp_path / "ps.yaml"
+    config.write_text(
+        "model: {model_class: ps-vae, n_ae_latents: 10, ps_vae.alpha: 1000, ps_vae.beta: 1, ps_vae.anneal_epochs: 5,"
+        " ae_n_conv_layers: 3, ae_first_channels: 16, ae_kernel_size: 5, rng_seed_model: 0}\n"
+        "data: {trial_splits: '8;1;1;0', rng_seed_data: 0}\n"
+        "training: {max_n_epochs: 8, min_n_epochs: 8, batch_size: 16, learning_rate: 1.0e-3}\n"
+        "tuning: {n_trials: 1}\n")
+    store = tmp_path / "store"
+    invoke("tune", "ae", "--data", data, "--config", config, "--store", store, "--experiment", "fly")
+    _, _, (run,) = trial_runs(store, "fly")
+    assert run.info.status == "FINISHED", run.data.tags.get("bnet.error")
+    assert run.data.metrics["val_label_r2"] > 0.4 and run.data.metrics["test_label_r2"] > 0.4, run.data.metrics

@@ -115,15 +115,25 @@ def test_arhmm_study_over_best_ae_latents(upstream, tmp_path):
 
 
 @pytest.mark.slow
-def test_arhmm_labels_study(tmp_path, tiny_session):
+@pytest.mark.parametrize("model_class, n_lags", [("arhmm-labels", "1"), ("hmm-labels", "0")])
+def test_labels_studies(tmp_path, tiny_session, model_class, n_lags):
+    """--labels means arhmm-labels; a -labels class in the config says the same without it,
+    and hmm-labels drops the lags the default space would search."""
     store = tmp_path / "store"
-    output = invoke("tune", "arhmm", "--data", tiny_session, "--labels", "--experiment", "labels-seg",
+    if model_class == "arhmm-labels":
+        options = ["--labels"]
+    else:
+        (tmp_path / "hmm.yaml").write_text("model: {model_class: hmm-labels, n_arhmm_states: [2, 3]}")
+        options = ["--config", tmp_path / "hmm.yaml"]
+    output = invoke("tune", "arhmm", "--data", tiny_session, *options, "--experiment", "labels-seg",
                     "--n-trials", 1, "--max-iters", 3, "--store", store)
     assert "1 complete" in output
     run = bnet.best_runs("labels-seg", family="arhmm", metric="val_ll_per_step", direction="maximize",
                          store=resolve_store(store))[0]
-    assert run.tags["bnet.model_class"] == "arhmm-labels" and "bnet.upstream.ae_run_id" not in run.tags
-    assert run.params["n_dims"] == "4"
+    assert run.tags["bnet.model_class"] == model_class and "bnet.upstream.ae_run_id" not in run.tags
+    assert run.params["n_dims"] == "4" and run.params["n_arhmm_lags"] == n_lags
+    model = bnet.load_model(run.run_id, store=resolve_store(store))
+    assert model.config.model_class == model_class
 
 
 @pytest.mark.slow
@@ -157,6 +167,9 @@ def test_ae_best_in_an_experiment_without_ae_runs(upstream):
     ("model: {n_arhmm_states: 2, n_arhmm_lags: 20}", ["n_arhmm_lags=20 is not less than the shortest trial (20 frames)"]),
     ("model: {n_arhmm_states: 2, noise_type: laplace}", ["noise_type must be one of"]),
     ("model: {model_class: [arhmm-labels, ae]}", ["model_class 'ae' is not a segmentation model"]),
+    ("model: {model_class: hmm}", ["--labels segments labels, but model_class 'hmm' fits AE latents"]),
+    ("model: {model_class: [hmm-labels, arhmm]}", ["a study segments either labels", "or AE latents"]),
+    ("model: {model_class: hmm-labels, n_arhmm_lags: 2}", ["'hmm-labels' has no AR dynamics"]),
 ])
 def test_bad_arhmm_configs_fail_before_anything_is_logged(tmp_path, tiny_session, yaml_text, fragments):
     config = tmp_path / "bad.yaml"

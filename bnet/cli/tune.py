@@ -68,7 +68,8 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
 @click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file.")
 @click.option("--ae-experiment", default=None, help="The AE experiment that --ae best searches.")
 @click.option("--ae", "ae_ref", default=None, help="AE to segment: best, a run id or models:/NAME@ALIAS [default best].")
-@click.option("--labels", is_flag=True, help="Segment the session's labels instead (arhmm-labels).")
+@click.option("--labels", is_flag=True, help="Segment the session's labels instead (arhmm-labels; a config's "
+              "model_class hmm-labels or arhmm-labels says the same).")
 @click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
 @click.option("--n-trials", type=int, default=None,
               help="Finished trials the study should hold; re-running tops it up (resume).")

@@ -60,6 +60,39 @@ def sleap_labels(path: str | Path, track: int = 0, nodes: list[str] | None = Non
     return labels, label_names
 
 
+def held_positions(positions: np.ndarray) -> np.ndarray:
+    """``(frames, 2)`` positions with each NaN frame holding the last found position (the
+    first found one before any was found)."""
+    positions = np.array(positions, dtype=np.float64)
+    found = np.isfinite(positions).all(axis=1)
+    if not found.any():
+        raise DataError("the tracked node is never found: there is no position to centre crops on")
+    last = np.maximum.accumulate(np.where(found, np.arange(len(found)), -1))
+    last[last < 0] = np.argmax(found)
+    return positions[last]
+
+
+def centred_crops(frames: Iterator[np.ndarray], centres: np.ndarray, crop: int, size: int) -> Iterator[np.ndarray]:
+    """Square ``crop``-pixel windows of each frame around its ``(x, y)`` centre (zeros beyond
+    the frame), area-averaged to ``size`` pixels: an animal-centred (egocentric) view of a
+    freely moving animal, which is only a few pixels long in the downsampled whole frame."""
+    if crop % size:
+        raise DataError(f"crop {crop} px is not a whole multiple of the output size {size} px")
+    factor, half = crop // size, crop // 2
+    for frame, (x, y) in zip(frames, np.rint(centres).astype(int)):
+        padded = np.pad(frame, half)
+        window = padded[y : y + crop, x : x + crop].astype(np.float32)
+        yield window.reshape(size, factor, size, factor).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+def centred_labels(labels: np.ndarray, centres: np.ndarray, crop: int, size: int) -> np.ndarray:
+    """Labels (all x then all y, as :func:`sleap_labels`) in the pixels of :func:`centred_crops`."""
+    n = labels.shape[1] // 2
+    origin = np.rint(centres) - crop // 2
+    shifted = np.concatenate([labels[:, :n] - origin[:, :1], labels[:, n:] - origin[:, 1:]], axis=1)
+    return (shifted * size / crop).astype(np.float32)
+
+
 def write_session(path: str | Path, frames: Iterator[np.ndarray], trial_length: int,
                   labels: np.ndarray | None = None, attrs: dict | None = None) -> int:
     """Write frames (and their labels, NaN masked in ``labels_masks``) as a session of trials

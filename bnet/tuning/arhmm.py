@@ -24,7 +24,7 @@ from bnet.data.session import Session, trial_name
 from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_entry
-from bnet.models.arhmm.registered import SegmentationConfig
+from bnet.models.arhmm.registered import HMM_CLASSES, LABEL_CLASSES, SegmentationConfig
 from bnet.models.arhmm.ssm_engine import fit_with_ssm, import_ssm, ssm_model_arguments
 from bnet.plotting.arhmm import plot_durations, plot_dynamics, plot_state_raster, plot_transition_matrix, run_lengths
 from bnet.tracking import conventions as tags
@@ -48,8 +48,11 @@ DEFAULT_SPACE = {
     "kappa": Range(1e2, 1e8, log=True),
 }
 DEFAULT_BUDGET = {"n_iters": 100, "arhmm_es_tol": 1e-6}
-# kappa only acts on sticky transitions: elsewhere it is 0 and not a dimension of the trial
-CONDITIONS = {"kappa": Condition("transitions", lambda value: value == "sticky", 0.0, "transitions is sticky")}
+# kappa only acts on sticky transitions, lags only on AR dynamics: elsewhere they are 0 and
+# not dimensions of the trial
+CONDITIONS = {"kappa": Condition("transitions", lambda value: value == "sticky", 0.0, "transitions is sticky"),
+              "n_arhmm_lags": Condition("model_class", lambda value: value not in HMM_CLASSES, 0,
+                                        "model_class has AR dynamics")}
 
 
 @dataclass
@@ -128,7 +131,7 @@ class ARHMMTrials:
 
     def configs(self, hparams: dict[str, Any]) -> tuple[SegmentationConfig, SegmentationFitConfig]:
         values = dict(hparams)
-        if values.get("model_class") == "hmm":
+        if values.get("model_class") in HMM_CLASSES:
             values.setdefault("n_arhmm_lags", 0)
         fit = dataclass_from_values(SegmentationFitConfig, values)
         model = dataclass_from_values(SegmentationConfig, {
@@ -137,9 +140,7 @@ class ARHMMTrials:
         return model, fit
 
     def check(self, hparams: dict[str, Any]) -> None:
-        model_class = str(hparams.get("model_class", "arhmm"))
-        if model_entry(model_class).family != FAMILY:
-            raise ConfigError(f"model_class '{model_class}' is not a segmentation model (hmm, arhmm, arhmm-labels)")
+        segmentation_class(hparams.get("model_class", "arhmm"))
         model, fit = self.configs(hparams)
         if fit.engine not in ("bnet", "ssm"):
             raise ConfigError(f"engine must be bnet or ssm, got '{fit.engine}'")
@@ -240,14 +241,41 @@ class ARHMMTrials:
                 run.log_figure(plot_dynamics(params.As.cpu().numpy()), "ar_dynamics")
 
 
+def segmentation_class(model_class: Any) -> str:
+    """``model_class`` where it names a segmentation model; a ConfigError otherwise."""
+    if model_entry(str(model_class)).family != FAMILY:
+        raise ConfigError(f"model_class '{model_class}' is not a segmentation model "
+                          f"(hmm, arhmm, {', '.join(LABEL_CLASSES)})")
+    return str(model_class)
+
+
+def fits_labels(request: StudyRequest) -> bool:
+    """Whether a study segments labels: ``--labels``, or a ``-labels`` class in the config
+    (BehaveNet said it with the model class alone)."""
+    model_class = request.values["model_class"]
+    classes = [segmentation_class(c) for c in (model_class.choices if isinstance(model_class, Categorical)
+                                               else (model_class,))]
+    kinds = {c in LABEL_CLASSES for c in classes}
+    if len(kinds) > 1:
+        raise ConfigError(f"model_class searches {', '.join(classes)}: a study segments either labels "
+                          f"({', '.join(LABEL_CLASSES)}) or AE latents, not both")
+    labels = kinds.pop()
+    if request.labels and not labels:
+        raise ConfigError(f"--labels segments labels, but model_class '{classes[0]}' fits AE latents "
+                          f"(use {' or '.join(LABEL_CLASSES)})")
+    return labels
+
+
 def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
     values = request.values
     reference, experiment = request.upstream.get("ae", (None, None))
     reference = reference or values.get("ae_version")
-    if request.labels and reference:
-        raise ConfigError("--labels and --ae are alternatives: segment labels or AE latents, not both")
-    session = open_session(resolve_data_path(values, request.data), require=("labels",) if request.labels else ())
-    if request.labels:
+    labels = fits_labels(request)
+    if labels and reference:
+        raise ConfigError("labels and AE latents are alternatives (--labels or a -labels model_class, or --ae): "
+                          "segment one, not both")
+    session = open_session(resolve_data_path(values, request.data), require=("labels",) if labels else ())
+    if labels:
         observations = label_observations(session, values)
         run_tags = {}
         source = f"{session.path} (labels)"

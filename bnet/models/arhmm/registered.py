@@ -1,4 +1,4 @@
-"""The ARHMM engine as the model registry builds it: ``hmm``, ``arhmm``, ``arhmm-labels``.
+"""The ARHMM engine as the model registry builds it: ``hmm``, ``arhmm``, ``hmm-labels``, ``arhmm-labels``.
 
 The registry needs a config with a ``model_class`` and a model with ``state_dict`` /
 ``load_state_dict``; this wraps :class:`ARHMM` in that shape so checkpoints, the registry
@@ -17,20 +17,28 @@ from bnet.models.arhmm.model import ARHMM
 from bnet.models.registry import register
 
 
+HMM_CLASSES = ("hmm", "hmm-labels")
+"""Classes without autoregressive dynamics (``n_arhmm_lags`` is 0)."""
+LABEL_CLASSES = ("hmm-labels", "arhmm-labels")
+"""Classes fitted to a session's labels rather than to AE latents."""
+
+
 @dataclass(frozen=True)
 class SegmentationConfig(ARHMMConfig):
     """The engine's hyperparameters (:class:`ARHMMConfig`) plus the registry's ``model_class``.
 
-    ``hmm`` is an ARHMM with ``n_arhmm_lags = 0``; ``arhmm-labels`` is an ARHMM fitted to
-    labels instead of AE latents. ``n_arhmm_states`` defaults to BehaveNet's 8 here.
+    ``hmm`` is an ARHMM with ``n_arhmm_lags = 0``; the ``-labels`` classes are the same
+    models fitted to labels instead of AE latents. ``n_arhmm_states`` defaults to
+    BehaveNet's 8 here.
     """
 
     n_arhmm_states: int = 8
     model_class: str = "arhmm"
 
     def __post_init__(self):
-        if self.model_class == "hmm" and self.n_arhmm_lags != 0:
-            raise ARHMMConfigError(f"model_class 'hmm' has no AR dynamics: n_arhmm_lags must be 0, got {self.n_arhmm_lags}")
+        if self.model_class in HMM_CLASSES and self.n_arhmm_lags != 0:
+            raise ARHMMConfigError(f"model_class '{self.model_class}' has no AR dynamics: n_arhmm_lags must be 0, "
+                                   f"got {self.n_arhmm_lags}")
         super().__post_init__()
 
 
@@ -51,5 +59,5 @@ class SegmentationModel:
         return self
 
 
-for _model_class in ("arhmm", "hmm", "arhmm-labels"):
+for _model_class in ("arhmm", "arhmm-labels", *HMM_CLASSES):
     register(_model_class, family="arhmm", config_type=SegmentationConfig)(SegmentationModel)
