@@ -50,7 +50,8 @@ SECTION_KEYS: dict[str, set[str]] = {
         "n_arhmm_states", "n_arhmm_lags", "noise_type", "transitions", "kappa", "alpha",
         "arhmm_es_tol", "ae_experiment_name", "ae_version", "ae_model_type",
         # decoders (BehaveNet's decoding_*_model.json)
-        "n_lags", "n_max_lags", "n_hid_layers", "n_hid_units", "activation", "noise_dist",
+        "n_lags", "n_max_lags", "n_hid_layers", "n_hid_units", "activation", "noise_dist", "bidirectional",
+        "standardize_inputs",
         "arhmm_experiment_name", "arhmm_version", "arhmm_model_type",
     },
     "training": {

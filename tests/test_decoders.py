@@ -169,12 +169,48 @@ def test_config_defaults_follow_behavenet():
     assert DecoderConfig(n_lags=6).n_max_lags == 6
     config = DecoderConfig(model_class="neural-labels", n_lags=2, n_max_lags=5)
     assert config_from_dict(asdict(config)) == config
+    assert DecoderConfig().n_lags == 4 and DecoderConfig(model_type="lstm").n_lags == 0
+    assert DecoderConfig(model_class="labels-neural").noise_dist == "poisson"
+
+
+def test_inputs_are_standardised_by_the_training_statistics_the_checkpoint_keeps(tmp_path):
+    model = build_model(DecoderConfig(n_input=2, n_output=1, n_lags=0, n_hid_layers=0))
+    inputs = torch.tensor([[0.01, 5.0], [0.03, 5.0], [0.05, 5.0]])
+    model.set_input_statistics(inputs)
+    assert torch.allclose(model.input_mean, torch.tensor([0.03, 5.0]))
+    assert torch.allclose(model.input_scale, torch.tensor([0.02, 1.0]))  # a constant input is centred only
+    standardised = torch.stack([torch.tensor([-1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])])
+    assert torch.allclose(model(inputs), model.conv(standardised.T).T, atol=1e-6)
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    assert torch.allclose(load_checkpoint(path)(inputs), model(inputs))
+    # a checkpoint from before the statistics existed loads as raw inputs
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("input_")}
+    fresh = build_model(model.config)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.input_mean, torch.zeros(2)) and torch.equal(fresh.input_scale, torch.ones(2))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_an_lstm_reads_the_whole_trial_and_the_future_only_when_bidirectional(bidirectional):
+    model = build_model(DecoderConfig(model_type="lstm", n_input=3, n_output=2, n_hid_layers=2, n_hid_units=8,
+                                      bidirectional=bidirectional))
+    inputs = torch.randn(40, 3)
+    edited = inputs.clone()
+    edited[30] += 1.0  # far outside any MLP window of the default lags
+    before, after = model(inputs), model(edited)
+    assert before.shape == (40, 2)
+    assert not torch.allclose(before[31:], after[31:])  # the past reaches every later frame
+    assert torch.allclose(before[:30], after[:30]) != bidirectional  # the future only reaches back both ways
+    batched = model(torch.stack([inputs, edited]))
+    assert torch.allclose(batched[0], before, atol=1e-6) and torch.allclose(batched[1], after, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"model_class": "labels-neural"}, "model_class 'labels-neural'"),
+        ({"model_class": "neural-images"}, "model_class 'neural-images'"),
+        ({"model_type": "lstm", "n_lags": 2}, "the LSTM reads the whole trial"),
+        ({"model_type": "lstm", "n_hid_layers": 0}, "n_hid_layers (LSTM layers) must be at least 1"),
         ({"model_type": "mlp-mv", "noise_dist": "gaussian"}, "mlp-mv"),
         ({"model_type": "mlp", "noise_dist": "gaussian-full"}, "mlp-mv"),
         ({"model_class": "neural-arhmm", "noise_dist": "gaussian"}, "categorical"),
@@ -326,6 +362,9 @@ def test_r2_score_variance_weighted_and_per_dimension():
     r2, per_dim = r2_score(true, pred)
     # x: SSE 1, SST 2; y: SSE 1, SST 6; pooled: 1 - 2/8
     assert np.allclose(per_dim, [0.5, 5 / 6]) and r2 == pytest.approx(0.75)
+    # a dimension constant over the frames (a silent neuron) has no R² of its own
+    r2, per_dim = r2_score(np.c_[true, np.ones(3)], np.c_[pred, np.zeros(3)])
+    assert np.isnan(per_dim[2]) and np.allclose(per_dim[:2], [0.5, 5 / 6]) and r2 == pytest.approx(1 - 5 / 8)
 
 
 def test_accuracy_and_categorical_log_likelihood():

@@ -93,7 +93,10 @@ def test_ensemble_is_at_least_as_good_as_its_best_member(m1_study):
     metrics = run.data.metrics
     assert metrics["val_r2"] >= members[0].metrics["val_r2"] - 1e-9
     assert metrics["best_single_val_r2"] == pytest.approx(members[0].metrics["val_r2"])
-    assert metrics["test_r2"] >= members[0].metrics["test_r2"] - 0.005, metrics
+    # averaging means cannot do worse than its members do on average (squared error is convex):
+    # a property of every split, unlike beating the best member on test
+    chosen = members[: int(metrics["n_members"])]
+    assert metrics["test_r2"] >= np.mean([m.metrics["test_r2"] for m in chosen]) - 1e-9, metrics
     assert len(client.get_metric_history(run.info.run_id, "curve_val_r2")) == 3
     # re-validation: recompute from the members' own checkpoints
     assert "verified" in invoke("ensemble", "verify", run.info.run_id, "--store", m1_study["store"])
@@ -259,3 +262,68 @@ def test_zero_config_decoder_study_searches_the_default_space(tmp_path, tiny_ses
     assert all(r.params["max_n_epochs"] == "3" for r in runs)
     for run in runs:  # hidden units exist only with hidden layers
         assert (run.params["n_hid_layers"] == "0") == (run.params["n_hid_units"] == "0")
+
+def test_an_lstm_study_takes_the_default_space_of_its_type(tmp_path, tiny_session):
+    """model_type lstm alone: the default space without the MLP's window, and at least one
+    LSTM layer in every trial; scored on the frames of the default window all the same."""
+    config = tmp_path / "lstm.yaml"
+    config.write_text("model: {model_type: lstm}\n")
+    output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "lstm",
+                    "--config", config, "--n-trials", 2, "--max-epochs", 2, "--pruner", "none",
+                    "--store", tmp_path / "store")
+    assert "2 complete" in output and "n_lags" not in output.split("searched:")[-1].splitlines()[0]
+    runs = bnet.best_runs("lstm", family="decoder", top=2, store=resolve_store(tmp_path / "store"))
+    assert {r.params["n_lags"] for r in runs} == {"0"} and {r.params["model_type"] for r in runs} == {"lstm"}
+    assert all(int(r.params["n_hid_layers"]) >= 1 for r in runs)
+    assert {r.params["n_max_lags"] for r in runs} == {"4"}
+
+
+@pytest.mark.skipif(not M1.exists(), reason="the M1 recording is absent")
+def test_an_lstm_decodes_and_labels_neural_encodes_the_real_m1_recording(tmp_path):
+    """On real spikes: a bidirectional LSTM decodes hand velocity (held-out R2 well above 0),
+    and the labels-neural encoder predicts held-out spike counts better than each neuron's
+    constant training rate (Poisson log-likelihood per bin and neuron)."""
+    session_path = build_m1_session(M1, tmp_path / "m1.hdf5")
+    store = tmp_path / "store"
+    (tmp_path / "lstm.yaml").write_text(
+        "model: {model_class: neural-labels, model_type: lstm, n_hid_layers: 1, n_hid_units: 32, l2_reg: 1.0e-4}\n"
+        "training: {learning_rate: 3.0e-3, max_n_epochs: 12}\ntuning: {n_trials: 1}\n")
+    invoke("tune", "decoder", "--data", session_path, "--target", "labels", "--config", tmp_path / "lstm.yaml",
+           "--experiment", "m1-lstm", "--store", store)
+    resolved = resolve_store(store)
+    (lstm,) = bnet.best_runs("m1-lstm", family="decoder", metric="val_r2", direction="maximize", store=resolved)
+    assert lstm.params["model_type"] == "lstm" and lstm.metrics["test_r2"] > 0.5, lstm.metrics
+    model = bnet.load_model(lstm.run_id, store=resolved)
+    session = open_session(session_path, require=("neural", "labels"))
+    import torch
+    assert model.predict(torch.from_numpy(session.read("neural", 0).astype(np.float32))).shape == (100, 2)
+
+    (tmp_path / "enc.yaml").write_text(
+        "model: {model_class: labels-neural, n_lags: 3, n_hid_layers: 1, n_hid_units: 32, l2_reg: 1.0e-4}\n"
+        "training: {learning_rate: 3.0e-3, max_n_epochs: 12}\ntuning: {n_trials: 1}\n")
+    invoke("tune", "decoder", "--data", session_path, "--target", "labels", "--config", tmp_path / "enc.yaml",
+           "--experiment", "m1-enc", "--store", store)
+    (encoder,) = bnet.best_runs("m1-enc", family="decoder", metric="val_ll", direction="maximize", store=resolved)
+    assert encoder.tags["bnet.target_kind"] == "counts" and encoder.params["noise_dist"] == "poisson"
+    splits = bnet.split_trials(session.trials)
+    from bnet.models.decoder_metrics import poisson_log_likelihood, score_trials
+    mean_rates = np.concatenate([session.read("neural", t) for t in splits.train]).mean(axis=0)
+    val_counts = [session.read("neural", t) for t in splits.val]
+    constant = score_trials(poisson_log_likelihood, val_counts, [np.broadcast_to(mean_rates, c.shape) for c in val_counts],
+                            3)
+    assert encoder.metrics["val_ll"] > constant + 0.005, (encoder.metrics["val_ll"], constant)
+
+
+def test_labels_with_missing_frames_are_refused(tmp_path):
+    neural = {f"trial_{i:04d}": np.random.default_rng(i).poisson(1.0, (20, 4)).astype(float) for i in range(10)}
+    labels = {k: np.random.default_rng(1).normal(size=(20, 2)) for k in neural}
+    masks = {k: np.ones((20, 2)) for k in neural}
+    masks["trial_0004"][7, 1] = 0
+    path = write_session(tmp_path / "masked.hdf5", {"neural": neural, "labels": labels, "labels_masks": masks})
+    store = tmp_path / "store"
+    for model_class in ("neural-labels", "labels-neural"):
+        (tmp_path / "c.yaml").write_text(f"model: {{model_class: {model_class}}}\n")
+        result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(path), "--target", "labels",
+                                          "--config", str(tmp_path / "c.yaml"), "--experiment", "x",
+                                          "--n-trials", "1", "--store", str(store)])
+        assert_clean_failure(result, "masked.hdf5", "labels missing in 1 trial(s) (first trial_0004)", store=store)

@@ -23,7 +23,8 @@ def r2_score(true: np.ndarray, pred: np.ndarray) -> tuple[float, np.ndarray]:
     Returns:
         ``(r2, r2_per_dim)``: ``1 - sum(SSE) / sum(SST)`` over all dimensions (so each
         dimension weighs by its variance, sklearn's ``variance_weighted``), and the
-        ``(D,)`` R² of each dimension on its own.
+        ``(D,)`` R² of each dimension on its own: NaN for a dimension constant over these
+        frames (a neuron silent in a held-out split), where R² is undefined.
     """
     true = np.asarray(true, dtype=np.float64).reshape(len(true), -1)
     pred = np.asarray(pred, dtype=np.float64).reshape(len(pred), -1)
@@ -31,7 +32,9 @@ def r2_score(true: np.ndarray, pred: np.ndarray) -> tuple[float, np.ndarray]:
         raise ValueError(f"true {true.shape} and pred {pred.shape} differ in shape")
     residual = ((true - pred) ** 2).sum(axis=0)
     total = ((true - true.mean(axis=0)) ** 2).sum(axis=0)
-    return float(1.0 - residual.sum() / total.sum()), 1.0 - residual / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_dim = np.where(total > 0, 1.0 - residual / total, np.nan)
+    return float(1.0 - residual.sum() / total.sum()), per_dim
 
 
 def accuracy(true_states: np.ndarray, probs: np.ndarray) -> float:

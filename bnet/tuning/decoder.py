@@ -25,7 +25,7 @@ from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_entry
 from bnet.models.decoder_metrics import accuracy, categorical_log_likelihood, poisson_log_likelihood, r2_score, score_trials
-from bnet.models.decoders import DecoderConfig, motion_energy
+from bnet.models.decoders import DEFAULT_N_LAGS, DecoderConfig, motion_energy
 from bnet.plotting.decoders import plot_predictions
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
@@ -41,7 +41,7 @@ from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "decoder"
 TARGETS = ("ae", "ae-me", "arhmm", "labels")
-ENCODERS = {"ae-neural": "ae", "arhmm-neural": "arhmm"}
+ENCODERS = {"ae-neural": "ae", "arhmm-neural": "arhmm", "labels-neural": "labels"}
 SUBSAMPLE_METHODS = ("none", "single", "loo")
 
 # What a study of each kind of prediction optimises (maximised); the pruner sees the same
@@ -65,8 +65,17 @@ DEFAULT_SPACE = {
 }
 # BehaveNet's 1,000 epochs at its default learning rate take hours on a real recording.
 DEFAULT_BUDGET = {"max_n_epochs": 200, "early_stop_history": 10}
-# hidden units only exist with hidden layers
-CONDITIONS = {"n_hid_units": Condition("n_hid_layers", lambda value: int(value) > 0, 0, "n_hid_layers > 0")}
+# hidden units only exist with hidden layers, a lag window only in an MLP
+CONDITIONS = {"n_hid_units": Condition("n_hid_layers", lambda value: int(value) > 0, 0, "n_hid_layers > 0"),
+              "n_lags": Condition("model_type", lambda value: value != "lstm", 0, "model_type is an MLP")}
+
+
+def default_space(values: dict[str, Any]) -> dict[str, Any]:
+    """BehaveNet's recommended search, for the model type the config fixes: an LSTM has no
+    lag window and at least one layer."""
+    if values.get("model_type") == "lstm":
+        return {**{k: v for k, v in DEFAULT_SPACE.items() if k != "n_lags"}, "n_hid_layers": Categorical((1, 2))}
+    return DEFAULT_SPACE
 
 
 @dataclass
@@ -115,6 +124,13 @@ def behaviour(target: str, session: Session, values: dict[str, Any], refs: dict[
     if target == "labels":
         if "labels" not in session.signals:
             raise DataError(f"{session.path}: no group 'labels' to decode")
+        if "labels_masks" in session.signals:
+            masks = session.read_all("labels_masks")
+            missing = [t for t, mask in zip(session.trials, masks) if not np.all(mask)]
+            if missing:
+                raise DataError(f"{session.path}: labels_masks marks labels missing in {len(missing)} trial(s) "
+                                f"(first {trial_name(missing[0])}); decoders fit every frame's labels, so they "
+                                f"need sessions whose labels are all present")
         labels = dict(zip(session.trials, (x.astype(np.float32) for x in session.read_all("labels"))))
         return labels, session_splits(session, values), "continuous", 0, {}
     family = "arhmm" if target == "arhmm" else "ae"
@@ -195,8 +211,10 @@ def score_predictions(data: DecodingData, predictions: dict[int, np.ndarray], sp
         return {f"{split}_accuracy": score_trials(accuracy, true, predicted, n_max_lags),
                 f"{split}_ll": score_trials(categorical_log_likelihood, true, predicted, n_max_lags)}
     r2, per_dim = score_trials(r2_score, true, predicted, n_max_lags)
-    scores = {f"{split}_r2": r2, **{f"{split}_r2_{d}": float(v) for d, v in enumerate(per_dim)}}
-    if data.kind == "counts":
+    # per dimension only where it varies: R² of a neuron silent in this split is undefined
+    scores = {f"{split}_r2": r2, **{f"{split}_r2_{d}": float(v) for d, v in enumerate(per_dim) if np.isfinite(v)}}
+    # the Poisson log-likelihood where the predictions are rates (a Gaussian fit's may not be)
+    if data.kind == "counts" and all(np.all(p >= 0) for p in predicted):
         scores[f"{split}_ll"] = score_trials(poisson_log_likelihood, true, predicted, n_max_lags)
     return scores
 
@@ -216,7 +234,9 @@ def largest_window(values: dict[str, Any]) -> int:
     """``n_max_lags``: the largest ``n_lags`` any trial of the study can use (or the config's own)."""
     if "n_max_lags" in values:
         return int(values["n_max_lags"])
-    lags = values.get("n_lags", DecoderConfig.n_lags)
+    # without n_lags (an LSTM has none) the frames scored are those of the default window,
+    # so LSTM and default MLP studies are scored alike
+    lags = values.get("n_lags", DEFAULT_N_LAGS)
     if isinstance(lags, Categorical):
         return int(max(lags.choices))
     if isinstance(lags, Range):
@@ -235,14 +255,24 @@ def noise_dist(kind: str, model_type: str, asked: str | None) -> str:
     return asked
 
 
+def decoder_objective(kind: str, values: dict[str, Any]) -> Objective:
+    """What a study of ``kind`` targets optimises: counts fitted (in any trial) with Gaussian
+    noise are scored by R², as their means may be negative and no Poisson rates."""
+    asked = values.get("noise_dist")
+    noises = asked.choices if isinstance(asked, Categorical) else (asked,)
+    if kind == "counts" and "gaussian" in noises:
+        return OBJECTIVES["continuous"]
+    return OBJECTIVES[kind]
+
+
 class DecoderTrials:
     """Fits one decoder per trial (the family's TrialFitter)."""
 
-    def __init__(self, data: DecodingData, session: Session, n_max_lags: int):
+    def __init__(self, data: DecodingData, session: Session, n_max_lags: int, objective: Objective):
         self.data = data
         self.session = session
         self.n_max_lags = n_max_lags
-        self.objective = OBJECTIVES[data.kind]
+        self.objective = objective
         self.batches = {name: TrialArrays(data, data.splits[name]) for name in ("train", "val", "test")}
 
     def configs(self, hparams: dict[str, Any]) -> tuple[DecoderConfig, TrainingConfig, ComputeConfig]:
@@ -290,6 +320,8 @@ class DecoderTrials:
         model_config, training, compute = self.configs(context.hparams)
         device = resolve_device(compute.device)
         model = build_model(model_config)
+        if model_config.standardize_inputs:
+            model.set_input_statistics(torch.cat([batch["inputs"] for batch in self.batches["train"]]))
         trials, max_epochs = self, training.max_n_epochs
 
         class Progress:
@@ -332,7 +364,7 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
         raise ConfigError("model_class cannot be searched in a decoder study (each class has its own target)")
     model_class = str(values["model_class"])
     wanted_target = ENCODERS.get(model_class) or model_class.removeprefix("neural-")
-    if wanted_target != target and not (model_class == "neural-labels" and target == "labels"):
+    if wanted_target != target:
         raise ConfigError(f"model_class '{model_class}' does not fit --target {target}")
     session = open_session(resolve_data_path(values, request.data), require=("neural",))
     n_max_lags = largest_window(values)
@@ -348,13 +380,14 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
                     tags.TAG_NEURON_SUBSET: subset or "all",
                     **{f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id": run.run_id
                        for family, run in decoding.upstream.items()}}
-        prepared.append(PreparedStudy(session, DecoderTrials(decoding, session, n_max_lags),
-                                      OBJECTIVES[decoding.kind], run_tags, subset))
+        objective = decoder_objective(decoding.kind, values)
+        prepared.append(PreparedStudy(session, DecoderTrials(decoding, session, n_max_lags, objective),
+                                      objective, run_tags, subset))
     return prepared
 
 
 register_family(Family(
-    name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
+    name=FAMILY, default_space=default_space, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
 ))
 

@@ -144,7 +144,9 @@ class Family:
 
     Attributes:
         name: ``ae``, ``arhmm``, ``decoder``; tagged on every run as ``bnet.family``.
-        default_space: searched when the user's config searches nothing.
+        default_space: searched when the user's config searches nothing; or a function of
+            the config's fixed values that returns it (the space can depend on, e.g., the
+            model type).
         default_budget: fixed values (epochs, patience, EM iterations) used where the
             user sets none, sized so a zero-config study runs in minutes.
         conditions: conditional dimensions, by name.
@@ -155,7 +157,7 @@ class Family:
     """
 
     name: str
-    default_space: dict[str, Dimension]
+    default_space: dict[str, Dimension] | Callable[[dict[str, Any]], dict[str, Dimension]]
     default_budget: dict[str, Any]
     conditions: dict[str, "Condition"]
     step_name: str
@@ -189,7 +191,8 @@ def merged_values(family: Family, config: ProjectConfig) -> tuple[dict[str, Any]
     values = {**family.default_budget, **config.values}
     if config.dimensions():
         return values, False
-    for name, dim in family.default_space.items():
+    space = family.default_space(config.values) if callable(family.default_space) else family.default_space
+    for name, dim in space.items():
         if name not in config.values:
             values[name] = dim
     return values, True
