@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/arhmm_science.py
 	$(BIN)/python bench/decoder_ensemble.py
 	$(BIN)/python bench/workers_scaling.py
+	$(BIN)/python bench/data_build.py
 
 ui: install
 	$(BIN)/bnet ui

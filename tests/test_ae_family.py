@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from bnet.cli.main import cli
 from bnet.data import SynthConfig, open_session, synthesize
-from bnet.data.video import centred_crops, centred_labels, held_positions, read_video, sleap_labels, write_session
+from bnet.data.build import BuildConfig, build_session
 from bnet.data.sessions import select_sessions
 from bnet.errors import ConfigError, DataError
 from bnet.tracking import resolve_store
@@ -194,39 +194,21 @@ FLIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sleap_flies"
 
 
 @pytest.mark.skipif(not FLIES.is_dir(), reason="../shared/data/sleap_flies is absent")
-def test_a_session_builds_from_the_fly_video_and_its_sleap_labels(tmp_path):
-    labels, names = sleap_labels(FLIES / "predictions.analysis.h5", track=0, nodes=["head", "thorax"])
-    assert labels.shape == (3000, 4) and names == ["head_x", "thorax_x", "head_y", "thorax_y"]
-    labels = labels * 32 / 1024  # into the resized frames' pixels
-    frames = read_video(FLIES / "20190128_113421.120s.mp4", 32, 32, max_frames=250)
-    assert write_session(tmp_path / "fly.hdf5", frames, 50, labels) == 5
-    session = open_session(tmp_path / "fly.hdf5", require=("images", "labels", "labels_masks"))
-    assert session.image_shape == (1, 32, 32) and session.n_labels == 4 and session.n_frames == (50,) * 5
-    with h5py.File(tmp_path / "fly.hdf5") as f:
-        stored = np.concatenate([f["labels"][n][()] for n in sorted(f["labels"])])
-        masks = np.concatenate([f["labels_masks"][n][()] for n in sorted(f["labels_masks"])])
-        assert f["images"]["trial_0000"][()].max() > 0  # decoded frames, not zeros
-    assert np.array_equal(masks == 0, np.isnan(labels[:250]))
-    assert np.allclose(stored[masks > 0], labels[:250][masks > 0])
-    with pytest.raises(DataError, match="no such video"):
-        next(read_video(tmp_path / "missing.mp4", 8, 8))
-
-
-@pytest.mark.skipif(not FLIES.is_dir(), reason="../shared/data/sleap_flies is absent")
 def test_a_ps_vae_reads_the_fly_pose_from_real_video(tmp_path):
     """Fly-centred crops of the real video (the flies are ~2 px long in a 64 px whole frame);
     the PS-VAE's supervised latents predict head, abdomen and wing positions on held-out
     trials (50-frame trials, interleaved splits)."""
-    n_frames, scale, crop, size = 1500, 256, 64, 32
-    labels, names = sleap_labels(FLIES / "predictions.analysis.h5", track=0)
-    labels = labels[:n_frames] * scale / 1024
-    centres = held_positions(labels[:, [names.index("thorax_x"), names.index("thorax_y")]])
-    parts = ["head", "abdomen", "wingL", "wingR"]
-    chosen = [names.index(f"{p}_x") for p in parts] + [names.index(f"{p}_y") for p in parts]
-    frames = centred_crops(read_video(FLIES / "20190128_113421.120s.mp4", scale, scale, max_frames=n_frames),
-                           centres, crop, size)
     data = tmp_path / "fly.hdf5"
-    assert write_session(data, frames, 50, centred_labels(labels[:, chosen], centres, crop, size)) == 30
+    parts = [f"track0_{p}" for p in ("head", "abdomen", "wingL", "wingR")]
+    summary = build_session(BuildConfig(out=data, videos=[FLIES / "20190128_113421.120s.mp4"],
+                                        labels=FLIES / "predictions.analysis.h5", keypoints=parts,
+                                        centre_on="track0_thorax", window=256, y_pixels=32, x_pixels=32,
+                                        trial_length=50, max_frames=1500), echo=lambda line: None)
+    assert summary.n_trials == 30
+    session = open_session(data, require=("labels", "labels_masks"))
+    assert session.n_labels == 8
+    centre = session.read("images", 3)[:, 0, 12:20, 12:20].mean()
+    assert centre > 3 * session.read("images", 3).mean()  # the fly is in the middle of every frame
     config = tmp_path / "ps.yaml"
     config.write_text(
         "model: {model_class: ps-vae, n_ae_latents: 10, ps_vae.alpha: 1000, ps_vae.beta: 1, ps_vae.anneal_epochs: 5,"

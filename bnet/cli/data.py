@@ -82,3 +82,135 @@ def m1(out, mat_path, trial_frames):
     session = open_session(build_m1_session(mat_path, out, trial_frames), require=("neural", "labels"))
     click.echo(f"wrote {session.path}: {session.n_trials} trials x {trial_frames} bins, "
                f"{session.n_neurons} neurons, labels = hand velocity (x, y)")
+
+
+def _crop(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4:
+        raise click.BadParameter(f"expected X,Y,WIDTH,HEIGHT in source pixels, got '{value}'")
+    return parts
+
+
+@data.command()
+@click.option("--video", "videos", multiple=True, type=click.Path(dir_okay=False),
+              help="A video (mp4, avi, ...); repeat for camera views, stacked as channels.")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="Pose labels: DeepLabCut/lightning-pose CSV or H5, SLEAP analysis H5, plain CSV/NPY. "
+                   "Without --video, a label table of stills builds from the stills it names.")
+@click.option("--label-format", type=click.Choice(["dlc-csv", "sleap", "dlc-h5", "csv", "npy"]), default=None,
+              help="The label format [default: detected from the file].")
+@click.option("--min-likelihood", type=float, default=None, help="Mask keypoints below this likelihood.")
+@click.option("--keypoints", default=None, help="Comma-separated keypoints to keep as labels [default: all].")
+@click.option("--neural", type=click.Path(dir_okay=False), default=None, help="Neural data, frames x neurons "
+              "(NPY, MAT, HDF5).")
+@click.option("--neural-key", default=None, help="The MAT variable or HDF5 dataset holding it.")
+@click.option("--neural-fps", type=float, default=None, help="Its sampling rate [default: one row per video frame].")
+@click.option("--out", required=True, type=click.Path(), help="The session file (or folder: data.hdf5 inside).")
+@click.option("--y-pixels", default=128, show_default=True)
+@click.option("--x-pixels", default=128, show_default=True)
+@click.option("--crop", callback=_crop, default=None, help="X,Y,WIDTH,HEIGHT of the source frame to keep.")
+@click.option("--centre-on", default=None, help="A keypoint of the labels (e.g. track0_thorax): each frame is a "
+              "square --window around it, labels moved with it (for freely moving animals).")
+@click.option("--window", type=int, default=None, help="The side of that square, in source pixels.")
+@click.option("--max-frames", type=int, default=None, help="Build from the first N source frames only.")
+@click.option("--fit", type=click.Choice(["pad", "crop", "stretch"]), default="pad", show_default=True,
+              help="Keep the aspect by padding or by cropping, or stretch.")
+@click.option("--color", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True)
+@click.option("--trial-length", default=100, show_default=True, help="Frames per trial.")
+@click.option("--fps", type=float, default=None, help="Resample to this frame rate [default: the video's].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def build(videos, labels, label_format, min_likelihood, keypoints, neural, neural_key, neural_fps, out, y_pixels, x_pixels,
+          crop, centre_on, window, max_frames, fit, color, trial_length, fps, overwrite):
+    """Build a session HDF5 from videos, pose labels and neural data (streamed)."""
+    from pathlib import Path
+
+    from bnet.data.build import BuildConfig, build_session
+
+    config = BuildConfig(out=Path(out), videos=[Path(v) for v in videos], labels=Path(labels) if labels else None,
+                         label_format=label_format, min_likelihood=min_likelihood,
+                         keypoints=[k.strip() for k in keypoints.split(",")] if keypoints else None,
+                         neural=Path(neural) if neural else None, neural_key=neural_key, neural_fps=neural_fps,
+                         y_pixels=y_pixels, x_pixels=x_pixels, crop=crop, centre_on=centre_on, window=window,
+                         max_frames=max_frames, fit=fit, color=color,
+                         trial_length=trial_length, fps=fps, overwrite=overwrite)
+    summary = build_session(config, echo=click.echo)
+    c, y, x = summary.frame_shape
+    click.echo(f"wrote {summary.path}: {summary.n_trials} trials x {summary.trial_length} frames of {c}x{y}x{x}"
+               + (f" at {summary.fps:g} fps" if summary.fps else "")
+               + (f", {summary.n_labels // 2} keypoints" if summary.n_labels else "")
+               + (f", {summary.n_neurons} neurons" if summary.n_neurons else "")
+               + f" in {summary.seconds:.1f} s")
+    if summary.n_frames_dropped:
+        click.echo(f"  the last {summary.n_frames_dropped} frames make no whole trial and were left out")
+    click.echo(f"  data config: {summary.config_path}  (bnet tune ae --data-config {summary.config_path} ...)")
+    click.echo(f"  check it:    bnet data check {summary.path}")
+
+
+@data.command()
+@click.option("--lab", required=True)
+@click.option("--expt", required=True)
+@click.option("--animal", required=True)
+@click.option("--session", required=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="The folder above lab/expt/animal/session/data.hdf5 [default: the working folder].")
+@click.option("--from-file", "session_file", type=click.Path(dir_okay=False), default=None,
+              help="Read channels, pixels, frame rate and neural type from this built session.")
+@click.option("--n-input-channels", type=int, default=None)
+@click.option("--y-pixels", type=int, default=None)
+@click.option("--x-pixels", type=int, default=None)
+@click.option("--frame-rate", type=float, default=None)
+@click.option("--neural-type", type=click.Choice(["spikes", "ca", "none"]), default=None)
+@click.option("--neural-bin-size", type=float, default=None, help="Seconds per neural bin.")
+@click.option("--replace", is_flag=True, help="Replace an entry with other values.")
+def add(lab, expt, animal, session, data_dir, session_file, n_input_channels, y_pixels, x_pixels, frame_rate,
+        neural_type, neural_bin_size, replace):
+    """Record a dataset in your bnet catalogue (BehaveNet's add_dataset), so configs can name
+    it by lab/expt/animal/session. Missing values are asked for only at a terminal."""
+    import sys
+    from pathlib import Path
+
+    from bnet.data.catalog import DatasetEntry, add_dataset
+    from bnet.errors import ConfigError
+
+    data_dir = Path(data_dir or ".").resolve()
+    known = {"n_input_channels": n_input_channels, "y_pixels": y_pixels, "x_pixels": x_pixels,
+             "frame_rate": frame_rate, "neural_type": neural_type}
+    found = _session_facts(Path(session_file) if session_file else data_dir / lab / expt / animal / session
+                           / "data.hdf5")
+    values = {k: v if v is not None else found.get(k) for k, v in known.items()}
+    for name, value in values.items():
+        if value is None:
+            if not sys.stdin.isatty():
+                raise ConfigError(f"--{name.replace('_', '-')} is needed (no session file to read it from, "
+                                  f"and no terminal to ask at)")
+            values[name] = click.prompt(name.replace("_", " "), type=float if name == "frame_rate" else
+                                        click.Choice(["spikes", "ca", "none"]) if name == "neural_type" else int)
+    entry = DatasetEntry(lab, expt, animal, session, str(data_dir), neural_bin_size=neural_bin_size, **values)
+    path = add_dataset(entry, replace)
+    click.echo(f"recorded {entry.key} in {path}: {entry.n_input_channels}x{entry.y_pixels}x{entry.x_pixels} "
+               f"at {entry.frame_rate:g} fps, neural {entry.neural_type}; file {entry.path}")
+
+
+def _session_facts(path) -> dict:
+    """Channels, pixels, frame rate and neural type of a built session, where it exists."""
+    import json
+
+    import h5py
+
+    if not path.is_file():
+        return {}
+    from bnet.data import open_session
+
+    session = open_session(path)
+    c, y, x = session.image_shape
+    with h5py.File(path, "r") as f:
+        rate = float(f.attrs.get("frame_rate", 0.0)) or None
+    config = path.with_suffix(".json")
+    neural = json.loads(config.read_text()).get("neural_type") if config.is_file() else None
+    return {"n_input_channels": c, "y_pixels": y, "x_pixels": x, "frame_rate": rate,
+            "neural_type": neural or ("none" if "neural" not in session.signals else None)}

@@ -44,7 +44,12 @@ def resolve_data_path(values: dict[str, Any], data: str | Path | None) -> Path:
     keys = ("data_dir", "lab", "expt", "animal", "session")
     if all(values.get(k) for k in keys):
         return Path(*(str(values[k]) for k in keys)) / "data.hdf5"
-    raise ConfigError("no data: pass --data PATH, or set data (or data_dir/lab/expt/animal/session)")
+    if all(values.get(k) for k in keys[1:]):
+        from bnet.data.catalog import lookup
+
+        return lookup(*(values[k] for k in keys[1:])).path
+    raise ConfigError("no data: pass --data PATH, or set data (or data_dir/lab/expt/animal/session, or "
+                      "lab/expt/animal/session recorded by bnet data add)")
 
 
 def split_settings(values: dict[str, Any]) -> dict[str, Any]:

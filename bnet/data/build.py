@@ -1,0 +1,541 @@
+"""Sessions from a lab's raw data: videos (or labelled stills), pose labels, neural activity.
+
+:func:`build_session` is ``bnet data build``: frames are decoded by ffmpeg and streamed one
+at a time (the video is never held in memory), cropped and resized by one
+:class:`FrameGeometry` that maps the labels the same way, resampled to a common frame rate,
+cut into trials and written to a temporary file that replaces the output only when every
+check has passed, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+
+from bnet.data.pose import Pose, read_pose
+from bnet.data.session import trial_name
+from bnet.errors import ConfigError, DataError
+
+FIT_MODES = ("pad", "crop", "stretch")
+STILL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class BuildConfig:
+    """What ``bnet data build`` makes.
+
+    Attributes:
+        out: the session file (a folder gets ``data.hdf5`` inside, BehaveNet's
+            ``data_dir/lab/expt/animal/session/data.hdf5``).
+        videos: one video per camera view, stacked as channels (same size and length).
+            Empty: the frames are the stills a label table names.
+        labels: pose labels (DeepLabCut/lightning-pose CSV or H5, SLEAP analysis HDF5,
+            plain CSV/NPY), one row per source frame.
+        label_format: the format, where detection from the file is not wanted.
+        min_likelihood: keypoints below this likelihood are missing (masked).
+        keypoints: the keypoints to keep as labels (names as the label file gives them,
+            ``track0_head`` for SLEAP's tracks); None keeps all.
+        neural: neural activity, frames x neurons (NPY, MAT or HDF5).
+        neural_key: the variable (MAT) or dataset (HDF5) holding it, if not the only 2-D one.
+        neural_fps: its sampling rate; None: one row per source video frame.
+        y_pixels, x_pixels: frame size written.
+        crop: ``(x, y, width, height)`` of the source frame to keep; None: all of it.
+        centre_on: a keypoint of the labels (e.g. ``track0_thorax``): every frame is a square
+            ``window`` around it (an animal-centred view of a freely moving animal, which is
+            a few pixels long in the downsampled whole frame), its labels moved with it.
+            Where the keypoint is missing the last found position holds.
+        window: the side of that square, in source pixels.
+        fit: how the (cropped) frame meets the output size: ``pad`` keeps the aspect and
+            pads, ``crop`` keeps the aspect and crops the excess, ``stretch`` does neither.
+        color: ``gray`` (one channel per view) or ``rgb`` (three).
+        trial_length: frames per trial (a last partial trial is dropped, and said so).
+        fps: resample to this frame rate (nearest frame; neural counts summed per frame,
+            other neural signals averaged); None keeps the video's.
+        max_frames: build from the first this many source frames only.
+        overwrite: replace an existing output.
+    """
+
+    out: Path
+    videos: list[Path] = field(default_factory=list)
+    labels: Path | None = None
+    label_format: str | None = None
+    min_likelihood: float | None = None
+    keypoints: list[str] | None = None
+    neural: Path | None = None
+    neural_key: str | None = None
+    neural_fps: float | None = None
+    y_pixels: int = 128
+    x_pixels: int = 128
+    crop: tuple[int, int, int, int] | None = None
+    centre_on: str | None = None
+    window: int | None = None
+    max_frames: int | None = None
+    fit: str = "pad"
+    color: str = "gray"
+    trial_length: int = 100
+    fps: float | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.fit not in FIT_MODES:
+            raise ConfigError(f"--fit must be one of {', '.join(FIT_MODES)}, got '{self.fit}'")
+        if self.color not in ("gray", "rgb"):
+            raise ConfigError(f"--color must be gray or rgb, got '{self.color}'")
+        for name, value in (("--y-pixels", self.y_pixels), ("--x-pixels", self.x_pixels),
+                            ("--trial-length", self.trial_length)):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        for name, value in (("--fps", self.fps), ("--neural-fps", self.neural_fps)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) < 1 or min(self.crop[:2]) < 0):
+            raise ConfigError(f"--crop is X,Y,WIDTH,HEIGHT with a positive size, got {self.crop}")
+        if (self.centre_on is None) != (self.window is None):
+            raise ConfigError("--centre-on and --window go together (a keypoint, and the square's side in px)")
+        if self.centre_on is not None and (self.crop is not None or self.labels is None or self.window < 2):
+            raise ConfigError("--centre-on needs --labels and a --window of at least 2 px, and replaces --crop")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"--max-frames must be at least 1, got {self.max_frames}")
+        if not self.videos and self.labels is None:
+            raise ConfigError("nothing to build: give --video (one per view), or --labels naming labelled stills")
+
+    @property
+    def session_path(self) -> Path:
+        out = Path(self.out)
+        return out / "data.hdf5" if out.is_dir() or not out.suffix else out
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Crop, resize and pad of source frames, and the same map for label coordinates.
+
+    ``box`` is the region of the source frame (x0, y0, x1, y1) that is resized to
+    ``(width, height)`` pixels and placed at ``offset`` in the output frame.
+    """
+
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+    offset: tuple[int, int]
+    out_size: tuple[int, int]
+
+    @classmethod
+    def plan(cls, source: tuple[int, int], out_size: tuple[int, int], crop=None, fit: str = "pad") -> "FrameGeometry":
+        """``source`` and ``out_size`` are (width, height)."""
+        x0, y0, w, h = crop if crop is not None else (0, 0, *source)
+        if x0 + w > source[0] or y0 + h > source[1]:
+            raise ConfigError(f"--crop {x0},{y0},{w},{h} reaches outside the {source[0]}x{source[1]} frame")
+        width, height = out_size
+        if fit == "stretch":
+            return cls((x0, y0, x0 + w, y0 + h), out_size, (0, 0), out_size)
+        if fit == "pad":
+            scale = min(width / w, height / h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            return cls((x0, y0, x0 + w, y0 + h), size, ((width - size[0]) // 2, (height - size[1]) // 2), out_size)
+        scale = max(width / w, height / h)
+        bw, bh = width / scale, height / scale
+        bx, by = x0 + (w - bw) / 2, y0 + (h - bh) / 2
+        return cls((bx, by, bx + bw, by + bh), out_size, (0, 0), out_size)
+
+    def frame(self, image) -> np.ndarray:
+        """A PIL image (mode L or RGB) -> ``(channels, height, width)`` uint8, area-averaged."""
+        from PIL import Image
+
+        resized = image.resize(self.size, Image.Resampling.BOX, box=self.box)
+        if self.size != self.out_size:
+            canvas = Image.new(image.mode, self.out_size)
+            canvas.paste(resized, self.offset)
+            resized = canvas
+        array = np.asarray(resized)
+        return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+
+    def points(self, xy: np.ndarray) -> np.ndarray:
+        """``(..., 2)`` source pixel coordinates -> output pixel coordinates."""
+        x0, y0, x1, y1 = self.box
+        scale = np.array([self.size[0] / (x1 - x0), self.size[1] / (y1 - y0)])
+        return ((xy - np.array([x0, y0])) * scale + np.array(self.offset)).astype(np.float32)
+
+
+@dataclass
+class BuildSummary:
+    """What a build wrote."""
+
+    path: Path
+    config_path: Path
+    n_trials: int
+    trial_length: int
+    n_frames_source: int
+    n_frames_dropped: int
+    frame_shape: tuple[int, int, int]
+    fps: float | None
+    n_labels: int
+    n_neurons: int
+    seconds: float
+
+
+# ---------------------------------------------------------------- sources
+
+
+def held_positions(positions: np.ndarray) -> np.ndarray:
+    """``(frames, 2)`` positions with each NaN frame holding the last found position (the
+    first found one before any was found)."""
+    positions = np.array(positions, dtype=np.float64)
+    found = np.isfinite(positions).all(axis=1)
+    if not found.any():
+        raise DataError("the keypoint to centre on is never found")
+    last = np.maximum.accumulate(np.where(found, np.arange(len(found)), -1))
+    last[last < 0] = np.argmax(found)
+    return positions[last]
+
+
+def video_metadata(path: Path) -> dict:
+    import imageio_ffmpeg
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such video file")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="gray", bpp=1)
+        meta = next(reader)
+        reader.close()
+    except (RuntimeError, OSError, StopIteration) as err:
+        raise DataError(f"{path}: cannot be read as video: truncated, corrupt or not a video "
+                        f"(ffmpeg: {_first_line(err)})") from None
+    return meta
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def decoded_frames(path: Path, color: str) -> Iterator:
+    """The frames of a video as PIL images, one at a time, at full resolution."""
+    import imageio_ffmpeg
+    from PIL import Image
+
+    fmt, bpp, mode = ("gray", 1, "L") if color == "gray" else ("rgb24", 3, "RGB")
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt=fmt, bpp=bpp)
+    try:
+        meta = next(reader)
+        width, height = meta["size"]
+        for raw in reader:
+            yield Image.frombuffer(mode, (width, height), raw, "raw", mode, 0, 1)
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"{path}: the video cannot be decoded past this point ({_first_line(err)}): "
+                        f"truncated or corrupt") from None
+    finally:
+        reader.close()
+
+
+def still_frames(paths: list[Path], color: str) -> Iterator:
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                yield image.convert("L" if color == "gray" else "RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{path}: cannot be read as an image ({err})") from None
+
+
+def read_neural(path: Path, key: str | None) -> np.ndarray:
+    """Frames x neurons from NPY, MAT (``key`` or the only 2-D variable) or HDF5."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such neural data file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif suffix == ".mat":
+        import scipy.io
+
+        try:
+            content = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+        except (ValueError, NotImplementedError, OSError) as err:
+            raise DataError(f"{path}: cannot be read as a MATLAB file ({err})") from None
+        array = _one_array(path, {k: v for k, v in content.items() if getattr(v, "ndim", 0) == 2}, key, "variable")
+    elif suffix in (".h5", ".hdf5"):
+        with h5py.File(path, "r") as f:
+            found = {}
+            f.visititems(lambda name, item: found.setdefault(name, item) if isinstance(item, h5py.Dataset)
+                         and item.ndim == 2 else None)
+            array = _one_array(path, found, key, "dataset")[()]
+    else:
+        raise DataError(f"{path}: unknown neural format '{suffix}' (known: .npy, .mat, .h5/.hdf5)")
+    array = np.asarray(array)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{path}: neural data must be a numeric frames x neurons array, got {array.dtype} "
+                        f"{array.shape}")
+    return array
+
+
+def _one_array(path: Path, found: dict, key: str | None, what: str):
+    if key is not None:
+        if key not in found:
+            raise DataError(f"{path}: no 2-D {what} '{key}' (has {', '.join(found) or 'none'})")
+        return found[key]
+    if len(found) != 1:
+        raise DataError(f"{path}: {len(found)} 2-D {what}s ({', '.join(found) or 'none'}): name one with --neural-key")
+    return next(iter(found.values()))
+
+
+# ---------------------------------------------------------------- resampling
+
+
+def source_index(k: int, source_fps: float, out_fps: float) -> int:
+    """The source frame nearest to output frame ``k``'s time."""
+    return int(math.floor(k * source_fps / out_fps + 0.5))
+
+
+def resampled(frames: Iterator, source_fps: float | None, out_fps: float | None) -> Iterator[tuple[int, object]]:
+    """``(source index, frame)`` per output frame: each output frame takes the nearest
+    source frame (frames repeat when upsampling, are skipped when downsampling)."""
+    if out_fps is None or source_fps is None or out_fps == source_fps:
+        yield from enumerate(frames)
+        return
+    k = 0
+    for i, frame in enumerate(frames):
+        while source_index(k, source_fps, out_fps) == i:
+            yield i, frame
+            k += 1
+
+
+def is_counts(neural: np.ndarray) -> bool:
+    return bool(np.all(neural >= 0) and np.all(neural == np.round(neural)))
+
+
+def neural_per_frame(neural: np.ndarray, neural_fps: float, out_fps: float, n_out: int) -> np.ndarray:
+    """Neural rows binned into output frames: counts summed, other signals averaged."""
+    counts = is_counts(neural)
+    edges = np.floor(np.arange(n_out + 1) * neural_fps / out_fps + 0.5).astype(int)
+    rows = np.empty((n_out, neural.shape[1]), dtype=np.float32)
+    for k in range(n_out):
+        chunk = neural[edges[k] : max(edges[k + 1], edges[k] + 1)]
+        rows[k] = chunk.sum(axis=0) if counts else chunk.mean(axis=0)
+    return rows
+
+
+# ---------------------------------------------------------------- the build
+
+
+class Progress:
+    """Frames written: a tqdm bar on a terminal, a plain line every 10% otherwise."""
+
+    def __init__(self, total: int | None, echo: Callable[[str], None], description: str):
+        self.total, self.echo, self.count, self.next_line = total, echo, 0, 0.1
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="frame", desc=description, leave=False)
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.total and self.count >= self.next_line * self.total:
+            self.echo(f"  frames written {self.count}/{self.total}")
+            self.next_line += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> BuildSummary:
+    """Build one session file (and its data config) from ``config``; see the module doc."""
+    config.validate()
+    started = time.perf_counter()
+    out = config.session_path
+    if out.exists() and not config.overwrite:
+        raise DataError(f"{out}: exists (pass --overwrite to replace it)")
+    pose = read_pose(config.labels, config.label_format, config.min_likelihood) if config.labels else None
+    videos = [Path(v) for v in config.videos]
+    if videos:
+        metas = [video_metadata(v) for v in videos]
+        sizes = {tuple(m["size"]) for m in metas}
+        if len(sizes) > 1:
+            raise DataError("the views differ in size: " + ", ".join(f"{v} {m['size'][0]}x{m['size'][1]}"
+                                                                      for v, m in zip(videos, metas)))
+        source_size, source_fps = tuple(metas[0]["size"]), float(metas[0]["fps"])
+        estimate = int(round(metas[0]["duration"] * source_fps)) or None
+        views = [decoded_frames(v, config.color) for v in videos]
+        where = str(videos[0])
+    else:
+        if pose.images is None:
+            raise ConfigError(f"{config.labels}: without --video the labels must name labelled stills (image files)")
+        if config.fps is not None:
+            raise ConfigError("--fps resamples video: labelled stills have no frame rate")
+        missing = [p for p in pose.images if not p.is_file()]
+        if missing:
+            raise DataError(f"{config.labels}: names {len(missing)} still(s) that do not exist (first {missing[0]})")
+        from PIL import Image
+
+        with Image.open(pose.images[0]) as first:
+            source_size = first.size
+        if config.neural:
+            raise ConfigError("--neural goes with a video: labelled stills are not a recording")
+        source_fps, estimate = None, len(pose.images)
+        views = [still_frames(pose.images, config.color)]
+        where = str(config.labels)
+    origins = None
+    if config.centre_on is not None:
+        if config.centre_on not in pose.names:
+            raise DataError(f"{config.labels}: no keypoint '{config.centre_on}' to centre on "
+                            f"(has {', '.join(pose.names)})")
+        origins = np.rint(held_positions(pose.xy[:, pose.names.index(config.centre_on)])).astype(int) \
+            - config.window // 2
+        source_size = (config.window, config.window)
+    if config.keypoints is not None:
+        pose = pose.select(config.keypoints, str(config.labels))
+    geometry = FrameGeometry.plan(source_size, (config.x_pixels, config.y_pixels), config.crop, config.fit)
+    neural = read_neural(Path(config.neural), config.neural_key) if config.neural else None
+    out_fps = config.fps or source_fps
+    if estimate is not None and config.max_frames is not None:
+        estimate = min(estimate, config.max_frames)
+    expected = estimate if out_fps == source_fps or estimate is None else int(estimate * out_fps / source_fps)
+    if expected is not None and config.trial_length > expected * 1.05 + 1:
+        raise DataError(f"--trial-length {config.trial_length} is longer than {where} (about {expected} frames"
+                        f"{f' at {out_fps:g} fps' if out_fps else ''})")
+    if pose is not None and estimate is not None and videos and config.max_frames is None \
+            and abs(pose.n_frames - estimate) > max(2, estimate // 100):
+        raise DataError(f"{config.labels} has {pose.n_frames} labelled frames but {where} has about {estimate} "
+                        f"frames (its duration x frame rate)")
+    labels = None
+    if pose is not None:
+        labels = geometry.points(pose.xy if origins is None else pose.xy - origins[:, None, :])
+        labels = np.concatenate([labels[..., 0], labels[..., 1]], axis=1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    progress = Progress(expected, echo, out.name)
+    try:
+        with h5py.File(partial, "w") as f:
+            result = _write(f, config, geometry, origins, views, videos, labels, neural, source_fps, out_fps,
+                            progress)
+            f.attrs.update({
+                "frame_rate": out_fps or 0.0, "source_frame_rate": source_fps or 0.0,
+                "sources": json.dumps([str(v) for v in videos] or [str(config.labels)]),
+                "labels_source": str(config.labels or ""), "neural_source": str(config.neural or ""),
+                "label_names": json.dumps(pose.flat_names() if pose else []),
+                "geometry": json.dumps(asdict(geometry)),
+            })
+        os.replace(partial, out)
+    finally:
+        progress.close()
+        partial.unlink(missing_ok=True)
+    n_source, n_out = result
+    n_trials = n_out // config.trial_length
+    config_path = write_data_config(out, config, result_channels(config, videos),
+                                    None if neural is None else is_counts(neural))
+    return BuildSummary(out, config_path, n_trials, config.trial_length, n_source, n_out - n_trials * config.trial_length,
+                        (result_channels(config, videos), config.y_pixels, config.x_pixels), out_fps,
+                        0 if labels is None else labels.shape[1], 0 if neural is None else neural.shape[1],
+                        time.perf_counter() - started)
+
+
+def result_channels(config: BuildConfig, videos: list[Path]) -> int:
+    return max(1, len(videos)) * (1 if config.color == "gray" else 3)
+
+
+def _write(f, config, geometry, origins, views, videos, labels, neural, source_fps, out_fps, progress):
+    groups = {"images": f.create_group("images")}
+    if labels is not None:
+        groups["labels"], groups["labels_masks"] = f.create_group("labels"), f.create_group("labels_masks")
+    if neural is not None:
+        groups["neural"] = f.create_group("neural")
+    length = config.trial_length
+    images, indices = [], []
+    n_out = 0
+    source = Counted(_zip_views(views, videos), config.max_frames)
+    for i, frame in resampled(source, source_fps, out_fps):
+        if origins is not None:
+            (x, y), side = origins[min(i, len(origins) - 1)], config.window
+            frame = [view.crop((x, y, x + side, y + side)) for view in frame]
+        images.append(np.concatenate([geometry.frame(view) for view in frame]))
+        indices.append(i)
+        n_out += 1
+        if len(images) == length:
+            _flush(groups, n_out // length - 1, images, indices, labels)
+            progress.update(length)
+            images, indices = [], []
+    n_source = source.count
+    where = str(videos[0]) if videos else str(config.labels)
+    if labels is not None and (len(labels) < n_source or len(labels) > n_source and not source.stopped):
+        raise DataError(f"{config.labels} has {len(labels)} labelled frames but {where} has {n_source} frames")
+    if n_out < length:
+        raise DataError(f"--trial-length {length} is longer than {where} ({n_out} frames"
+                        f"{f' at {out_fps:g} fps' if out_fps else ''})")
+    if neural is not None:
+        neural_fps = config.neural_fps or source_fps
+        covered = len(neural) / neural_fps
+        duration = n_source / (source_fps or neural_fps)
+        if abs(covered - duration) > 1.0 / neural_fps + 1e-9:
+            raise DataError(f"{config.neural} has {len(neural)} rows ({covered:.3f} s at {neural_fps:g} Hz) but "
+                            f"{where} has {n_source} frames ({duration:.3f} s)")
+        per_frame = neural_per_frame(neural, neural_fps, out_fps or neural_fps, n_out)
+        for t in range(n_out // length):
+            groups["neural"].create_dataset(trial_name(t), data=per_frame[t * length : (t + 1) * length])
+    return n_source, n_out
+
+
+def _zip_views(views, videos) -> Iterator[tuple]:
+    """One frame of every view at a time; views that end at different frames are an error."""
+    iterators = [iter(v) for v in views]
+    count = 0
+    while True:
+        frame = []
+        for view in iterators:
+            frame.append(next(view, None))
+        ended = [f is None for f in frame]
+        if all(ended):
+            return
+        if any(ended):
+            counts = [count + (0 if e else 1) for e in ended]
+            raise DataError("the views differ in length: " + ", ".join(
+                f"{v} {'ends at' if e else 'goes on past'} frame {count}" for v, e, _ in zip(videos, ended, counts)))
+        count += 1
+        yield tuple(frame)
+
+
+class Counted:
+    """Source frames, counted (resampled or not), up to ``limit``."""
+
+    def __init__(self, items: Iterator, limit: int | None = None):
+        self.items, self.limit, self.count, self.stopped = items, limit, 0, False
+
+    def __iter__(self):
+        for item in self.items:
+            if self.limit is not None and self.count == self.limit:
+                self.stopped = True
+                return
+            self.count += 1
+            yield item
+
+
+def _flush(groups, trial: int, images, indices, labels) -> None:
+    name = trial_name(trial)
+    stack = np.stack(images)
+    groups["images"].create_dataset(name, data=stack, chunks=(1, *stack.shape[1:]))
+    if labels is not None:
+        rows = labels[np.minimum(indices, len(labels) - 1)]
+        groups["labels"].create_dataset(name, data=np.nan_to_num(rows))
+        groups["labels_masks"].create_dataset(name, data=np.isfinite(rows).astype(np.float32))
+
+
+def write_data_config(session: Path, config: BuildConfig, n_channels: int, neural_counts: bool | None) -> Path:
+    """A BehaveNet data JSON beside the session (``bnet tune ... --data-config FILE``)."""
+    path = session.with_suffix(".json")
+    content = {"data": str(session.resolve()), "n_input_channels": n_channels, "y_pixels": config.y_pixels,
+               "x_pixels": config.x_pixels, "use_output_mask": False}
+    if neural_counts is not None:
+        content["neural_type"] = "spikes" if neural_counts else "ca"
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
