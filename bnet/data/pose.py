@@ -116,23 +116,7 @@ def _dlc_csv(path: Path, min_likelihood: float | None) -> Pose:
     if values.ndim != 2 or values.shape[1] != len(columns):
         raise DataError(f"{path}: rows have {values.shape[-1] if values.ndim == 2 else 'varying'} values but the "
                         f"header names {len(columns)} columns")
-    individual = kinds.index("individuals") if "individuals" in kinds else None
-    part, coord = kinds.index("bodyparts"), kinds.index("coords")
-    names, where = [], {}
-    for i, column in enumerate(columns):
-        name = column[part] if individual is None else f"{column[individual]}_{column[part]}"
-        if name not in where:
-            names.append(name)
-            where[name] = {}
-        where[name][column[coord].strip().lower()] = i
-    xy = np.full((len(values), len(names), 2), np.nan, dtype=np.float32)
-    for k, name in enumerate(names):
-        found = where[name]
-        if "x" not in found or "y" not in found:
-            raise DataError(f"{path}: keypoint '{name}' lacks an x or y column")
-        xy[:, k, 0], xy[:, k, 1] = values[:, found["x"]], values[:, found["y"]]
-        if min_likelihood is not None and "likelihood" in found:
-            xy[values[:, found["likelihood"]] < min_likelihood, k] = np.nan
+    xy, names = _keypoints(path, kinds, columns, values, min_likelihood)
     index = [row[0] for row in body]
     images = None
     if index and all(Path(i).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") for i in index):
@@ -181,23 +165,31 @@ def _dlc_h5(path: Path, min_likelihood: float | None) -> Pose:
     levels = [str(n).lower() for n in frame.columns.names]
     if "bodyparts" not in levels or "coords" not in levels:
         raise DataError(f"{path}: a DeepLabCut table needs column levels bodyparts and coords (has {levels})")
-    part, coord = levels.index("bodyparts"), levels.index("coords")
+    columns = [tuple(str(c) for c in column) for column in frame.columns]
+    return Pose(*_keypoints(path, levels, columns, frame.to_numpy(dtype=np.float64), min_likelihood))
+
+
+def _keypoints(path: Path, levels: list[str], columns: list[tuple[str, ...]], values: np.ndarray,
+               min_likelihood: float | None) -> tuple[np.ndarray, list[str]]:
+    """DeepLabCut's column levels (individuals?, bodyparts, coords) -> (xy, names)."""
     individual = levels.index("individuals") if "individuals" in levels else None
+    part, coord = levels.index("bodyparts"), levels.index("coords")
     names, where = [], {}
-    for i, column in enumerate(frame.columns):
+    for i, column in enumerate(columns):
         name = column[part] if individual is None else f"{column[individual]}_{column[part]}"
         if name not in where:
             names.append(name)
             where[name] = {}
-        where[name][str(column[coord]).lower()] = i
-    values = frame.to_numpy(dtype=np.float64)
-    xy = np.stack([np.stack([values[:, where[n]["x"]], values[:, where[n]["y"]]], axis=1) for n in names], axis=1)
-    xy = xy.astype(np.float32)
-    if min_likelihood is not None:
-        for k, name in enumerate(names):
-            if "likelihood" in where[name]:
-                xy[values[:, where[name]["likelihood"]] < min_likelihood, k] = np.nan
-    return Pose(xy, names)
+        where[name][column[coord].strip().lower()] = i
+    xy = np.full((len(values), len(names), 2), np.nan, dtype=np.float32)
+    for k, name in enumerate(names):
+        found = where[name]
+        if "x" not in found or "y" not in found:
+            raise DataError(f"{path}: keypoint '{name}' lacks an x or y column")
+        xy[:, k, 0], xy[:, k, 1] = values[:, found["x"]], values[:, found["y"]]
+        if min_likelihood is not None and "likelihood" in found:
+            xy[values[:, found["likelihood"]] < min_likelihood, k] = np.nan
+    return xy, names
 
 
 def _plain_csv(path: Path, min_likelihood: float | None) -> Pose:
