@@ -1,4 +1,4 @@
-"""``bnet plot``: figures and movies from tracked runs."""
+"""``bnet plot``: movies of tracked runs (a run id or registry URI in, an mp4 out)."""
 
 from __future__ import annotations
 
@@ -9,52 +9,74 @@ from bnet.cli.options import resolve, store_option, tracking_uri_option
 
 @click.group()
 def plot():
-    """Figures and movies from tracked runs."""
+    """Movies of tracked runs: reconstructions, decoders, syllables, latent traversals."""
+
+
+def movie_options(default_fps: int):
+    def decorate(command):
+        for option in reversed((
+            click.argument("reference", metavar="REF"),
+            click.option("--out", type=click.Path(dir_okay=False), required=True,
+                         help="The movie: .mp4 (ffmpeg, bundled by imageio-ffmpeg) or .gif."),
+            click.option("--log", is_flag=True, help="Also add it to the run's artifacts (movies/)."),
+            click.option("--fps", default=default_fps, show_default=True),
+            store_option, tracking_uri_option,
+        )):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _finish(movie, log, store) -> None:
+    click.echo(f"wrote {movie.path}: {movie.description}")
+    if log:
+        from bnet.plotting.run_movies import log_movie
+
+        click.echo(f"  logged as {log_movie(movie, store)} of run {movie.run.run_id}")
 
 
 @plot.command()
-@click.argument("run_id")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Movie file, .mp4 (ffmpeg) or .gif [default syllables-<run>.mp4, .gif without ffmpeg].")
-@click.option("--clips", default=4, show_default=True, help="Clips per state, played one after another.")
-@click.option("--min-frames", default=5, show_default=True, help="Shortest run of a state that makes a clip.")
-@click.option("--fps", default=20, show_default=True)
-@store_option
-@tracking_uri_option
-def syllables(run_id, out, clips, min_frames, fps, store, tracking_uri):
-    """Write a syllable movie of an ARHMM run: clips of frames from each state."""
-    import tempfile
-
-    import matplotlib.animation as animation
-    import numpy as np
-
-    from bnet.data import open_session
-    from bnet.data.exports import read_export
-    from bnet.errors import TrackingError
-    from bnet.plotting.movies import state_segments, write_panel_movie
-    from bnet.tracking import conventions as tags
-    from bnet.tracking.registry import download_artifact, resolve_upstream
+@movie_options(20)
+@click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
+def reconstruction(reference, out, log, fps, store, tracking_uri, trials):
+    """AE movie: original | reconstruction | residual on held-out trials (REF: an AE run id or
+    models:/NAME@ALIAS)."""
+    from bnet.plotting.run_movies import reconstruction_movie
 
     resolved = resolve(store, tracking_uri)
-    run = resolve_upstream(run_id, "arhmm", store=resolved)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(run, f"{tags.EXPORTS_DIR}/states.hdf5", tmp, resolved)
-        if path is None:
-            raise TrackingError(f"run {run.run_id} exported no states (export_states was off)")
-        states, _ = read_export(path, "states")
-    session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=("images",))
-    if session.data_hash != run.tags.get(tags.TAG_DATA_HASH):
-        raise TrackingError(f"{session.path} has changed since run {run.run_id} was fitted (data hash differs)")
-    n_states = int(run.params["n_arhmm_states"])
-    panels, titles = [], []
-    for state in range(n_states):
-        segments = state_segments(states, state, min_frames)[:clips]
-        frames = [session.read("images", t)[start:stop, 0] for t, start, stop in segments]
-        gap = [np.zeros((3, *session.image_shape[1:]))]
-        panels.append(np.concatenate([part for clip in frames for part in (clip / 255.0, gap[0])])
-                      if frames else np.zeros((1, *session.image_shape[1:])))
-        titles.append(f"state {state} ({len(segments)} clips)")
-    if out is None:
-        out = f"syllables-{run.run_id[:8]}.{'mp4' if animation.writers.is_available('ffmpeg') else 'gif'}"
-    written = write_panel_movie(panels, titles, out, fps)
-    click.echo(f"wrote {written}: {n_states} states, up to {clips} clips each (channel 0)")
+    _finish(reconstruction_movie(reference, out, resolved, trials, fps), log, resolved)
+
+
+@plot.command()
+@movie_options(20)
+@click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
+def decoder(reference, out, log, fps, store, tracking_uri, trials):
+    """Decoder movie: original | AE reconstruction | frames decoded from neural activity
+    (REF: a decoder run of AE latents)."""
+    from bnet.plotting.run_movies import decoder_movie
+
+    resolved = resolve(store, tracking_uri)
+    _finish(decoder_movie(reference, out, resolved, trials, fps), log, resolved)
+
+
+@plot.command()
+@movie_options(20)
+@click.option("--clips", default=4, show_default=True, help="Clips per state, played one after another.")
+@click.option("--min-frames", default=5, show_default=True, help="Shortest run of a state that makes a clip.")
+def syllables(reference, out, log, fps, store, tracking_uri, clips, min_frames):
+    """ARHMM movie: clips of the frames of each state (REF: an ARHMM run)."""
+    from bnet.plotting.run_movies import syllable_movie
+
+    resolved = resolve(store, tracking_uri)
+    _finish(syllable_movie(reference, out, resolved, clips, min_frames, fps), log, resolved)
+
+
+@plot.command()
+@movie_options(15)
+def traversal(reference, out, log, fps, store, tracking_uri):
+    """Latent traversal movie: one panel per latent swept between its 5th and 95th
+    percentile (REF: an AE run, e.g. a PS-VAE)."""
+    from bnet.plotting.run_movies import traversal_movie
+
+    resolved = resolve(store, tracking_uri)
+    _finish(traversal_movie(reference, out, resolved, fps), log, resolved)

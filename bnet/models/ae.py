@@ -354,6 +354,10 @@ class AutoEncoder(nn.Module):
     def decoder_inputs(self, latents: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return latents
 
+    def latent_groups(self) -> dict[str, slice]:
+        """Where each subspace sits in the latents ``encode`` returns (one, here)."""
+        return {"latent": slice(0, None)}
+
     def encode(self, images: torch.Tensor, session: torch.Tensor | None = None,
                labels: torch.Tensor | None = None) -> torch.Tensor:
         batch = {"images": images, **({"session": session} if session is not None else {}),

@@ -65,10 +65,11 @@ def traversal_frames(model, base: np.ndarray, dims: list[int], values: np.ndarra
 def latent_names(model) -> tuple[list[int], list[str]]:
     """The latents a traversal shows (supervised first, capped) and their names."""
     dims, names = [], []
-    for group, where in model.latent_groups().items():
+    groups = model.latent_groups()
+    for group, where in groups.items():
         for d in range(model.n_latents)[where]:
             dims.append(d)
-            names.append(f"{group[:5]}. {d - (where.start or 0)}")
+            names.append(f"{group[:5]}. {d - (where.start or 0)}" if len(groups) > 1 else f"{group} {d}")
     return dims[:MAX_TRAVERSED], names[:MAX_TRAVERSED]
 
 

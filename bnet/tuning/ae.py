@@ -139,7 +139,7 @@ class AETrials:
             names["train_triplet_at_best"] = "minimize"
         if hasattr(model, "predict_labels"):
             names.update(LABEL_METRICS)
-        if hasattr(model, "latent_groups"):
+        if "unsupervised" in model.latent_groups():
             names.update(PS_METRICS)
             if len(self.sessions) > 1:
                 names.update(SESSION_METRICS)
@@ -241,14 +241,14 @@ class AETrials:
             out = outputs[split]
             metrics[f"{split}_label_r2"] = float(r2_score(
                 torch.from_numpy(out["predicted"]), torch.from_numpy(out["labels"]), torch.from_numpy(out["label_mask"])))
-            if hasattr(model, "latent_groups"):
+            if "unsupervised" in model.latent_groups():
                 unsupervised = out["latents"][:, model.latent_groups()["unsupervised"]]
                 metrics[f"{split}_unsup_corr"] = float(mean_abs_correlation(torch.from_numpy(unsupervised)))
                 if len(self.sessions) > 1:
                     metrics[f"{split}_session_accuracy"] = session_accuracy(
                         outputs["train"]["latents"][:, model.latent_groups()["unsupervised"]],
                         outputs["train"]["session"], unsupervised, out["session"], len(self.sessions))
-        if len(self.sessions) > 1 and hasattr(model, "latent_groups"):
+        if len(self.sessions) > 1 and "unsupervised" in model.latent_groups():
             metrics["session_accuracy_chance"] = 1.0 / len(self.sessions)
         return metrics
 
@@ -272,7 +272,7 @@ class AETrials:
                 f"{model_config.model_class} ({model_config.model_type}), {model_config.n_ae_latents} latents"),
                 "training_curves")
             run.log_figure(self._reconstruction_figure(model, splits, device, metrics), "reconstructions")
-            if hasattr(model, "latent_groups"):
+            if "unsupervised" in model.latent_groups():
                 from bnet.plotting.ps_vae import log_ps_vae_figures
 
                 log_ps_vae_figures(run, model, self.sessions[0], splits[0], outputs, metrics["test_label_r2"], device,

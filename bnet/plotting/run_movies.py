@@ -1,0 +1,169 @@
+"""Movies of tracked runs (``bnet plot ...``): a run id or registry URI in, an mp4 out.
+
+Each movie resolves its run (and the runs upstream of it) by MLflow query, reads the session
+the run was fitted to (refused if the file has changed since: its data hash differs), and
+shows held-out (test) trials. :func:`log_movie` adds a written movie to the run's artifacts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnet.data import open_session, split_trials
+from bnet.data.exports import read_export
+from bnet.data.session import Session, trial_name
+from bnet.errors import TrackingError
+from bnet.plotting.movies import state_segments, write_panel_movie
+from bnet.tracking import conventions as tags
+from bnet.tracking.query import RunSummary
+from bnet.tracking.registry import download_artifact, load_model, resolve_upstream
+from bnet.tracking.store import Store, connect
+
+MOVIES_DIR = "movies"
+
+
+@dataclass
+class Movie:
+    """A movie written: where, of which run, and what it shows."""
+
+    path: Path
+    run: RunSummary
+    description: str
+
+
+def run_session(run: RunSummary, require: tuple[str, ...] = ("images",)) -> Session:
+    """The session a run was fitted to, as it was then."""
+    if run.tags.get(tags.TAG_N_SESSIONS, "1") != "1":
+        raise TrackingError(f"run {run.run_id} was fitted to several sessions: movies show one session's run")
+    session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=require)
+    if session.data_hash != run.tags.get(tags.TAG_DATA_HASH):
+        raise TrackingError(f"{session.path} has changed since run {run.run_id} was fitted (data hash differs)")
+    return session
+
+
+def held_out_trials(run: RunSummary, session: Session, n_trials: int) -> list[int]:
+    splits = split_trials(session.trials, run.params.get("trial_splits", "8;1;1;0"),
+                          int(run.params.get("rng_seed_data", 0)), source=str(session.path))
+    return list(splits.test[:n_trials])
+
+
+def channels_side_by_side(frames: np.ndarray) -> np.ndarray:
+    """``(T, C, Y, X)`` -> ``(T, Y, C * X)``: every camera view in one panel."""
+    return np.concatenate(list(frames.transpose(1, 0, 2, 3)), axis=2)
+
+
+@torch.no_grad()
+def _reconstruct(model, images: np.ndarray, latents: np.ndarray | None = None,
+                 chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(reconstruction, latents) of uint8 frames, or of the given latents, in chunks of frames."""
+    reconstructions, codes = [], []
+    for start in range(0, len(images), chunk):
+        if latents is None:
+            code = model.encode(torch.from_numpy(images[start : start + chunk]).float().div_(255.0))
+        else:
+            code = torch.from_numpy(np.ascontiguousarray(latents[start : start + chunk], dtype=np.float32))
+        reconstructions.append(model.decode(code).clamp(0, 1).numpy())
+        codes.append(code.numpy())
+    return np.concatenate(reconstructions), np.concatenate(codes)
+
+
+def _ae_model(run: RunSummary, store: Store):
+    model = load_model(run.run_id, store)
+    if getattr(model.config, "model_class", "") not in ("ae", "vae", "beta-tcvae", "ps-vae", "cond-ae-msp"):
+        raise TrackingError(f"run {run.run_id} is a {model.config.model_class}: these movies need an AE that "
+                            f"encodes frames without labels (ae, vae, beta-tcvae, ps-vae, cond-ae-msp)")
+    return model
+
+
+def reconstruction_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20) -> Movie:
+    """Original | reconstruction | residual (grey is 0) of an AE's held-out trials."""
+    run = resolve_upstream(reference, "ae", store=store)
+    session = run_session(run)
+    model = _ae_model(run, store)
+    trials = held_out_trials(run, session, n_trials)
+    panels = {"original": [], "reconstruction": [], "residual": []}
+    for trial in trials:
+        images = session.read("images", trial)
+        reconstruction, _ = _reconstruct(model, images)
+        original = images / 255.0
+        panels["original"].append(channels_side_by_side(original))
+        panels["reconstruction"].append(channels_side_by_side(reconstruction))
+        panels["residual"].append(np.clip(0.5 + channels_side_by_side(reconstruction - original), 0, 1))
+    path = write_panel_movie([np.concatenate(p) for p in panels.values()], list(panels), out, fps)
+    return Movie(path, run, f"{len(trials)} held-out trials ({', '.join(map(trial_name, trials))}) of AE run "
+                            f"{run.run_id}: original | reconstruction | residual")
+
+
+def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20) -> Movie:
+    """Original | AE reconstruction | frames decoded from neural activity (the decoder's
+    predicted latents through the AE's decoder), on held-out trials."""
+    run = resolve_upstream(reference, "decoder", store=store)
+    if run.tags.get(tags.TAG_TARGET) != "ae":
+        raise TrackingError(f"run {run.run_id} decodes {run.tags.get(tags.TAG_TARGET)}: decoder movies need a "
+                            f"decoder of AE latents (--target ae)")
+    ae_run = resolve_upstream(run.tags[f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"], "ae", store=store)
+    session = run_session(run, ("images", "neural"))
+    model = _ae_model(ae_run, store)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run, f"{tags.EXPORTS_DIR}/predictions.hdf5", tmp, store)
+        if path is None:
+            raise TrackingError(f"decoder run {run.run_id} has no exports/predictions.hdf5")
+        predictions, splits = read_export(path, "predictions")
+    trials = list(splits.test[:n_trials])
+    panels = {"original": [], "AE reconstruction": [], "decoded from neural": []}
+    for trial in trials:
+        images = session.read("images", trial)
+        panels["original"].append(channels_side_by_side(images / 255.0))
+        panels["AE reconstruction"].append(channels_side_by_side(_reconstruct(model, images)[0]))
+        panels["decoded from neural"].append(channels_side_by_side(_reconstruct(model, images,
+                                                                               predictions[trial])[0]))
+    path = write_panel_movie([np.concatenate(p) for p in panels.values()], list(panels), out, fps)
+    return Movie(path, run, f"{len(trials)} held-out trials of decoder run {run.run_id} (AE run {ae_run.run_id}): "
+                            f"original | AE reconstruction | decoded from neural")
+
+
+def traversal_movie(reference: str, out: str | Path, store: Store, fps: int = 15) -> Movie:
+    """Each latent swept between its 5th and 95th percentile over the training frames."""
+    from bnet.plotting.ps_vae import write_traversal_movie
+
+    run = resolve_upstream(reference, "ae", store=store)
+    session = run_session(run)
+    model = _ae_model(run, store)
+    splits = split_trials(session.trials, run.params.get("trial_splits", "8;1;1;0"),
+                          int(run.params.get("rng_seed_data", 0)), source=str(session.path))
+    latents = np.concatenate([_reconstruct(model, session.read("images", t))[1] for t in splits.train])
+    path = write_traversal_movie(model, np.median(latents, axis=0), latents, out, fps=fps)
+    return Movie(path, run, f"latent traversals of {model.config.model_class} run {run.run_id}")
+
+
+def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4, min_frames: int = 5,
+                   fps: int = 20) -> Movie:
+    """One panel per ARHMM state: clips of the frames where it held, one after another."""
+    run = resolve_upstream(reference, "arhmm", store=store)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run, f"{tags.EXPORTS_DIR}/states.hdf5", tmp, store)
+        if path is None:
+            raise TrackingError(f"run {run.run_id} exported no states (export_states was off)")
+        states, _ = read_export(path, "states")
+    session = run_session(run)
+    n_states = int(run.params["n_arhmm_states"])
+    panels, titles = [], []
+    gap = np.zeros((3, session.image_shape[1], session.image_shape[0] * session.image_shape[2]))
+    for state in range(n_states):
+        segments = state_segments(states, state, min_frames)[:clips]
+        parts = [channels_side_by_side(session.read("images", t)[start:stop] / 255.0) for t, start, stop in segments]
+        panels.append(np.concatenate([p for part in parts for p in (part, gap)]) if parts else gap[:1])
+        titles.append(f"state {state} ({len(segments)} clips)")
+    path = write_panel_movie(panels, titles, out, fps)
+    return Movie(path, run, f"{n_states} states of ARHMM run {run.run_id}, up to {clips} clips each")
+
+
+def log_movie(movie: Movie, store: Store) -> str:
+    """Add the movie to its run's artifacts (``movies/``); returns the artifact path."""
+    connect(store).log_artifact(movie.run.run_id, str(movie.path), MOVIES_DIR)
+    return f"{MOVIES_DIR}/{movie.path.name}"

@@ -1,0 +1,80 @@
+"""`bnet plot reconstruction|decoder|syllables|traversal` from runs of a real store."""
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import bnet
+from bnet.cli.main import cli
+from bnet.tracking import resolve_store
+from test_cli_bad_input import assert_clean_failure
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_session):
+    """AE (registered) -> ARHMM and AE -> decoder of its latents, on the tiny session."""
+    root = tmp_path_factory.mktemp("movies")
+    store = root / "store"
+    (root / "ae.yaml").write_text("experiment: ae\nmodel: {model_type: conv, n_ae_latents: 3}\n"
+                                  "training: {max_n_epochs: 2, batch_size: 20}\ntuning: {n_trials: 1}\n")
+    (root / "arhmm.yaml").write_text("experiment: seg\nmodel: {n_arhmm_states: 2}\ntraining: {n_iters: 3}\n"
+                                     "tuning: {n_trials: 1}\n")
+    (root / "dec.yaml").write_text("experiment: dec\nmodel: {n_lags: 1, n_hid_layers: 0}\n"
+                                   "training: {max_n_epochs: 3}\ntuning: {n_trials: 1}\n")
+    invoke("tune", "ae", "--data", tiny_session, "--config", root / "ae.yaml", "--store", store)
+    invoke("register", "ae", "--experiment", "ae", "--name", "movie-ae", "--store", store)
+    invoke("tune", "arhmm", "--data", tiny_session, "--ae-experiment", "ae", "--config", root / "arhmm.yaml",
+           "--store", store)
+    invoke("tune", "decoder", "--data", tiny_session, "--target", "ae", "--ae-experiment", "ae",
+           "--config", root / "dec.yaml", "--store", store)
+    resolved = resolve_store(store)
+    return {"store": store, "resolved": resolved, "root": root,
+            **{family: bnet.best_runs(experiment, family, store=resolved)[0]
+               for family, experiment in (("ae", "ae"), ("arhmm", "seg"), ("decoder", "dec"))}}
+
+
+def frames_of(path):
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
+    return meta, frames
+
+
+@pytest.mark.parametrize("kind, reference, expected_frames, fragment", [
+    ("reconstruction", "models:/movie-ae@champion", 2 * 20, "original | reconstruction | residual"),
+    ("decoder", "decoder", 1 * 20, "original | AE reconstruction | decoded from neural"),
+    ("traversal", "ae", 60, "latent traversals of ae run"),
+    ("syllables", "arhmm", None, "2 states of ARHMM run"),
+])
+def test_movies_are_written_and_logged_on_their_run(runs, tmp_path, kind, reference, expected_frames, fragment):
+    ref = reference if reference.startswith("models:/") else runs[reference].run_id
+    out = tmp_path / f"{kind}.mp4"
+    output = invoke("plot", kind, ref, "--out", out, "--log", "--store", runs["store"])
+    assert fragment in output and f"logged as movies/{kind}.mp4" in output
+    meta, frames = frames_of(out)
+    if expected_frames is not None:  # held-out trials are 20 frames each (1 test trial of 12)
+        assert len(frames) == expected_frames or kind == "reconstruction" and len(frames) == 20
+    assert np.std(frames[len(frames) // 2]) > 5  # pictures, not a blank canvas
+    run_id = runs["ae"].run_id if reference.startswith("models:/") else runs[reference].run_id
+    logged = {a.path for a in MlflowClient(runs["resolved"].tracking_uri).list_artifacts(run_id, "movies")}
+    assert f"movies/{kind}.mp4" in logged
+
+
+def test_movies_refuse_the_wrong_kind_of_run(runs, tmp_path):
+    result = CliRunner().invoke(cli, ["plot", "decoder", runs["ae"].run_id, "--out", str(tmp_path / "x.mp4"),
+                                      "--store", str(runs["store"])])
+    assert_clean_failure(result, "a ae run, not decoder")
+    result = CliRunner().invoke(cli, ["plot", "reconstruction", runs["ae"].run_id, "--out",
+                                      str(tmp_path / "x.avi"), "--store", str(runs["store"])])
+    assert_clean_failure(result, "movies are .mp4 (ffmpeg) or .gif")
