@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.bnet-installed
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test bench ui clean
+.PHONY: install demo demo-mouse test bench ui clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel on disk; any other spec pulls GBs of CUDA.
 $(INSTALLED): pyproject.toml
@@ -26,6 +26,21 @@ demo: install
 	$(BIN)/bnet best arhmm --experiment arhmm-demo --top 3
 	$(BIN)/bnet tune decoder --data demo-data/demo.hdf5 --target ae --ae-experiment ae-demo --config projects/demo/decoder.yaml
 	$(BIN)/bnet ensemble --experiment decoder-demo --max-members 4 --name decoder-demo-ensemble
+	$(BIN)/bnet plot reconstruction models:/ae-demo@champion --out demo-data/ae-reconstruction.mp4 --log
+	$(BIN)/bnet plot syllables best --experiment arhmm-demo --out demo-data/syllables.mp4 --log
+	$(BIN)/bnet plot decoder best --experiment decoder-demo --out demo-data/decoder.mp4 --log
+	$(BIN)/bnet report ae-demo --out demo-data/report-ae-demo.html
+
+# The demo's AE on the real mirror-mouse video (no neural data recorded with it: AE and ARHMM only).
+demo-mouse: install
+	$(BIN)/bnet data build --video ../shared/data/lp_mirror_mouse/videos/test_vid.mp4 --out demo-data/mouse.hdf5 \
+		--y-pixels 64 --x-pixels 64 --trial-length 50 --overwrite
+	$(BIN)/bnet tune ae --config projects/demo/ae-mouse.yaml
+	$(BIN)/bnet register ae --experiment ae-mouse --name ae-mouse --alias champion
+	$(BIN)/bnet plot reconstruction models:/ae-mouse@champion --out demo-data/mouse-reconstruction.mp4 --log
+	$(BIN)/bnet tune arhmm --data demo-data/mouse.hdf5 --ae models:/ae-mouse@champion --config projects/demo/arhmm.yaml \
+		--experiment arhmm-mouse
+	$(BIN)/bnet report ae-mouse --out demo-data/report-ae-mouse.html
 
 test: install
 	$(BIN)/pytest -q

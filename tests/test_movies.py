@@ -78,3 +78,57 @@ def test_movies_refuse_the_wrong_kind_of_run(runs, tmp_path):
     result = CliRunner().invoke(cli, ["plot", "reconstruction", runs["ae"].run_id, "--out",
                                       str(tmp_path / "x.avi"), "--store", str(runs["store"])])
     assert_clean_failure(result, "movies are .mp4 (ffmpeg) or .gif")
+
+
+def test_a_study_report_and_the_parent_runs_summary(runs, tmp_path):
+    client = MlflowClient(runs["resolved"].tracking_uri)
+    parent_id = client.get_run(runs["ae"].run_id).data.tags["mlflow.parentRunId"]
+    assert "plots/study_summary.png" in {a.path for a in client.list_artifacts(parent_id, "plots")}
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["bnet.best_run_id"] == runs["ae"].run_id and "best_val_loss" in parent.data.metrics
+    # what the runs table shows without expanding the study: its answer and its data
+    assert parent.info.run_name.startswith("study ae: best best_val_loss ") and "(trial 0)" in parent.info.run_name
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["synthetic/bnet-synth/seed3/tiny"]
+    assert "Best: trial 0" in parent.data.tags["mlflow.note.content"]
+    out = tmp_path / "report.html"
+    output = invoke("report", "ae", "--out", out, "--store", runs["store"])
+    assert f"logged as report/report.html of parent run {parent_id}" in output
+    page = out.read_text()
+    assert "<h1>Study ae</h1>" in page and runs["ae"].run_id in page
+    for title in ("study summary", "optimisation history", "best run: training curves", "best run: reconstructions"):
+        assert f"alt='{title}'" in page, title
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parent_id, "report")}
+    png = tmp_path / "summary.png"
+    invoke("report", "ae", "--out", png, "--no-log", "--store", runs["store"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(cli, ["report", "nope", "--store", str(runs["store"])])
+    assert_clean_failure(result, "no study 'nope'", "has ae")
+
+
+def test_the_dashboard_serves_the_stores_studies(runs):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "bnet", "dashboard", "--store", str(runs["store"]),
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while time.monotonic() < deadline and studies is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    studies = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert studies is not None, "the dashboard never answered"
+        names = {s["study_name"] for s in studies["study_summaries"]}
+        assert {"ae", "seg", "dec"} <= names
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -14,6 +14,7 @@ from bnet.cli.best import best, register
 from bnet.cli.data import data
 from bnet.cli.ensemble import ensemble, lineage
 from bnet.cli.plot import plot
+from bnet.cli.report import dashboard, report
 from bnet.cli.server import postgres, server, ui
 from bnet.cli.tune import tune
 from bnet.cli.workers import slurm, worker
@@ -40,7 +41,8 @@ def cli():
     """bnet: BehaveNet studies tracked in MLflow and tuned by Optuna."""
 
 
-for command in (data, tune, worker, slurm, best, register, ensemble, lineage, plot, ui, server, postgres):
+for command in (data, tune, worker, slurm, best, register, ensemble, lineage, plot, report, ui, dashboard, server,
+                postgres):
     cli.add_command(command)
 
 

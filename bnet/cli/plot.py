@@ -15,11 +15,12 @@ def plot():
 def movie_options(default_fps: int):
     def decorate(command):
         for option in reversed((
-            click.argument("reference", metavar="REF"),
+            click.argument("reference", metavar="REF"),  # a run id, models:/NAME@ALIAS or best
             click.option("--out", type=click.Path(dir_okay=False), required=True,
                          help="The movie: .mp4 (ffmpeg, bundled by imageio-ffmpeg) or .gif."),
             click.option("--log", is_flag=True, help="Also add it to the run's artifacts (movies/)."),
             click.option("--fps", default=default_fps, show_default=True),
+            click.option("--experiment", default=None, help="The experiment that REF best ranks."),
             store_option, tracking_uri_option,
         )):
             command = option(command)
@@ -38,45 +39,45 @@ def _finish(movie, log, store) -> None:
 @plot.command()
 @movie_options(20)
 @click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
-def reconstruction(reference, out, log, fps, store, tracking_uri, trials):
+def reconstruction(reference, out, log, fps, experiment, store, tracking_uri, trials):
     """AE movie: original | reconstruction | residual on held-out trials (REF: an AE run id or
     models:/NAME@ALIAS)."""
     from bnet.plotting.run_movies import reconstruction_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(reconstruction_movie(reference, out, resolved, trials, fps), log, resolved)
+    _finish(reconstruction_movie(reference, out, resolved, trials, fps, experiment), log, resolved)
 
 
 @plot.command()
 @movie_options(20)
 @click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
-def decoder(reference, out, log, fps, store, tracking_uri, trials):
+def decoder(reference, out, log, fps, experiment, store, tracking_uri, trials):
     """Decoder movie: original | AE reconstruction | frames decoded from neural activity
     (REF: a decoder run of AE latents)."""
     from bnet.plotting.run_movies import decoder_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(decoder_movie(reference, out, resolved, trials, fps), log, resolved)
+    _finish(decoder_movie(reference, out, resolved, trials, fps, experiment), log, resolved)
 
 
 @plot.command()
 @movie_options(20)
 @click.option("--clips", default=4, show_default=True, help="Clips per state, played one after another.")
 @click.option("--min-frames", default=5, show_default=True, help="Shortest run of a state that makes a clip.")
-def syllables(reference, out, log, fps, store, tracking_uri, clips, min_frames):
+def syllables(reference, out, log, fps, experiment, store, tracking_uri, clips, min_frames):
     """ARHMM movie: clips of the frames of each state (REF: an ARHMM run)."""
     from bnet.plotting.run_movies import syllable_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(syllable_movie(reference, out, resolved, clips, min_frames, fps), log, resolved)
+    _finish(syllable_movie(reference, out, resolved, clips, min_frames, fps, experiment), log, resolved)
 
 
 @plot.command()
 @movie_options(15)
-def traversal(reference, out, log, fps, store, tracking_uri):
+def traversal(reference, out, log, fps, experiment, store, tracking_uri):
     """Latent traversal movie: one panel per latent swept between its 5th and 95th
     percentile (REF: an AE run, e.g. a PS-VAE)."""
     from bnet.plotting.run_movies import traversal_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(traversal_movie(reference, out, resolved, fps), log, resolved)
+    _finish(traversal_movie(reference, out, resolved, fps, experiment), log, resolved)

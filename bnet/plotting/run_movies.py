@@ -80,9 +80,13 @@ def _ae_model(run: RunSummary, store: Store):
     return model
 
 
-def reconstruction_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20) -> Movie:
-    """Original | reconstruction | residual (grey is 0) of an AE's held-out trials."""
-    run = resolve_upstream(reference, "ae", store=store)
+def reconstruction_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20,
+                         experiment: str | None = None) -> Movie:
+    """Original | reconstruction | residual (grey is 0) of an AE's held-out trials.
+
+    ``reference``: a run id, ``models:/NAME@ALIAS``, or ``best`` of ``experiment`` (as in
+    every movie here)."""
+    run = resolve_upstream(reference, "ae", experiment, store=store)
     session = run_session(run)
     model = _ae_model(run, store)
     trials = held_out_trials(run, session, n_trials)
@@ -99,10 +103,11 @@ def reconstruction_movie(reference: str, out: str | Path, store: Store, n_trials
                             f"{run.run_id}: original | reconstruction | residual")
 
 
-def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20) -> Movie:
+def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20,
+                  experiment: str | None = None) -> Movie:
     """Original | AE reconstruction | frames decoded from neural activity (the decoder's
     predicted latents through the AE's decoder), on held-out trials."""
-    run = resolve_upstream(reference, "decoder", store=store)
+    run = resolve_upstream(reference, "decoder", experiment, store=store)
     if run.tags.get(tags.TAG_TARGET) != "ae":
         raise TrackingError(f"run {run.run_id} decodes {run.tags.get(tags.TAG_TARGET)}: decoder movies need a "
                             f"decoder of AE latents (--target ae)")
@@ -127,11 +132,12 @@ def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int =
                             f"original | AE reconstruction | decoded from neural")
 
 
-def traversal_movie(reference: str, out: str | Path, store: Store, fps: int = 15) -> Movie:
+def traversal_movie(reference: str, out: str | Path, store: Store, fps: int = 15,
+                    experiment: str | None = None) -> Movie:
     """Each latent swept between its 5th and 95th percentile over the training frames."""
     from bnet.plotting.ps_vae import write_traversal_movie
 
-    run = resolve_upstream(reference, "ae", store=store)
+    run = resolve_upstream(reference, "ae", experiment, store=store)
     session = run_session(run)
     model = _ae_model(run, store)
     splits = split_trials(session.trials, run.params.get("trial_splits", "8;1;1;0"),
@@ -142,9 +148,9 @@ def traversal_movie(reference: str, out: str | Path, store: Store, fps: int = 15
 
 
 def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4, min_frames: int = 5,
-                   fps: int = 20) -> Movie:
+                   fps: int = 20, experiment: str | None = None) -> Movie:
     """One panel per ARHMM state: clips of the frames where it held, one after another."""
-    run = resolve_upstream(reference, "arhmm", store=store)
+    run = resolve_upstream(reference, "arhmm", experiment, store=store)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_artifact(run, f"{tags.EXPORTS_DIR}/states.hdf5", tmp, store)
         if path is None:

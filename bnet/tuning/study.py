@@ -115,6 +115,11 @@ class StudySpec:
                 **({tags.TAG_OBJECTIVES: self.objective.describe()} if self.objective.is_multi else {}),
                 **self.prepared.run_tags}
 
+    def log_dataset(self, run) -> None:
+        """The session files a run fits, as its MLflow dataset inputs (the UI's Dataset column)."""
+        for member in members(self.session):
+            run.log_dataset(member.path, member.dataset_id, member.data_hash)
+
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when the study resumes."""
         return {"family": self.family.name, "objective": ",".join(self.objective.metrics),
@@ -313,6 +318,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     def create_parent() -> str:
         run = tracker.create_run(experiment_id, f"study {spec.study_name}",
                                  {tags.TAG_ROLE: tags.ROLE_STUDY, **spec.run_tags})
+        spec.log_dataset(run)
         run.log_params({**spec.fixed,
                         **{f"search.{k}": v for k, v in spec.space.describe().items()},
                         "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
@@ -382,8 +388,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         )
         trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
         run.log_params(params)
-        for member in members(spec.session):
-            run.log_dataset(member.path, member.dataset_id, member.data_hash)
+        spec.log_dataset(run)
         echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
         started = time.perf_counter()
 
@@ -473,6 +478,10 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
             interrupted = err
     counts = _count(study)
     _log_answer(study, parent, objective)
+    if counts["COMPLETE"]:
+        from bnet.plotting.report import summary_figure
+
+        parent.log_figure(summary_figure(study, objective.metric, objective.direction), "study_summary")
     if stops.requested and interrupted is None:
         interrupted = StudyInterrupted("SIGTERM")
     parent.terminate("KILLED" if interrupted else "FINISHED")
@@ -514,7 +523,17 @@ def _log_answer(study: optuna.Study, parent: RunLogger, objective: Objective) ->
         front = pareto_front(study, objective)
         best = front[0]
         metrics.update(zip(objective.metrics, best.values))
-        parent.set_tags({"bnet.best_trial": best.number, "bnet.best_run_id": best.user_attrs.get(MLFLOW_RUN_ATTR, "")})
+        best_run = best.user_attrs.get(MLFLOW_RUN_ATTR, "")
+        shown = ", ".join(f"{m} {v:.4g}" for m, v in zip(objective.metrics, best.values))
+        # the name and description are what the runs table and the run page show unexpanded
+        parent.set_tags({"bnet.best_trial": best.number, "bnet.best_run_id": best_run,
+                         tags.MLFLOW_RUN_NAME: f"study {study.study_name}: best {shown} (trial {best.number})",
+                         "mlflow.note.content": (
+                             f"**Study `{study.study_name}`**: {counts['COMPLETE']} complete, {counts['PRUNED']} "
+                             f"pruned, {counts['FAIL']} failed trials ({objective.direction} {objective.metric}).\n\n"
+                             f"Best: trial {best.number}, run `{best_run}`: {shown}.\n\n"
+                             f"Expand this run for the trials; `bnet report {study.study_name}` writes the "
+                             f"study's page (also under this run's artifacts, `report/`).")})
         if objective.is_multi:
             metrics["pareto_size"] = len(front)
             parent.set_tags({"bnet.pareto_trials": ",".join(str(t.number) for t in front)})

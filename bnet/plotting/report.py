@@ -1,0 +1,187 @@
+"""One page that summarises a study (``bnet report``): Optuna's views of the search and the
+best run's own figures, from the Optuna storage and the MLflow store.
+
+The page is one self-contained HTML file (figures embedded as PNG), or a PNG of the summary
+figure alone; both are also logged on the study's parent run (``report/``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bnet.errors import ConfigError  # noqa: E402
+from bnet.tracking import conventions as tags  # noqa: E402
+from bnet.tracking.store import Store, connect  # noqa: E402
+
+REPORT_DIR = "report"
+TOP_TRIALS = 10
+
+
+@dataclass
+class Report:
+    """A written report."""
+
+    path: Path
+    parent_run_id: str
+    n_figures: int
+    notes: list[str]
+
+
+def load_study(name: str, store: Store):
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=store.optuna_storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store.optuna_storage)
+                 if "#" not in s.study_name]
+        raise ConfigError(f"no study '{name}' in {store.optuna_storage} (has {', '.join(names) or 'none'})") from None
+
+
+def summary_figure(study, metric: str, direction: str):
+    """Every finished trial's value in order and the best so far (the study at a glance)."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    if trials:
+        values = [t.values[0] for t in trials]
+        best = [min(values[: i + 1]) if direction == "minimize" else max(values[: i + 1]) for i in range(len(values))]
+        numbers = [t.number for t in trials]
+        ax.plot(numbers, values, "o", label="trial", alpha=0.7)
+        ax.plot(numbers, best, "-", label="best so far")
+        ax.legend(frameon=False)
+    pruned = sum(t.state == TrialState.PRUNED for t in study.get_trials(deepcopy=False))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set(xlabel="trial", ylabel=metric, title=f"study '{study.study_name}': {len(trials)} complete, {pruned} pruned "
+                                                f"({direction} {metric})")
+    figure.tight_layout()
+    return figure
+
+
+def _optuna_figures(study, metric: str, notes: list[str]) -> list[tuple[str, object]]:
+    """Optuna's matplotlib views; a view that needs more trials or parameters is left out, and said."""
+    from optuna.visualization import matplotlib as views
+
+    multi = len(study.directions) > 1
+    target = (lambda t: t.values[0]) if multi else None
+    wanted = [("optimisation history", lambda: views.plot_optimization_history(study, target=target,
+                                                                               target_name=metric)),
+              ("parameter importances", lambda: views.plot_param_importances(study, target=target,
+                                                                             target_name=metric)),
+              ("parallel coordinates", lambda: views.plot_parallel_coordinate(study, target=target,
+                                                                              target_name=metric))]
+    if multi:
+        wanted.append(("Pareto front", lambda: views.plot_pareto_front(study)))
+    figures = []
+    for title, draw in wanted:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna marks these views experimental
+                ax = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            notes.append(f"{title}: not drawn ({str(err).splitlines()[0]})")
+            continue
+        figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        figure.set_size_inches(7, 4)
+        figures.append((title, figure))
+    return figures
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _best_run_plots(client, run_id: str, notes: list[str]) -> list[tuple[str, bytes]]:
+    plots = [a.path for a in client.list_artifacts(run_id, tags.PLOTS_DIR) if a.path.endswith(".png")]
+    images = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in plots:
+            local = client.download_artifacts(run_id, path, tmp)
+            images.append((Path(path).stem.replace("_", " "), Path(local).read_bytes()))
+    if not plots:
+        notes.append(f"the best run {run_id} logged no figures")
+    return images
+
+
+def write_report(study_name: str, store: Store, out: str | Path | None = None, log: bool = True) -> Report:
+    """Write the report of ``study_name`` to ``out`` (``.html``, or ``.png`` for the summary
+    figure alone; default ``report-<study>.html``) and log it on the study's parent run."""
+    from optuna.trial import TrialState
+
+    from bnet.tuning.recovery import PARENT_RUN_ATTR
+    from bnet.tuning.study import MLFLOW_RUN_ATTR
+
+    study = load_study(study_name, store)
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not parent_id:
+        raise ConfigError(f"study '{study_name}' was not run by bnet tune (no parent run recorded)")
+    client = connect(store)
+    parent = client.get_run(parent_id)
+    metric = parent.data.tags.get(tags.TAG_OBJECTIVE, "value")
+    direction = parent.data.tags.get(tags.TAG_DIRECTION, "minimize")
+    out = Path(out or f"report-{study_name}.html")
+    if out.suffix not in (".html", ".png"):
+        raise ConfigError(f"{out}: a report is .html (the whole page) or .png (the summary figure)")
+    notes: list[str] = []
+    summary = _png(summary_figure(study, metric, direction))
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        out.write_bytes(summary)
+        n_figures = 1
+    else:
+        sections = [("study summary", summary)]
+        sections += [(title, _png(figure)) for title, figure in _optuna_figures(study, metric, notes)] \
+            if complete else []
+        best_run = parent.data.tags.get("bnet.best_run_id")
+        if best_run:
+            sections += [(f"best run: {title}", image) for title, image in _best_run_plots(client, best_run, notes)]
+        ranked = sorted(complete, key=lambda t: t.values[0], reverse=direction == "maximize")[:TOP_TRIALS]
+        out.write_text(_page(study_name, parent, metric, direction, ranked, sections, notes, MLFLOW_RUN_ATTR))
+        n_figures = len(sections)
+    if log:
+        client.log_artifact(parent_id, str(out), REPORT_DIR)
+    return Report(out, parent_id, n_figures, notes)
+
+
+def _page(study_name, parent, metric, direction, ranked, sections, notes, run_attr) -> str:
+    escape = html.escape
+    rows = "".join(
+        f"<tr><td>{t.number}</td><td>{t.values[0]:.6g}</td><td><code>{escape(t.user_attrs.get(run_attr, ''))}</code>"
+        f"</td><td>{escape(', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in t.params.items()))}"
+        f"</td></tr>" for t in ranked)
+    figures = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(image).decode()}' "
+                      f"alt='{escape(title)}'><figcaption>{escape(title)}</figcaption></figure>"
+                      for title, image in sections)
+    tagged = parent.data.tags
+    facts = [("experiment", parent.info.experiment_id), ("parent run", parent.info.run_id),
+             ("objective", f"{direction} {metric}"), ("data", tagged.get(tags.TAG_DATA_PATH, "")),
+             ("best run", tagged.get("bnet.best_run_id", "none yet"))]
+    facts_html = "".join(f"<tr><th>{escape(k)}</th><td><code>{escape(str(v))}</code></td></tr>" for k, v in facts)
+    notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>bnet study {escape(study_name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}
+figure{{display:inline-block;margin:8px;vertical-align:top}} img{{max-width:520px}}</style></head>
+<body><h1>Study {escape(study_name)}</h1><table>{facts_html}</table>
+<h2>Best trials</h2><table><tr><th>trial</th><th>{escape(metric)}</th><th>run</th><th>parameters</th></tr>{rows}</table>
+<h2>Figures</h2>{figures}{f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes else ''}</body></html>
+"""
