@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from bnet.data.pose import Pose, read_pose
 from bnet.data.session import trial_name
 from bnet.errors import ConfigError, DataError
+from bnet.progress import Progress
 
 FIT_MODES = ("pad", "crop", "stretch")
 STILL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -325,30 +325,6 @@ def neural_per_frame(neural: np.ndarray, neural_fps: float, out_fps: float, n_ou
 # ---------------------------------------------------------------- the build
 
 
-class Progress:
-    """Frames written: a tqdm bar on a terminal, a plain line every 10% otherwise."""
-
-    def __init__(self, total: int | None, echo: Callable[[str], None], description: str):
-        self.total, self.echo, self.count, self.next_line = total, echo, 0, 0.1
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="frame", desc=description, leave=False)
-
-    def update(self, n: int) -> None:
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.total and self.count >= self.next_line * self.total:
-            self.echo(f"  frames written {self.count}/{self.total}")
-            self.next_line += 0.1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> BuildSummary:
     """Build one session file (and its data config) from ``config``; see the module doc."""
     config.validate()
@@ -415,7 +391,7 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    progress = Progress(expected, echo, out.name)
+    progress = Progress(expected, f"  {out.name}: frames written", echo, unit="frame")
     try:
         with h5py.File(partial, "w") as f:
             result = _write(f, config, geometry, origins, views, videos, labels, neural, source_fps, out_fps,

@@ -39,6 +39,7 @@ from bnet.config import TuningConfig
 from bnet.data.session import Session
 from bnet.data.sessions import SessionGroup, members
 from bnet.errors import BnetError, ConfigError
+from bnet.progress import Progress
 from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, is_transient, retry_transient
 from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
@@ -392,12 +393,15 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
         started = time.perf_counter()
 
+        progress: list[Progress] = []
+
         def report(step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
             run.log_metrics(metrics, step=step)
-            shown = step if shown is None else shown
-            if total <= 20 or shown in (1, total) or shown % max(1, total // 10) == 0:
-                values = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if v is not None)
-                echo(f"  trial {trial.number} {spec.family.name} {spec.family.step_name} {shown}/{total}  {values}")
+            if not progress:
+                progress.append(Progress(total, f"  trial {trial.number} {spec.family.name} {spec.family.step_name}",
+                                         echo, unit=spec.family.step_name))
+            progress[0].update(at=step if shown is None else shown,
+                               message="  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if v is not None))
             stops.check()
             value = metrics.get(objective.step_metric) if objective.step_metric and not objective.is_multi else None
             if value is not None and math.isfinite(value):
@@ -407,7 +411,11 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
 
         context = TrialContext(trial.number, hparams, run, echo, report)
         try:
-            result = spec.prepared.fitter.fit(context)
+            try:
+                result = spec.prepared.fitter.fit(context)
+            finally:
+                for bar in progress:
+                    bar.close()
             value = answer(result.metrics)
             nan = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v))
             if nan:
