@@ -28,6 +28,7 @@ demo: install
 	$(BIN)/bnet ensemble --experiment decoder-demo --max-members 4 --name decoder-demo-ensemble
 	$(BIN)/bnet plot reconstruction models:/ae-demo@champion --out demo-data/ae-reconstruction.mp4 --log
 	$(BIN)/bnet plot syllables best --experiment arhmm-demo --out demo-data/syllables.mp4 --log
+	$(BIN)/bnet plot samples best --experiment arhmm-demo --out demo-data/samples.mp4 --log
 	$(BIN)/bnet plot decoder best --experiment decoder-demo --out demo-data/decoder.mp4 --log
 	$(BIN)/bnet report ae-demo --out demo-data/report-ae-demo.html
 

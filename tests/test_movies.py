@@ -56,6 +56,7 @@ def frames_of(path):
     ("decoder", "decoder", 1 * 20, "original | AE reconstruction | decoded from neural"),
     ("traversal", "ae", 60, "latent traversals of ae run"),
     ("syllables", "arhmm", None, "2 states of ARHMM run"),
+    ("samples", "arhmm", 20, "20 frames of real vs ARHMM-sampled latents"),
 ])
 def test_movies_are_written_and_logged_on_their_run(runs, tmp_path, kind, reference, expected_frames, fragment):
     ref = reference if reference.startswith("models:/") else runs[reference].run_id

@@ -9,7 +9,7 @@ from bnet.cli.options import resolve, store_option, tracking_uri_option
 
 @click.group()
 def plot():
-    """Movies of tracked runs: reconstructions, decoders, syllables, latent traversals."""
+    """Movies of tracked runs: reconstructions, decoders, syllables, sampled latents, traversals."""
 
 
 def movie_options(default_fps: int):
@@ -81,3 +81,16 @@ def traversal(reference, out, log, fps, experiment, store, tracking_uri):
 
     resolved = resolve(store, tracking_uri)
     _finish(traversal_movie(reference, out, resolved, fps, experiment), log, resolved)
+
+
+@plot.command()
+@movie_options(20)
+@click.option("--trials", default=1, show_default=True, help="Held-out trials of real latents (and as many "
+              "sampled frames).")
+def samples(reference, out, log, fps, experiment, store, tracking_uri, trials):
+    """ARHMM movie: frames decoded from a held-out trial's real latents beside frames decoded
+    from latents the ARHMM samples (REF: an ARHMM run of AE latents)."""
+    from bnet.plotting.run_movies import sample_movie
+
+    resolved = resolve(store, tracking_uri)
+    _finish(sample_movie(reference, out, resolved, trials, fps, experiment), log, resolved)

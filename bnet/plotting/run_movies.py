@@ -62,7 +62,7 @@ def _reconstruct(model, images: np.ndarray, latents: np.ndarray | None = None,
                  chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(reconstruction, latents) of uint8 frames, or of the given latents, in chunks of frames."""
     reconstructions, codes = [], []
-    for start in range(0, len(images), chunk):
+    for start in range(0, len(images) if latents is None else len(latents), chunk):
         if latents is None:
             code = model.encode(torch.from_numpy(images[start : start + chunk]).float().div_(255.0))
         else:
@@ -167,6 +167,34 @@ def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4
         titles.append(f"state {state} ({len(segments)} clips)")
     path = write_panel_movie(panels, titles, out, fps)
     return Movie(path, run, f"{n_states} states of ARHMM run {run.run_id}, up to {clips} clips each")
+
+
+SAMPLE_BURN_IN = 20
+"""Sampled frames dropped at the start: the ARHMM's first lags are drawn from N(0, I)."""
+
+
+def sample_movie(reference: str, out: str | Path, store: Store, n_trials: int = 1, fps: int = 20,
+                 experiment: str | None = None) -> Movie:
+    """Real vs sampled latents, through the AE's decoder: a held-out trial's own latents
+    beside latents the ARHMM generates (its states in the title of neither: the panels are
+    judged by eye, as BehaveNet's were)."""
+    run = resolve_upstream(reference, "arhmm", experiment, store=store)
+    ae_id = run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id")
+    if not ae_id:
+        raise TrackingError(f"ARHMM run {run.run_id} segments labels: sampled frames need an ARHMM of AE latents")
+    ae_run = resolve_upstream(ae_id, "ae", store=store)
+    session = run_session(run)
+    model = _ae_model(ae_run, store)
+    segmentation = load_model(run.run_id, store).engine
+    trials = held_out_trials(ae_run, session, n_trials)
+    real = [_reconstruct(model, session.read("images", t))[0] for t in trials]
+    n_frames = sum(len(r) for r in real)
+    _, sampled = segmentation.sample(n_frames + SAMPLE_BURN_IN)
+    generated = _reconstruct(model, np.zeros((0,)), sampled[0, SAMPLE_BURN_IN:].cpu().numpy())[0]
+    panels = [np.concatenate([channels_side_by_side(r) for r in real]), channels_side_by_side(generated)]
+    path = write_panel_movie(panels, ["real latents", "sampled latents"], out, fps)
+    return Movie(path, run, f"{n_frames} frames of real vs ARHMM-sampled latents of ARHMM run {run.run_id} "
+                            f"(AE run {ae_run.run_id})")
 
 
 def log_movie(movie: Movie, store: Store) -> str:
