@@ -20,13 +20,12 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from bnet.data.pose import Pose, read_pose
+from bnet.data.pose import flat_labels, read_pose
 from bnet.data.session import trial_name
 from bnet.errors import ConfigError, DataError
 from bnet.progress import Progress
 
 FIT_MODES = ("pad", "crop", "stretch")
-STILL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -386,8 +385,7 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
                         f"frames (its duration x frame rate)")
     labels = None
     if pose is not None:
-        labels = geometry.points(pose.xy if origins is None else pose.xy - origins[:, None, :])
-        labels = np.concatenate([labels[..., 0], labels[..., 1]], axis=1)
+        labels = flat_labels(geometry.points(pose.xy if origins is None else pose.xy - origins[:, None, :]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")

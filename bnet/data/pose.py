@@ -17,6 +17,7 @@ import numpy as np
 from bnet.errors import DataError
 
 FORMATS = ("dlc-csv", "sleap", "dlc-h5", "csv", "npy")
+STILL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """``dlc-csv`` also reads lightning-pose CSV (the same 3-row header, or 4 rows with individuals)."""
 
 
@@ -38,10 +39,6 @@ class Pose:
     def n_frames(self) -> int:
         return len(self.xy)
 
-    def flat(self) -> np.ndarray:
-        """``(frames, 2 * keypoints)``: all x, then all y (BehaveNet's label order)."""
-        return np.concatenate([self.xy[..., 0], self.xy[..., 1]], axis=1).astype(np.float32)
-
     def select(self, names: list[str], source: str) -> "Pose":
         """Only the keypoints ``names``, in that order."""
         missing = [n for n in names if n not in self.names]
@@ -51,6 +48,12 @@ class Pose:
 
     def flat_names(self) -> list[str]:
         return [f"{n}_x" for n in self.names] + [f"{n}_y" for n in self.names]
+
+
+def flat_labels(xy: np.ndarray) -> np.ndarray:
+    """``(frames, keypoints, 2)`` -> ``(frames, 2 * keypoints)``: all x, then all y (BehaveNet's
+    label order, as :meth:`Pose.flat_names` names them)."""
+    return np.concatenate([xy[..., 0], xy[..., 1]], axis=1).astype(np.float32)
 
 
 def detect_format(path: Path) -> str:
@@ -119,7 +122,7 @@ def _dlc_csv(path: Path, min_likelihood: float | None) -> Pose:
     xy, names = _keypoints(path, kinds, columns, values, min_likelihood)
     index = [row[0] for row in body]
     images = None
-    if index and all(Path(i).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") for i in index):
+    if index and all(Path(i).suffix.lower() in STILL_SUFFIXES for i in index):
         images = [_still_path(path, i) for i in index]
     return Pose(xy, names, images)
 

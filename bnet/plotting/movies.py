@@ -68,6 +68,8 @@ def write_panel_movie(panels: list[np.ndarray], titles: list[str], path: str | P
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    for ax in axes.flat[n:]:  # the grid's unused cells
+        ax.set_axis_off()
 
     def draw(i):
         for image, panel in zip(images, panels):

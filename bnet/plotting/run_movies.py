@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bnet.data import open_session, split_trials
+from bnet.data import open_session
 from bnet.data.exports import read_export
 from bnet.data.session import Session, trial_name
 from bnet.errors import TrackingError
@@ -23,6 +23,7 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import download_artifact, load_model, resolve_upstream
 from bnet.tracking.store import Store, connect
+from bnet.tuning.common import session_splits
 
 MOVIES_DIR = "movies"
 
@@ -47,9 +48,7 @@ def run_session(run: RunSummary, require: tuple[str, ...] = ("images",)) -> Sess
 
 
 def held_out_trials(run: RunSummary, session: Session, n_trials: int) -> list[int]:
-    splits = split_trials(session.trials, run.params.get("trial_splits", "8;1;1;0"),
-                          int(run.params.get("rng_seed_data", 0)), source=str(session.path))
-    return list(splits.test[:n_trials])
+    return list(session_splits(session, run.params).test[:n_trials])
 
 
 def channels_side_by_side(frames: np.ndarray) -> np.ndarray:
@@ -140,9 +139,8 @@ def traversal_movie(reference: str, out: str | Path, store: Store, fps: int = 15
     run = resolve_upstream(reference, "ae", experiment, store=store)
     session = run_session(run)
     model = _ae_model(run, store)
-    splits = split_trials(session.trials, run.params.get("trial_splits", "8;1;1;0"),
-                          int(run.params.get("rng_seed_data", 0)), source=str(session.path))
-    latents = np.concatenate([_reconstruct(model, session.read("images", t))[1] for t in splits.train])
+    latents = np.concatenate([_reconstruct(model, session.read("images", t))[1]
+                              for t in session_splits(session, run.params).train])
     path = write_traversal_movie(model, np.median(latents, axis=0), latents, out, fps=fps)
     return Movie(path, run, f"latent traversals of {model.config.model_class} run {run.run_id}")
 
