@@ -1,49 +1,104 @@
-"""Training-step throughput of BehaveNet's default conv AE (frames/s), side by side.
+"""Conv AE training throughput (frames/s): BehaveNet's code beside bnet's, step and epoch.
 
-Rows, each timed in this one process, interleaved round by round so machine noise hits
-them alike:
-  * fp32 NCHW          - the same ops BehaveNet runs (torch conv kernels, its layout and
-                          precision);
-  * fp32 channels-last - bnet's layout, last layer as one GEMM (stride = kernel);
-  * bf16 channels-last - bnet's default where the CPU has AMX (autocast; weights, optimiser
-                          state and reported losses stay float32);
+Part 1, the bare training step of BehaveNet's default architecture (1 channel, 12 latents,
+batch 128, Adam with amsgrad), rows timed in this one process, interleaved round by round
+so machine noise hits them alike:
+  * BehaveNet's AE      - its own ``behavenet.models.aes.AE`` class, imported from the
+                          checkout ``--behavenet PATH`` names (not a dependency of bnet),
+                          trained as its fitting code does (NCHW, float32, per-tensor Adam);
+  * BehaveNet's ops     - the same computation in bnet's model (torch's conv kernel for
+                          every layer, NCHW, float32, per-tensor Adam): the baseline when no
+                          checkout is given;
+  * bnet fp32 / bf16    - bnet's training step (channels-last, the stride-5 layer as one
+                          GEMM, fused Adam; bf16 is autocast with float32 weights, optimiser
+                          state and losses). bf16 rows run only where the CPU multiplies
+                          bfloat16 natively (AMX or AVX-512 BF16; elsewhere torch emulates it
+                          ~10x slower), or with ``--bf16``;
   * CUDA fp32 / bf16 AMP channels-last, when a GPU is present.
-Batch 128 frames, Adam(amsgrad), one thread per core. For scale, BehaveNet's own code
-reached about 34 frames/s at 128x128 and 152 at 64x64 on a 2-core machine of this kind.
+The GFLOP/s column counts the step's multiply-adds (forward, input and weight gradients)
+against the machine's own float32 GEMM rate, measured here too, which bounds what any
+float32 step can reach.
 
-    python bench/ae_throughput.py [--sizes 64 128] [--rounds 4]
+Part 2, the whole epoch: a one-trial ``bnet tune ae`` study on a synthetic session of that
+size in a temporary SQLite store, batches read from the HDF5 file per batch (as a session
+over the preload limit is), validated every epoch, metrics logged to MLflow and reported to
+Optuna every epoch. An epoch's wall time is the interval between consecutive epochs'
+``val_loss`` timestamps in the MLflow store, so it holds everything an epoch costs; its
+frames/s is printed beside the bare step's, measured just before and after.
+
+    python bench/ae_throughput.py [--sizes 64 128] [--rounds 3] [--behavenet PATH] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import os
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch
+import torch.nn.functional as F
 
 from bnet.models import build_model
 from bnet.models.ae import AEConfig
-from bnet.training import make_optimizer, prepare, resolve_precision, train_step
+from bnet.training import make_optimizer, prepare, train_step
+from bnet.training.loop import cpu_has_native_bf16
 
-BEHAVENET_FRAMES_PER_S = {128: 34.0, 64: 152.0}
+BATCH = 128
+LATENTS = 12
 
 
-def make_step(base, images, device, layout, precision):
+def behavenet_model(checkout: Path, size: int) -> torch.nn.Module:
+    """BehaveNet's own AE class, built as its fitting code builds the default architecture."""
+    sys.path.insert(0, str(checkout))
+    try:
+        aes = importlib.import_module("behavenet.models.aes")
+        generator = importlib.import_module("behavenet.models.ae_model_architecture_generator")
+    except ImportError as error:
+        sys.exit(f"--behavenet {checkout}: cannot import BehaveNet's models from it ({error})")
+    hparams = generator.load_handcrafted_arch([1, size, size], LATENTS, None, check_memory=False)
+    hparams.update({"model_type": "conv", "model_class": "ae", "n_input_channels": 1, "y_pixels": size,
+                    "x_pixels": size, "n_ae_latents": LATENTS, "fit_sess_io_layers": False})
+    return aes.AE(hparams)
+
+
+def per_tensor_adam(model) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True, foreach=False, fused=False)
+
+
+def behavenet_step(model, images):
+    optimizer = per_tensor_adam(model)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        reconstruction, _ = model(images)
+        F.mse_loss(reconstruction, images).backward()
+        optimizer.step()
+    return step
+
+
+def behavenets_ops_step(base, images):
     model = copy.deepcopy(base)
-    model = prepare(model, device) if layout == "channels-last" else model.to(device)
+    model.coder.patch_gemm = False
+    optimizer = per_tensor_adam(model)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.loss({"images": images}).backward()
+        optimizer.step()
+    return step
+
+
+def bnet_step(base, images, device, precision):
+    model = prepare(copy.deepcopy(base), device)
     optimizer = make_optimizer(model, 1e-4, 0.0)
     batch = {"images": images}
-    if layout == "NCHW":
-        # BehaveNet's ops: torch's conv kernels for every layer, NCHW, float32
-        model.coder.patch_gemm = False
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss = model.loss({"images": images.to(device)})
-            loss.backward()
-            optimizer.step()
-        return step
     return lambda: train_step(model, optimizer, batch, device, precision)
 
 
@@ -52,48 +107,136 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def step_macs(model, size) -> float:
+    """Multiply-adds of one training step per frame: each conv/linear layer's forward, plus
+    its weight gradient and (except the first layer's) input gradient."""
+    macs = []
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            macs.append(module.in_features * module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            macs.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+        elif isinstance(module, torch.nn.ConvTranspose2d):
+            macs.append(inputs[0][0].numel() * module.out_channels * module.kernel_size[0] * module.kernel_size[1])
+
+    model = copy.deepcopy(model)
+    model.coder.patch_gemm = False
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    with torch.no_grad():
+        model.loss({"images": torch.rand(1, 1, size, size)})
+    for hook in hooks:
+        hook.remove()
+    return 3 * sum(macs) - macs[0]
+
+
+def gemm_gflops() -> float:
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9
+
+
+def time_rows(steps: dict, rounds: int) -> dict[str, float]:
+    """Best seconds per step of each row, rows interleaved round by round."""
+    best = {name: float("inf") for name in steps}
+    for step, device in steps.values():  # warm-up: allocations, oneDNN kernel choice
+        step()
+        synchronize(device)
+    for _ in range(rounds):
+        for name, (step, device) in steps.items():
+            repeats = 10 if device.type == "cuda" else 2
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - start) / repeats)
+    return best
+
+
+def step_table(args, size: int, peak: float) -> float:
+    cpu = torch.device("cpu")
+    base = build_model(AEConfig(y_pixels=size, x_pixels=size, n_ae_latents=LATENTS))
+    images = torch.rand(BATCH, 1, size, size)
+    steps = {}
+    if args.behavenet:
+        steps["BehaveNet's AE (its code)"] = (behavenet_step(behavenet_model(args.behavenet, size), images), cpu)
+    steps["BehaveNet's ops in bnet"] = (behavenets_ops_step(base, images), cpu)
+    steps["bnet fp32"] = (bnet_step(base, images, cpu, "fp32"), cpu)
+    if args.bf16 or cpu_has_native_bf16():
+        steps["bnet bf16"] = (bnet_step(base, images, cpu, "bf16"), cpu)
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        steps["cuda fp32"] = (bnet_step(base, images.to(gpu), gpu, "fp32"), gpu)
+        steps["cuda bf16 AMP"] = (bnet_step(base, images.to(gpu), gpu, "bf16"), gpu)
+    best = time_rows(steps, args.rounds)
+    baseline_name = next(iter(steps))
+    gflop = 2 * step_macs(base, size) * BATCH / 1e9
+    for name in steps:
+        fps = BATCH / best[name]
+        rate = gflop / best[name]
+        share = f"{rate / peak:>7.0%}" if steps[name][1].type == "cpu" else f"{'-':>7}"
+        print(f"{size:>6}  {name:<27} {fps:>9.1f}  {best[baseline_name] / best[name]:>9.2f}x  {rate:>7.1f}  {share}")
+    return BATCH / best["bnet fp32"]
+
+
+def epoch_figure(size: int, step_fps: float, epochs: int) -> float:
+    """Frames/s of whole epochs of a real one-trial study (see the module's docstring)."""
+    import mlflow
+    import yaml
+
+    import bnet
+    from bnet.data import datasets
+
+    datasets.PRELOAD_LIMIT_BYTES = 0  # read every batch from the file
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = bnet.synthesize(tmp / "session.hdf5", bnet.SynthConfig(n_trials=12, n_frames=BATCH, y_pixels=size,
+                                                                       x_pixels=size))
+        (tmp / "config.yaml").write_text(yaml.safe_dump({
+            "data": {"trial_splits": "10;1;1;0"},
+            "model": {"model_class": "ae", "n_ae_latents": LATENTS},
+            "training": {"learning_rate": 1e-4, "max_n_epochs": epochs, "enable_early_stop": False,
+                         "batch_size": BATCH, "export_latents": False, "export_train_plots": False},
+            "compute": {"device": "cpu", "precision": "fp32"},
+        }))
+        store = bnet.resolve_store(tmp / "store")
+        outcome = bnet.tune_ae(data=data, experiment=f"epoch-bench-{size}",
+                               config=bnet.load_project_config(tmp / "config.yaml"), n_trials=1, pruner="median",
+                               seed=0, store=store, echo=lambda line: None)
+        client = mlflow.MlflowClient(outcome.tracking_uri)
+        history = sorted(client.get_metric_history(outcome.best_run_id, "val_loss"), key=lambda m: m.step)
+        intervals = [(b.timestamp - a.timestamp) / 1000 for a, b in zip(history, history[1:])]
+    frames = 10 * BATCH
+    fps = frames / min(intervals)
+    print(f"{size:>6}  {'bnet fp32 whole epoch':<27} {fps:>9.1f}  {fps / step_fps:>9.2f}x of the bare step "
+          f"({len(intervals)} epochs timed, HDF5 per batch, val + MLflow + Optuna each epoch)")
+    return fps
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the whole-epoch study")
+    parser.add_argument("--behavenet", type=Path, help="a checkout of themattinthehatt/behavenet")
+    parser.add_argument("--bf16", action="store_true", help="time bf16 rows on CPUs without native bf16 too")
+    parser.add_argument("--no-epoch", action="store_true", help="time the bare step only")
     args = parser.parse_args()
-    cpu = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"CPU bf16 by default: {resolve_precision('auto', cpu) == 'bf16'}, "
-          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(f"{'pixels':>6}  {'row':<28} {'frames/s':>9}  {'vs fp32 NCHW':>12}  {'vs BehaveNet ref':>16}")
+    peak = gemm_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, native CPU bf16: {cpu_has_native_bf16()}, "
+          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
+          f"float32 GEMM {peak:.0f} GFLOP/s")
+    if not args.behavenet:
+        print("no --behavenet checkout: the baseline is BehaveNet's ops computed in bnet's model")
+    print(f"{'pixels':>6}  {'row':<27} {'frames/s':>9}  {'vs row 1':>10}  {'GFLOP/s':>7}  {'of GEMM':>7}")
     for size in args.sizes:
-        base = build_model(AEConfig(y_pixels=size, x_pixels=size, n_ae_latents=12))
-        images = torch.rand(args.batch, 1, size, size)
-        rows = {
-            "cpu fp32 NCHW (BehaveNet)": (cpu, "NCHW", "fp32"),
-            "cpu fp32 channels-last": (cpu, "channels-last", "fp32"),
-            "cpu bf16 channels-last": (cpu, "channels-last", "bf16"),
-        }
-        if torch.cuda.is_available():
-            gpu = torch.device("cuda")
-            rows["cuda fp32 channels-last"] = (gpu, "channels-last", "fp32")
-            rows["cuda bf16 AMP channels-last"] = (gpu, "channels-last", "bf16")
-        steps = {name: (make_step(base, images, *spec), spec[0]) for name, spec in rows.items()}
-        best = {name: float("inf") for name in rows}
-        for name, (step, device) in steps.items():  # warm-up (allocations, oneDNN kernels)
-            step()
-            synchronize(device)
-        for _ in range(args.rounds):
-            for name, (step, device) in steps.items():
-                repeats = 10 if device.type == "cuda" else 1
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    step()
-                synchronize(device)
-                best[name] = min(best[name], (time.perf_counter() - start) / repeats)
-        baseline = args.batch / best["cpu fp32 NCHW (BehaveNet)"]
-        for name in rows:
-            fps = args.batch / best[name]
-            reference = BEHAVENET_FRAMES_PER_S.get(size)
-            versus = f"{fps / reference:>15.2f}x" if reference else f"{'-':>16}"
-            print(f"{size:>6}  {name:<28} {fps:>9.1f}  {fps / baseline:>11.2f}x  {versus}")
+        step_fps = step_table(args, size, peak)
+        if not args.no_epoch:
+            epoch_figure(size, step_fps, args.epochs)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The conv architecture defaults to BehaveNet's paper default: five conv layers of
 32-64-128-256-512 channels, kernel 5, strides 2-2-2-2-5 with TensorFlow-style 'same' zero
 padding and LeakyReLU(0.05), a linear layer to the latents, and the mirror-image decoder of
 transposed convolutions ending in a sigmoid (1x128x128 -> 8,758,285 parameters at 12
-latents). Other depths, widths and kernels come from an ``ae_arch_json`` file or from the
+latents), He-initialised. Other depths, widths and kernels come from an ``ae_arch_json`` file or from the
 searchable ``ae_n_conv_layers`` / ``ae_first_channels`` / ``ae_kernel_size``
 (:mod:`bnet.models.ae_arch`).
 
@@ -147,13 +147,15 @@ def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def patch_conv_transpose(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """The transposed :func:`patch_conv`: each input pixel paints its own k x k patch."""
+    """The transposed :func:`patch_conv`: each input pixel paints its own k x k patch
+    (returned in channels-last layout, as the next conv reads it)."""
     k = conv.kernel_size[0]
     batch, channels, height, width = x.shape
     out_channels = conv.weight.shape[1]
     patches = x.permute(0, 2, 3, 1).reshape(-1, channels) @ conv.weight.flatten(1)
-    patches = patches.view(batch, height, width, out_channels, k, k).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(batch, out_channels, height * k, width * k) + conv.bias.view(1, -1, 1, 1)
+    patches = patches.view(batch, height, width, out_channels, k, k).permute(0, 1, 4, 2, 5, 3)
+    out = patches.reshape(batch, height * k, width * k, out_channels).permute(0, 3, 1, 2)
+    return out + conv.bias.view(1, -1, 1, 1)
 
 
 def per_session(layers: nn.ModuleList, x: torch.Tensor, session: torch.Tensor | None, run) -> torch.Tensor:
@@ -220,9 +222,18 @@ class ConvCoder(nn.Module):
         )
         self.last_convs = nn.ModuleList(nn.ConvTranspose2d(channels[0], in_channels[0], kernels[0], strides[0])
                                         for _ in range(n_io))
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                # He initialisation for LeakyReLU: torch's default (BehaveNet's) shrinks the
+                # signal layer by layer, and the demo's AE sat on the mean-image plateau
+                # (val MSE 0.021) for 8 epochs in 4 of 4 fits; He-initialised, 0.008 by epoch 2.
+                nn.init.kaiming_normal_(layer.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
+                nn.init.zeros_(layer.bias)
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                layer.computed_as_gemm = layer.stride == layer.kernel_size
 
     def _run_layer(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.patch_gemm and conv.stride == conv.kernel_size:
+        if self.patch_gemm and conv.computed_as_gemm:
             return patch_conv_transpose(x, conv) if isinstance(conv, nn.ConvTranspose2d) else patch_conv(x, conv)
         return conv(x)
 
