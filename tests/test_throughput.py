@@ -14,6 +14,7 @@ from bnet.data.loader import prefetched
 from bnet.errors import DataError
 from bnet.models import build_model
 from bnet.models.ae import AEConfig
+from bnet.models.arhmm.config import ARHMMConfig
 from bnet.training import TrainingConfig, evaluate, fit, make_optimizer, prepare, resolve_device, resolve_precision
 
 CPU = torch.device("cpu")
@@ -146,6 +147,9 @@ def test_a_cuda_machine_gets_cuda_bf16_and_pinned_read_ahead(monkeypatch, tiny_s
     assert device.type == "cuda" and resolve_precision("auto", device) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     assert resolve_precision("auto", device) == "fp32"
+    # the ARHMM engine on that device computes in float32, on the CPU in float64
+    assert ARHMMConfig(n_arhmm_states=4, device=str(device)).torch_dtype == torch.float32
+    assert ARHMMConfig(n_arhmm_states=4).torch_dtype == torch.float64
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.shape) or self)
