@@ -163,7 +163,11 @@ def step_table(args, size: int, peak: float) -> float:
     images = torch.rand(BATCH, 1, size, size)
     steps = {}
     if args.behavenet:
-        steps["BehaveNet's AE (its code)"] = (behavenet_step(behavenet_model(args.behavenet, size), images), cpu)
+        theirs = behavenet_model(args.behavenet, size)
+        count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+        # an older checkout's default is Batty et al. 2019's 4-layer net, not the 5-layer one
+        print(f"{size:>6}  parameters: BehaveNet's AE {count(theirs):,}, bnet's {count(base):,}")
+        steps["BehaveNet's AE (its code)"] = (behavenet_step(theirs, images), cpu)
     steps["BehaveNet's ops in bnet"] = (behavenets_ops_step(base, images), cpu)
     steps["bnet fp32"] = (bnet_step(base, images, cpu, "fp32"), cpu)
     if args.bf16 or cpu_has_native_bf16():
