@@ -5,9 +5,9 @@ The conv architecture defaults to BehaveNet's paper default: five conv layers of
 32-64-128-256-512 channels, kernel 5, strides 2-2-2-2-5 with TensorFlow-style 'same' zero
 padding and LeakyReLU(0.05), a linear layer to the latents, and the mirror-image decoder of
 transposed convolutions ending in a sigmoid (1x128x128 -> 8,758,285 parameters at 12
-latents), He-initialised. Other depths, widths and kernels come from an ``ae_arch_json`` file or from the
-searchable ``ae_n_conv_layers`` / ``ae_first_channels`` / ``ae_kernel_size``
-(:mod:`bnet.models.ae_arch`).
+latents), He-initialised. Other depths, widths and kernels come from an ``ae_arch_json``
+file or from the searchable ``ae_n_conv_layers`` / ``ae_first_channels`` /
+``ae_kernel_size`` (:mod:`bnet.models.ae_arch`).
 
 A model of the family computes its loss as named terms (:meth:`AutoEncoder.loss_terms`,
 ``loss`` the total), which the training loop averages per epoch and the trials log.
