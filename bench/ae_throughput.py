@@ -51,6 +51,7 @@ from bnet.training import make_optimizer, prepare, train_step
 from bnet.training.loop import cpu_has_native_bf16
 
 BATCH = 128
+EPOCH_TRAIN_TRIALS = 10  # of one batch each, plus one val and one test trial
 LATENTS = 12
 
 
@@ -198,10 +199,10 @@ def epoch_figure(size: int, step_fps: float, epochs: int) -> float:
     datasets.PRELOAD_LIMIT_BYTES = 0  # read every batch from the file
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = bnet.synthesize(tmp / "session.hdf5", bnet.SynthConfig(n_trials=12, n_frames=BATCH, y_pixels=size,
-                                                                       x_pixels=size))
+        session = bnet.SynthConfig(n_trials=EPOCH_TRAIN_TRIALS + 2, n_frames=BATCH, y_pixels=size, x_pixels=size)
+        data = bnet.synthesize(tmp / "session.hdf5", session)
         (tmp / "config.yaml").write_text(yaml.safe_dump({
-            "data": {"trial_splits": "10;1;1;0"},
+            "data": {"trial_splits": f"{EPOCH_TRAIN_TRIALS};1;1;0"},
             "model": {"model_class": "ae", "n_ae_latents": LATENTS},
             "training": {"learning_rate": 1e-4, "max_n_epochs": epochs, "enable_early_stop": False,
                          "batch_size": BATCH, "export_latents": False, "export_train_plots": False},
@@ -214,7 +215,7 @@ def epoch_figure(size: int, step_fps: float, epochs: int) -> float:
         client = mlflow.MlflowClient(outcome.tracking_uri)
         history = sorted(client.get_metric_history(outcome.best_run_id, "val_loss"), key=lambda m: m.step)
         intervals = [(b.timestamp - a.timestamp) / 1000 for a, b in zip(history, history[1:])]
-    frames = 10 * BATCH
+    frames = EPOCH_TRAIN_TRIALS * BATCH
     fps = frames / min(intervals)
     print(f"{size:>6}  {'bnet fp32 whole epoch':<27} {fps:>9.1f}  {fps / step_fps:>9.2f}x of the bare step "
           f"({len(intervals)} epochs timed, HDF5 per batch, val + MLflow + Optuna each epoch)")
