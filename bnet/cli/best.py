@@ -21,7 +21,8 @@ data_option = click.option("--data", "data_path", type=click.Path(dir_okay=False
 metric_option = click.option("--metric", default=None,
                              help="Rank by this run metric instead [default the metric the study optimised].")
 direction_option = click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None,
-                                help="With --metric [default the study's direction, else minimize].")
+                                help="Which way --metric is better [default the direction its studies optimised "
+                                     "it, or its validation counterpart, in].")
 
 
 @click.group()
@@ -50,6 +51,7 @@ def _ranked(family, experiment, top, study, metric, direction, data_path, store)
     if metric is None:
         metric, recorded = study_objective(experiment, family, study, data_hash, store)
         direction = direction or recorded
+    # a named metric is ranked the way the studies that optimised it did (best_runs looks it up)
     runs = best_runs(experiment, family, top, study, metric, direction, store, data_hash=data_hash)
     return metric, runs
 
@@ -95,9 +97,10 @@ def _register_command(family: str) -> click.Command:
     @click.option("--study", default=None, help="Pick the best of this Optuna study only.")
     @data_option
     @metric_option
+    @direction_option
     @store_option
     @tracking_uri_option
-    def command(experiment, model_name, alias, run_id, study, data_path, metric, store, tracking_uri):
+    def command(experiment, model_name, alias, run_id, study, data_path, metric, direction, store, tracking_uri):
         from bnet.errors import TrackingError
         from bnet.tracking import get_run, register_run
 
@@ -107,7 +110,7 @@ def _register_command(family: str) -> click.Command:
             if run.family != family:
                 raise TrackingError(f"run {run_id} is a {run.family or 'non-bnet'} run, not {family}")
         else:
-            metric, runs = _ranked(family, experiment, 1, study, metric, None, data_path, resolved)
+            metric, runs = _ranked(family, experiment, 1, study, metric, direction, data_path, resolved)
             if not runs:
                 raise TrackingError(f"experiment '{experiment}' has no finished {family} runs to register")
             run = runs[0]

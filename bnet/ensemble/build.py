@@ -27,6 +27,7 @@ from bnet.tracking.query import RunSummary, best_runs, get_run, study_objective,
 from bnet.tracking.registry import download_artifact, load_model
 from bnet.tracking.tracker import Tracker
 from bnet.tracking.store import Store, resolve_store
+from bnet.tuning.common import SPLIT_KEYS
 from bnet.tuning.decoder import data_for_run, score_predictions
 
 FAMILY = "ensemble"
@@ -67,11 +68,14 @@ def _refuse_non_decoders(experiment: str, store: Store) -> None:
                             f"Ensembles are built from decoder studies")
 
 
-# what members must share: averaging predictions of other data, targets, neuron subsets or
-# upstream models (another AE's latents, another ARHMM's states) scores them against the
-# wrong targets
+# What members must share, the parts of their fit identity that are not hyperparameters:
+# averaging predictions of other data, targets, neuron subsets or upstream models (another
+# AE's latents, another ARHMM's states), of decoders with encoders, or of fits whose
+# held-out trials differ, scores them against the wrong targets or on trials they trained on.
 _SHARED_TAGS = ((tags.TAG_DATA_HASH, "data digests"), (tags.TAG_TARGET, "targets"),
-                (tags.TAG_NEURON_SUBSET, "neuron subsets"), (tags.TAG_TARGET_KIND, "kinds of target"))
+                (tags.TAG_NEURON_SUBSET, "neuron subsets"), (tags.TAG_TARGET_KIND, "kinds of target"),
+                (tags.TAG_MODEL_CLASS, "model classes (a decoder and an encoder predict different things)"))
+_SHARED_PARAMS = (*SPLIT_KEYS, "n_train_trials", "n_val_trials", "n_test_trials")
 
 
 def _check_compatible(members: list[RunSummary]) -> None:
@@ -80,11 +84,14 @@ def _check_compatible(members: list[RunSummary]) -> None:
     shared = list(_SHARED_TAGS) + [(k, f"upstream {k[len(tags.UPSTREAM_TAG_PREFIX):].replace('_run_id', '')} runs")
                                    for k in upstream]
     for run in members[1:]:
-        for tag, what in shared:
-            if run.tags.get(tag) != first.tags.get(tag):
-                raise BnetError(f"runs {first.run_id} and {run.run_id} have different {what} "
-                                f"({first.tags.get(tag)} vs {run.tags.get(tag)}): they cannot be averaged; "
-                                f"pick one study with --study")
+        differing = [(what, first.tags.get(tag), run.tags.get(tag)) for tag, what in shared
+                     if run.tags.get(tag) != first.tags.get(tag)]
+        differing += [(f"splits ({key})", first.params.get(key), run.params.get(key)) for key in _SHARED_PARAMS
+                      if run.params.get(key) != first.params.get(key)]
+        if differing:
+            what, theirs, ours = differing[0]
+            raise BnetError(f"runs {first.run_id} and {run.run_id} have different {what} "
+                            f"({theirs} vs {ours}): they cannot be averaged; pick one study with --study")
 
 
 def build_ensemble(experiment: str, study: str | None = None, max_members: int = 5, metric: str | None = None,
@@ -96,6 +103,10 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
         raise BnetError(f"--max-members must be at least 1, got {max_members}")
     _refuse_non_decoders(experiment, store)
     metric = metric or study_objective(experiment, "decoder", study, store=store)[0]
+    if not metric.startswith("val_"):
+        raise BnetError(f"--metric {metric}: an ensemble ranks its members and picks N by a validation score "
+                        f"of predictions (val_r2, val_ll, val_accuracy), which are all better higher")
+    # every score of predictions (R², log-likelihood, accuracy) is better higher
     members = best_runs(experiment, "decoder", max_members, study=study, metric=metric, direction="maximize",
                         store=store)
     if not members:
@@ -105,6 +116,15 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
     n_max_lags = max(int(run.params.get("n_max_lags", 0)) for run in members)
     split_metric = metric.split("_", 1)[1]
     predictions = [_predictions(run, store) for run in members]
+    scorable = score_predictions(data, predictions[0], "val", n_max_lags)
+    if metric not in scorable:
+        raise BnetError(f"--metric {metric}: the members' predictions are scored as {', '.join(sorted(scorable))}")
+    for run, predicted in zip(members, predictions):
+        some = next(iter(predicted.values()))
+        if some.shape[1:] != next(iter(data.targets.values())).shape[1:] and data.kind != "categorical":
+            raise BnetError(f"decoder run {run.run_id} predicts {some.shape[1]} dimensions but its targets have "
+                            f"{next(iter(data.targets.values())).shape[1]}: its neuron subset or target cannot be "
+                            f"rebuilt from the session")
 
     def averaged(n: int) -> dict[int, np.ndarray]:
         return {t: np.mean([p[t] for p in predictions[:n]], axis=0) for t in session.trials}
@@ -127,6 +147,7 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
         tags.TAG_DATA_HASH: members[0].tags.get(tags.TAG_DATA_HASH), tags.TAG_DATA_PATH: str(session.path),
         tags.TAG_TARGET: members[0].tags.get(tags.TAG_TARGET), tags.TAG_TARGET_KIND: data.kind,
         tags.TAG_NEURON_SUBSET: members[0].tags.get(tags.TAG_NEURON_SUBSET, "all"),
+        tags.TAG_MODEL_CLASS: members[0].tags.get(tags.TAG_MODEL_CLASS, ""),
         tags.TAG_OBJECTIVE: metric, tags.TAG_DIRECTION: "maximize",
         MEMBERS_TAG: ",".join(r.run_id for r in members[:n_chosen]),
         f"{tags.UPSTREAM_TAG_PREFIX}decoder_run_id": members[0].run_id, **upstream})
@@ -179,6 +200,9 @@ def verify_ensemble(run_id: str, store: Store | None = None, atol: float = 1e-5)
     recomputed: dict[int, list[np.ndarray]] = {t: [] for t in logged}
     for member in members:
         model = load_model(member.run_id, store)
+        if getattr(model.config, "n_input", data.n_input) != data.n_input:
+            raise BnetError(f"ensemble {run_id}: member {member.run_id} reads {model.config.n_input} inputs but its "
+                            f"session and neuron subset give {data.n_input}: its inputs cannot be rebuilt")
         with torch.no_grad():
             for t in logged:
                 recomputed[t].append(model.predict(torch.from_numpy(np.ascontiguousarray(data.inputs[t], np.float32))).numpy())

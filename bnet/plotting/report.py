@@ -109,6 +109,8 @@ def _png(figure) -> bytes:
 
 
 def _best_run_plots(client, run_id: str, notes: list[str]) -> list[tuple[str, bytes]]:
+    # a trial answered by another study's fit shows that fit's figures
+    run_id = client.get_run(run_id).data.tags.get(tags.TAG_REUSED_RUN, run_id)
     plots = [a.path for a in client.list_artifacts(run_id, tags.PLOTS_DIR) if a.path.endswith(".png")]
     images = []
     with tempfile.TemporaryDirectory() as tmp:

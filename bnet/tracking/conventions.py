@@ -18,6 +18,8 @@ TAG_OBJECTIVES = "bnet.objectives"  # a multi-objective study's objectives ("min
 TAG_CONFIG_HASH = "bnet.config_hash"  # family, data, upstream runs and every hyperparameter
 TAG_ERROR = "bnet.error"  # why a trial failed or was killed
 TAG_RETRY_OF = "bnet.retry_of_run"  # the run of a killed trial that this one fits again
+# A trial answered by an earlier fit of another study: the run that holds its model and exports
+TAG_REUSED_RUN = "bnet.reused_run"
 TAG_NEURON_SUBSET = "bnet.neuron_subset"
 TAG_TARGET = "bnet.target"
 TAG_TARGET_KIND = "bnet.target_kind"

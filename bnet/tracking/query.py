@@ -51,6 +51,12 @@ class RunSummary:
     def family(self) -> str | None:
         return self.tags.get(tags.TAG_FAMILY)
 
+    @property
+    def artifact_run_id(self) -> str:
+        """The run holding this run's model and exports: itself, or for a trial answered by
+        an earlier fit of another study, that fit's run."""
+        return self.tags.get(tags.TAG_REUSED_RUN, self.run_id)
+
 
 def _quote(value: str) -> str:
     return "'" + str(value).replace("'", "\\'") + "'"
@@ -105,6 +111,42 @@ def study_objective(experiment: str, family: str | None = None, study: str | Non
     return metric, direction
 
 
+def metric_direction(experiment: str, metric: str, family: str | None = None, study: str | None = None,
+                     data_hash: str | None = None, store: Store | None = None) -> str:
+    """The direction in which the studies in scope optimised ``metric`` or the validation
+    metric it is the test counterpart of (as their runs recorded it); an error when they
+    disagree, or when none optimised it (then the caller names the direction)."""
+    from bnet.tracking.store import resolve_store
+
+    client = connect(store or resolve_store())
+    experiment_id = _experiment_id(client, experiment)
+    scope = trial_filter(family, study, _scope(data_hash))
+    found: set[str] = set()
+    # the metric itself, or the held-out counterpart of what the study optimised
+    # (test_r2 of val_r2, test_loss of best_val_loss) is better in the same direction
+    for objective in dict.fromkeys((metric, metric.replace("test_", "val_", 1), metric.replace("test_", "best_val_", 1))):
+        for direction in ("minimize", "maximize"):
+            if client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVE}` = {_quote(objective)}"
+                                  f" and tags.`{tags.TAG_DIRECTION}` = '{direction}'", max_results=1):
+                found.add(direction)
+    # a multi-objective study records "minimize a, maximize b"
+    for run in client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVES}` LIKE "
+                                  f"{_quote('%' + metric + '%')}", max_results=50):
+        for part in run.data.tags[tags.TAG_OBJECTIVES].split(","):
+            direction, _, name = part.strip().partition(" ")
+            if name == metric:
+                found.add(direction)
+    if len(found) > 1:
+        raise TrackingError(f"studies of experiment '{experiment}' optimised {metric} in both directions: "
+                            f"name one with --study, or say --direction")
+    if not found:
+        raise TrackingError(f"no study of experiment '{experiment}'"
+                            + (f" ('{study}')" if study else "")
+                            + f" optimised {metric}, so its better direction is unknown: say --direction "
+                              "minimize or maximize")
+    return found.pop()
+
+
 def best_runs(
     experiment: str,
     family: str | None = None,
@@ -124,7 +166,8 @@ def best_runs(
         study: only runs of this Optuna study.
         metric: the run metric to rank by (its final logged value); default the metric
             the runs' studies optimised (tag ``bnet.objective``), with its direction.
-        direction: ``minimize`` or ``maximize`` (default: the studies' own, else minimize).
+        direction: ``minimize`` or ``maximize`` (default: the direction the studies in scope
+            optimised ``metric`` in; an error where none did).
         store: the store to query (default: resolved like the CLI's).
         data_hash: only runs fitted to the session file with this digest.
     """
@@ -138,18 +181,28 @@ def best_runs(
     if metric is None:
         metric, recorded = study_objective(experiment, family, study, data_hash, store)
         direction = direction or recorded
-    order = "ASC" if (direction or "minimize") == "minimize" else "DESC"
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=trial_filter(family, study, _scope(data_hash)) + f" and metrics.`{metric}` > -1e308",
-        order_by=[f"metrics.`{metric}` {order}", "attributes.start_time ASC"],
-        max_results=top,
-    )
-    return [RunSummary.from_run(run) for run in runs]
+    direction = direction or metric_direction(experiment, metric, family, study, data_hash, store)
+    order = "ASC" if direction == "minimize" else "DESC"
+    # a fit answers every trial that reused it: it is listed once, as its first run in order
+    found: dict[str, RunSummary] = {}
+    token = None
+    while len(found) < top:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=trial_filter(family, study, _scope(data_hash)) + f" and metrics.`{metric}` > -1e308",
+            order_by=[f"metrics.`{metric}` {order}", "attributes.start_time ASC"],
+            max_results=max(2 * top, 10), page_token=token,
+        )
+        for run in map(RunSummary.from_run, page):
+            found.setdefault(run.artifact_run_id, run)
+        token = page.token
+        if not token:
+            break
+    return list(found.values())[:top]
 
 
 def find_config_run(experiment_id: str, config_hash: str, store: Store) -> RunSummary | None:
-    """A finished trial run of this exact configuration (BehaveNet's ``experiment_exists``)."""
+    """The first finished trial run of this exact fit (BehaveNet's ``experiment_exists``)."""
     client = connect(store)
     runs = client.search_runs([experiment_id], trial_filter(extra={tags.TAG_CONFIG_HASH: config_hash}),
                               max_results=1, order_by=["attributes.start_time ASC"])

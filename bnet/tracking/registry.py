@@ -41,7 +41,9 @@ def register_run(run: RunSummary, name: str, alias: str | None = "champion",
             name, tags={tags.TAG_FAMILY: run.family or ""},
             description=f"bnet {run.family} models (registered by `bnet register`)",
         )
-    source = f"{run.artifact_uri}/{tags.CHECKPOINT_PATH.rsplit('/', 1)[0]}"
+    # a trial answered by another study's fit registers that fit's checkpoint
+    holder = run if run.artifact_run_id == run.run_id else get_run(run.artifact_run_id, store)
+    source = f"{holder.artifact_uri}/{tags.CHECKPOINT_PATH.rsplit('/', 1)[0]}"
     version = client.create_model_version(
         name, source=source, run_id=run.run_id,
         tags={k: v for k, v in run.tags.items() if k.startswith("bnet.")},
@@ -127,13 +129,14 @@ def resolve_upstream(reference: str, family: str, experiment: str | None = None,
 
 
 def download_artifact(run: RunSummary, path: str, destination: str, store: Store | None = None) -> str | None:
-    """A run's artifact downloaded to ``destination``, or None if the run has no such artifact."""
+    """A run's artifact downloaded to ``destination``, or None if the run has no such artifact
+    (a trial answered by another study's fit reads that fit's artifacts)."""
     import mlflow
 
     store = store or resolve_store()
     client = connect(store)
     folder = path.rsplit("/", 1)[0] if "/" in path else None
-    if path not in {a.path for a in client.list_artifacts(run.run_id, folder)}:
+    if path not in {a.path for a in client.list_artifacts(run.artifact_run_id, folder)}:
         return None
-    return mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path=path,
+    return mlflow.artifacts.download_artifacts(run_id=run.artifact_run_id, artifact_path=path,
                                                dst_path=destination, tracking_uri=store.tracking_uri)

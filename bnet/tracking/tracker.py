@@ -54,3 +54,17 @@ class Tracker:
 
     def find_config(self, experiment_id: str, config_hash: str) -> RunSummary | None:
         return find_config_run(experiment_id, config_hash, self.store)
+
+    def record_reuse(self, experiment_id: str, fitted: RunSummary, run_name: str, run_tags: dict[str, Any],
+                     parent_run_id: str) -> str:
+        """A finished run in another study that ``fitted`` answers (same fit identity): its
+        params, final metrics and model tags, linked to the run that holds the model."""
+        carried = {k: v for k, v in fitted.tags.items()
+                   if k in (tags.TAG_CONFIG_HASH, tags.TAG_MODEL_CLASS, tags.TAG_MODEL_TYPE, tags.TAG_SESSION_HASHES,
+                            tags.TAG_N_SESSIONS, tags.TAG_TRIAL_STATE)}
+        run = self.create_run(experiment_id, run_name,
+                              {**carried, **run_tags, tags.TAG_REUSED_RUN: fitted.artifact_run_id}, parent_run_id)
+        run.log_params(fitted.params)
+        run.log_metrics(fitted.metrics)
+        run.terminate("FINISHED")
+        return run.run_id

@@ -32,7 +32,7 @@ from bnet.data.sessions import SessionGroup, export_name, members, select_sessio
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_entry
 from bnet.models.ae import AEConfig
-from bnet.models.ae_arch import architecture_values, estimate_memory_gb
+from bnet.models.ae_arch import architecture_from_json, architecture_values, estimate_memory_gb
 from bnet.models.ae_losses import label_mask, mean_abs_correlation, r2_score
 from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
@@ -40,7 +40,9 @@ from bnet.tracking.query import fitted_datasets
 from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate_terms, fit, resolve_device, resolve_precision
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, training_configs
-from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.family import (
+    LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
+)
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "ae"
@@ -162,6 +164,8 @@ class AETrials:
         model, training, compute = self.configs(hparams)
         splits = session_splits(self.sessions[0], hparams)
         params = {**named_values(model), **named_values(training), **named_values(compute), **split_settings(hparams),
+                  # the precision the fit runs in, not "auto": bf16 and float32 fits are not the same fit
+                  "precision": resolve_precision(compute.precision, resolve_device(compute.device)),
                   "use_output_mask": bool(hparams.get("use_output_mask", False)),
                   "use_label_mask": bool(hparams.get("use_label_mask", False)),
                   **({"mem_limit_gb": float(hparams["mem_limit_gb"])} if "mem_limit_gb" in hparams else {}),
@@ -350,9 +354,20 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
     return [PreparedStudy(data, AETrials(data), OBJECTIVE)]
 
 
+def _expanded_fixed(fixed: dict[str, Any]) -> dict[str, Any]:
+    """An architecture file as the architecture it holds: the same path may hold another
+    architecture tomorrow, and another path the same one."""
+    if not fixed.get("ae_arch_json"):
+        return dict(fixed)
+    return {**fixed, **{k: list(v) for k, v in architecture_from_json(fixed["ae_arch_json"]).items()}}
+
+
 register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions={},
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=lambda request: "ae",
+    # the architecture a file names is fitted (conv_* params), not the file's path
+    machinery=LOCATION_KEYS | {"export_latents", "export_train_plots", "sessions_csv", "all_source", "ae_arch_json"},
+    expand_fixed=_expanded_fixed,
 ))
 
 

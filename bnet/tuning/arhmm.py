@@ -33,7 +33,9 @@ from bnet.tracking.registry import load_model
 from bnet.tracking.store import Store
 from bnet.training import resolve_device
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, upstream_export, upstream_run
-from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.family import (
+    LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
+)
 from bnet.tuning.space import Condition
 from bnet.tuning.study import StudyOutcome, TrialContext
 
@@ -85,6 +87,7 @@ class Observations:
     values: dict[int, np.ndarray]
     splits: TrialSplits
     name: str  # "latent" or "label"
+    split_keys: dict[str, Any]  # BehaveNet's split settings that drew ``splits`` (part of a fit's identity)
     upstream: RunSummary | None = None
 
     @property
@@ -106,12 +109,13 @@ def ae_observations(session: Session, ae_run: RunSummary, store: Store) -> Obser
         model = load_model(ae_run.run_id, store)
         latents = encode_session(model, session, torch.device("cpu"))
         splits = split_trials(session.trials, **split_settings(ae_run.params), source=str(session.path))
-    return Observations(latents, splits, "latent", ae_run)
+    return Observations(latents, splits, "latent", split_settings(ae_run.params), ae_run)
 
 
 def label_observations(session: Session, values: dict[str, Any]) -> Observations:
     labels = dict(zip(session.trials, session.read_all("labels")))
-    return Observations({t: x.astype(np.float64) for t, x in labels.items()}, session_splits(session, values), "label")
+    return Observations({t: x.astype(np.float64) for t, x in labels.items()}, session_splits(session, values), "label",
+                        split_settings(values))
 
 
 def check_observations(observations: Observations, source: str) -> None:
@@ -159,7 +163,7 @@ class ARHMMTrials:
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         config, fit_config = self.configs(hparams)
         obs = self.observations
-        params = {**asdict(config), **asdict(fit_config), "n_dims": obs.n_dims,
+        params = {**asdict(config), **asdict(fit_config), "n_dims": obs.n_dims, **obs.split_keys,
                   **{f"n_{k}_trials": len(v) for k, v in obs.splits.as_dict().items()}}
         return params, {tags.TAG_MODEL_CLASS: config.model_class, tags.TAG_MODEL_TYPE: config.noise_type}
 
@@ -293,6 +297,7 @@ register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="EM iteration", budget_key="n_iters", prepare=prepare,
     default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",
+    machinery=LOCATION_KEYS | {"export_states", "export_train_plots", "ae_experiment_name", "ae_version"},
 ))
 
 

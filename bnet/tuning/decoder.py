@@ -33,9 +33,12 @@ from bnet.tracking.registry import resolve_upstream
 from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
 from bnet.tuning.common import (
-    refuse_other_splits, resolve_data_path, session_splits, training_configs, upstream_export, upstream_run,
+    refuse_other_splits, resolve_data_path, session_splits, split_settings, training_configs, upstream_export,
+    upstream_run,
 )
-from bnet.tuning.family import Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.family import (
+    LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
+)
 from bnet.tuning.space import Condition
 from bnet.tuning.study import StudyOutcome, TrialContext
 
@@ -88,6 +91,7 @@ class DecodingData:
     kind: str  # continuous, categorical, counts
     n_classes: int = 0
     upstream: dict[str, RunSummary] = field(default_factory=dict)
+    split_keys: dict[str, Any] = field(default_factory=dict)  # the split settings that drew ``splits``
 
     @property
     def n_input(self) -> int:
@@ -151,6 +155,13 @@ def behaviour(target: str, session: Session, values: dict[str, Any], refs: dict[
     return {t: x.astype(np.float32) for t, x in series.items()}, splits, "continuous", 0, upstream
 
 
+def subsample_settings(values: dict[str, Any]) -> dict[str, str]:
+    """BehaveNet's neuron-subset keys with their defaults (part of a fit's identity)."""
+    return {"subsample_method": str(values.get("subsample_method", "none")),
+            "subsample_idxs_group_0": str(values.get("subsample_idxs_group_0") or ""),
+            "subsample_idxs_dataset": str(values.get("subsample_idxs_dataset", "all"))}
+
+
 def neuron_subsets(session: Session, values: dict[str, Any]) -> dict[str, np.ndarray | None]:
     """``{name: neuron indices}`` to fit, from BehaveNet's subsample options (None: all)."""
     method = values.get("subsample_method", "none")
@@ -178,6 +189,7 @@ def neuron_subsets(session: Session, values: dict[str, Any]) -> dict[str, np.nda
 
 def assemble(model_class: str, target: str, session: Session, values, refs, store, neurons) -> DecodingData:
     beh, splits, kind, n_classes, upstream = behaviour(target, session, values, refs, store)
+    split_keys = split_settings(next(iter(upstream.values())).params if upstream else values)
     if "neural" not in session.signals:
         raise DataError(f"{session.path}: no group 'neural' (decoders need neural activity)")
     neural = dict(zip(session.trials, session.read_all("neural")))
@@ -198,8 +210,9 @@ def assemble(model_class: str, target: str, session: Session, values, refs, stor
             beh = {t: np.eye(n_classes, dtype=np.float32)[z] for t, z in beh.items()}
         counts = all(np.all(x >= 0) and np.all(x == np.round(x)) for x in neural.values())
         return DecodingData(beh, {t: x.astype(np.float32) for t, x in neural.items()}, splits,
-                            "counts" if counts else "continuous", 0, upstream)
-    return DecodingData({t: x.astype(np.float32) for t, x in neural.items()}, beh, splits, kind, n_classes, upstream)
+                            "counts" if counts else "continuous", 0, upstream, split_keys)
+    return DecodingData({t: x.astype(np.float32) for t, x in neural.items()}, beh, splits, kind, n_classes, upstream,
+                        split_keys)
 
 
 def score_predictions(data: DecodingData, predictions: dict[int, np.ndarray], split: str,
@@ -224,9 +237,16 @@ def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
     session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=("neural",))
     values = dict(run.params)
     refs = {family: (run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id"), None) for family in ("ae", "arhmm")}
+    subset = run.tags.get(tags.TAG_NEURON_SUBSET, "all")
+    if subset != "all" and values.get("subsample_method", "none") == "none":
+        # runs logged before the subset settings were params: the subset's name says its method
+        values["subsample_method"] = "loo" if subset.startswith("loo-") else "single"
     subsets = neuron_subsets(session, values)
-    neurons = subsets.get(run.tags.get(tags.TAG_NEURON_SUBSET, "all"), subsets.get(""))
-    data = assemble(values["model_class"], run.tags[tags.TAG_TARGET], session, values, refs, store, neurons)
+    if subset != "all" and subset not in subsets:
+        raise DataError(f"decoder run {run.run_id} was fitted to neuron subset '{subset}', which "
+                        f"{session.path} no longer defines (it has {', '.join(s for s in subsets if s) or 'none'})")
+    data = assemble(values["model_class"], run.tags[tags.TAG_TARGET], session, values, refs, store,
+                    subsets[subset] if subset != "all" else None)
     return session, data
 
 
@@ -296,7 +316,8 @@ class DecoderTrials:
 
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         model, training, compute = self.configs(hparams)
-        params = {**asdict(model), **asdict(training), **asdict(compute),
+        params = {**asdict(model), **asdict(training), **asdict(compute), "precision": "fp32",
+                  **self.data.split_keys, **subsample_settings(hparams),
                   **{f"n_{k}_trials": len(v) for k, v in self.data.splits.as_dict().items()}}
         return params, {tags.TAG_MODEL_CLASS: model.model_class, tags.TAG_MODEL_TYPE: model.model_type}
 
@@ -389,6 +410,8 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
 register_family(Family(
     name=FAMILY, default_space=default_space, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
+    machinery=LOCATION_KEYS | {"export_predictions", "export_train_plots", "ae_experiment_name", "ae_version",
+                               "arhmm_experiment_name", "arhmm_version"},
 ))
 
 

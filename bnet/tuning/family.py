@@ -154,6 +154,11 @@ class Family:
         budget_key: the hyperparameter that bounds a trial's steps (``max_n_epochs``).
         prepare: the studies a request asks for (``(request, store) -> [PreparedStudy]``).
         default_model_class: the ``model_class`` when the config names none.
+        machinery: keys that say where things are or how to show them, not what is fitted
+            (they may differ between the workers and resumptions of one study, and are no
+            part of a fit's identity).
+        expand_fixed: the fixed values as they determine the fit (e.g. an architecture file
+            read into the architecture it names), for the study's fingerprint.
     """
 
     name: str
@@ -164,7 +169,13 @@ class Family:
     budget_key: str
     prepare: Callable[[StudyRequest, "Store"], list[PreparedStudy]]
     default_model_class: Callable[[StudyRequest], str]
+    machinery: frozenset[str] = frozenset()
+    expand_fixed: Callable[[dict[str, Any]], dict[str, Any]] = dict
 
+
+# Where the session file lies and which device fits it: the same fit wherever (the data's
+# digest, not its path, is part of a fit's identity). Every family's machinery holds these.
+LOCATION_KEYS = frozenset({"data", "data_dir", "lab", "expt", "animal", "session", "device"})
 
 FAMILY_MODULES = {"ae": "bnet.tuning.ae", "arhmm": "bnet.tuning.arhmm", "decoder": "bnet.tuning.decoder"}
 _FAMILIES: dict[str, Family] = {}

@@ -24,9 +24,15 @@ from bnet.tracking.tracker import Tracker
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WORKER_ATTR = "bnet_worker"
-HEARTBEAT_SECONDS = 20
-GRACE_SECONDS = 60
-LOCK_WAIT_SECONDS = 60
+# Optuna's heartbeat: a trial whose worker has not written for GRACE_SECONDS is failed by
+# the next worker that looks. BNET_HEARTBEAT_SECONDS shortens it (tests of a database restart
+# need epochs longer than a beat) or lengthens it (a slow shared database).
+HEARTBEAT_SECONDS = int(os.environ.get("BNET_HEARTBEAT_SECONDS", "20"))
+GRACE_SECONDS = 3 * HEARTBEAT_SECONDS
+# A parent-run lock whose holder is alive is never taken; one held from another machine is
+# taken after this long (creating a parent run takes seconds; its holder is gone or stuck).
+LOCK_WAIT_SECONDS = 600
+LOCK_HOLDER_ATTR = "bnet_lock_holder"
 
 Echo = Callable[[str], None]
 
@@ -139,15 +145,15 @@ def parent_run_id(study: optuna.Study, storage, create: Callable[[], str]) -> st
         if existing:
             return existing
         try:
-            optuna.create_study(study_name=lock_name, storage=storage)
+            lock = optuna.create_study(study_name=lock_name, storage=storage)
         except optuna.exceptions.DuplicatedStudyError:
-            if time.monotonic() - waited_since > LOCK_WAIT_SECONDS:
-                # its holder died between taking the lock and writing the id
+            if _lock_is_abandoned(lock_name, storage, time.monotonic() - waited_since):
                 _delete_lock(lock_name, storage)
                 waited_since = time.monotonic()
             time.sleep(0.2)
             continue
         try:
+            lock.set_user_attr(LOCK_HOLDER_ATTR, this_worker())
             existing = study.user_attrs.get(PARENT_RUN_ATTR)  # written before the last holder let go
             if existing:
                 return existing
@@ -156,6 +162,19 @@ def parent_run_id(study: optuna.Study, storage, create: Callable[[], str]) -> st
             return run_id
         finally:
             _delete_lock(lock_name, storage)
+
+
+def _lock_is_abandoned(lock_name: str, storage, waited: float) -> bool:
+    """Whether the parent-run lock's holder died between taking it and writing the id: a
+    holder on this host is checked directly, one elsewhere after LOCK_WAIT_SECONDS."""
+    try:
+        holder = optuna.load_study(study_name=lock_name, storage=storage).user_attrs.get(LOCK_HOLDER_ATTR)
+    except KeyError:
+        return False  # released meanwhile
+    if holder and worker_is_dead(holder):
+        return True
+    # no holder yet (it is writing its name) or alive here: wait; elsewhere: wait long
+    return waited > LOCK_WAIT_SECONDS and not (holder and holder.split("/", 1)[0] == socket.gethostname())
 
 
 def _delete_lock(lock_name: str, storage) -> None:

@@ -19,7 +19,6 @@ What the engine guarantees, whatever the family:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -45,6 +44,7 @@ from bnet.tracking.runs import RunLogger, is_transient, retry_transient
 from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
 from bnet.tracking.tracker import Tracker
 from bnet.tuning.family import Family, Objective, PreparedStudy
+from bnet.tuning.identity import FitIdentity, differences, fingerprint
 from bnet.tuning.recovery import (
     GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, RETRY_OF_RUN_ATTR, WORKER_ATTR, close_orphaned_runs,
     dead_trial_handler,
@@ -59,12 +59,6 @@ DUPLICATE_ATTR = "bnet_same_config_as_run"
 MAX_CONSECUTIVE_FAILURES = 3
 SURPLUS_ATTR = "bnet_surplus"
 POLL_SECONDS = 5.0
-
-# Values that say where things are or how to show them, not what is fitted: they may
-# differ between the workers and resumptions of one study.
-NOT_FITTED = {"data", "data_dir", "lab", "expt", "animal", "session", "device", "export_latents",
-              "export_train_plots", "export_states", "ae_experiment_name", "ae_version",
-              "arhmm_experiment_name", "arhmm_version", "sessions_csv", "all_source", "ae_arch_json"}
 
 Echo = Callable[[str], None]
 
@@ -123,10 +117,7 @@ class StudySpec:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when the study resumes."""
-        return {"family": self.family.name, "objective": ",".join(self.objective.metrics),
-                "data_hash": self.session.data_hash,
-                "upstream": {k: v for k, v in self.prepared.run_tags.items() if k.startswith(tags.UPSTREAM_TAG_PREFIX)},
-                "fixed": {k: str(v) for k, v in sorted(self.fixed.items()) if k not in NOT_FITTED}}
+        return fingerprint(self.family, self.prepared, self.objective.metrics, self.fixed, self.space)
 
 
 @dataclass
@@ -197,10 +188,11 @@ def make_pruner(tuning: TuningConfig):
 def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
     url = spec.store.optuna_storage
     with schema_lock(spec.store, url):
-        return retry_schema_race(lambda: optuna.storages.RDBStorage(
+        return retry_schema_race(lambda: _HeartbeatStorage(
             url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
             heartbeat_stale_trial_callback=dead_trial_handler(tracker, echo),
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+            # a database server's pooled connections die with a restart: test each before use
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
         ))
 
 
@@ -227,37 +219,12 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
         study.set_user_attr(FINGERPRINT_ATTR, wanted)
         study.set_user_attr(RECIPE_ATTR, spec.recipe)
     elif recorded != wanted:
-        raise ConfigError(f"study '{spec.study_name}' cannot resume with this command: "
-                          f"{_differences(recorded, wanted)}; use another --study name (or the original settings)")
+        differing = differences(recorded, wanted)
+        if differing:
+            raise ConfigError(f"study '{spec.study_name}' cannot resume with this command: "
+                              f"{differing}; use another --study name (or the original settings)")
+        study.set_user_attr(FINGERPRINT_ATTR, wanted)  # recorded by an older bnet: now in full
     return study
-
-
-def _differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> str:
-    found = []
-    if recorded.get("family") != wanted["family"] or recorded.get("objective") != wanted["objective"]:
-        found.append(f"it is a {recorded.get('family')} study of {recorded.get('objective')}, "
-                     f"not {wanted['family']} of {wanted['objective']}")
-    if recorded.get("data_hash") != wanted["data_hash"]:
-        found.append(f"it was started on other data (data hash {recorded.get('data_hash')}, "
-                     f"this file {wanted['data_hash']})")
-    for key in sorted(set(recorded.get("upstream", {})) | set(wanted["upstream"])):
-        before, now = recorded.get("upstream", {}).get(key), wanted["upstream"].get(key)
-        if before != now:
-            found.append(f"{key} was {before}, now {now}")
-    before, now = recorded.get("fixed", {}), wanted["fixed"]
-    changed = [f"{k} {before.get(k, '(searched or unset)')} -> {now.get(k, '(searched or unset)')}"
-               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    if changed:
-        found.append("fixed hyperparameters differ: " + ", ".join(changed))
-    return "; ".join(found)
-
-
-def config_hash(spec: StudySpec, params: dict[str, Any]) -> str:
-    """The identity of a fit: family, data, upstream runs and every hyperparameter it uses."""
-    identity = {"family": spec.family.name, "data_hash": spec.session.data_hash,
-                "tags": {k: v for k, v in sorted(spec.prepared.run_tags.items())},
-                "params": {k: str(v) for k, v in sorted(params.items()) if k not in NOT_FITTED}}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
 class _StopRequests:
@@ -328,9 +295,47 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         return run.run_id
 
     parent = tracker.reopen(parent_run_id(study, storage, create_parent))
-
+    loop = TrialLoop(spec, study, storage, tracker, experiment_id, parent, _wanted(spec, study, echo), echo)
+    interrupted = None
+    with loop.stops.installed():
+        try:
+            loop.run()
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if loop.stops.requested and interrupted is None:
+        interrupted = StudyInterrupted("SIGTERM")
     counts = _count(study)
-    done = counts["COMPLETE"] + counts["PRUNED"]
+    _log_answer(study, parent, objective)
+    if counts["COMPLETE"]:
+        from bnet.plotting.report import summary_figure
+
+        parent.log_figure(summary_figure(study, objective.metric, objective.direction), "study_summary")
+    if not counts["RUNNING"]:
+        # the last worker out ends the parent run; while others still fit, it stays RUNNING
+        parent.terminate("KILLED" if interrupted else "FINISHED")
+    refresh_statistics(spec.store)
+    if interrupted:
+        raise interrupted
+    if loop.failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+        raise TrialsKeepFailing(
+            f"study '{spec.study_name}': {loop.failed_in_a_row} trials in a row failed, so this worker stopped "
+            f"(last: {loop.failures[-1]}). Finished trials are kept; fix the cause and re-run to resume")
+    front = pareto_front(study, objective) if counts["COMPLETE"] else []
+    best = front[0] if front else None
+    return StudyOutcome(
+        study_name=spec.study_name, experiment=spec.experiment, experiment_id=experiment_id,
+        parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
+        n_failed=counts["FAIL"], best_trial=best.number if best else None, best_value=best.values[0] if best else None,
+        best_run_id=best.user_attrs.get(MLFLOW_RUN_ATTR) if best else None, tracking_uri=spec.store.tracking_uri,
+        optuna_storage=spec.store.optuna_storage, ran_now=loop.to_run, metric=objective.metric,
+        direction=objective.direction, failures=loop.failures,
+        pareto=[ParetoPoint(t.number, t.user_attrs.get(MLFLOW_RUN_ATTR, ""), dict(zip(objective.metrics, t.values)))
+                for t in front] if objective.is_multi else [],
+    )
+
+
+def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> int:
+    """How many finished trials the study should hold, said with what is left to run."""
     wanted = spec.tuning.n_trials
     if not spec.space:
         wanted = min(wanted, 1)
@@ -341,58 +346,170 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         wanted = min(wanted, spec.space.grid_size())
         if spec.space.grid_size() < spec.tuning.n_trials:
             echo(f"note: the grid has {spec.space.grid_size()} points; the study stops there")
+    counts = _count(study)
+    done = counts["COMPLETE"] + counts["PRUNED"]
     to_run = max(wanted - done, 0)
     if done:
         echo(f"study '{spec.study_name}' resumes with {done} finished trials; {to_run} to go")
     else:
-        pruner = "none (multi-objective)" if objective.is_multi else spec.tuning.pruner
+        pruner = "none (multi-objective)" if spec.objective.is_multi else spec.tuning.pruner
         echo(f"study '{spec.study_name}': {to_run} trials, sampler {spec.tuning.sampler}, "
-             f"pruner {pruner}, objective {objective.describe()}")
-    stops = _StopRequests(echo)
-    failures: list[str] = []
+             f"pruner {pruner}, objective {spec.objective.describe()}")
+    return wanted
 
-    def answer(metrics: dict[str, float]) -> float | tuple[float, ...]:
+
+class TrialLoop:
+    """One worker's part of a study: ask Optuna for a trial, fit it as an MLflow run, tell
+    Optuna how it ended, and decide whether to go on. Each step is one method."""
+
+    def __init__(self, spec: StudySpec, study: optuna.Study, storage, tracker: Tracker, experiment_id: str,
+                 parent: RunLogger, wanted: int, echo: Echo):
+        self.spec, self.study, self.storage, self.tracker = spec, study, storage, tracker
+        self.experiment_id, self.parent, self.wanted, self.echo = experiment_id, parent, wanted, echo
+        counts = _count(study)
+        self.to_run = max(wanted - counts["COMPLETE"] - counts["PRUNED"], 0)
+        self.stops = _StopRequests(echo)
+        self.failures: list[str] = []
+        self.failed_in_a_row = 0
+        self._waiting_said = False
+
+    # ------------------------------------------------------------------ deciding
+    def run(self) -> None:
+        """Trials one at a time until the study (every worker's trials) holds ``wanted``
+        finished ones; failed trials are not finished ones, so they are replaced."""
+        while not self.stops.requested and self.failed_in_a_row < MAX_CONSECUTIVE_FAILURES:
+            decision = self._next_step()
+            if decision == "stop":
+                return
+            if decision == "wait":
+                time.sleep(POLL_SECONDS)
+                recover_dead_trials(self.study, self.storage, self.tracker, self.echo)
+                continue
+            try:
+                self.one_trial()
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                self.echo(f"the study's database is out of reach ({str(err).splitlines()[0][:120]}); waiting")
+                retry_transient(lambda: self.study.get_trials(deepcopy=False), seconds=600)
+                recover_dead_trials(self.study, self.storage, self.tracker, self.echo)
+
+    def _next_step(self) -> str:
+        counts = _count(self.study)
+        finished = counts["COMPLETE"] + counts["PRUNED"]
+        if finished >= self.wanted or (self.spec.tuning.sampler == "grid" and finished + counts["FAIL"] >= self.wanted
+                                       and not counts["WAITING"] and not counts["RUNNING"]):
+            return "stop"
+        if finished + counts["RUNNING"] >= self.wanted:
+            if not self._waiting_said:
+                self.echo(f"waiting for {counts['RUNNING']} running trials of other workers")
+                self._waiting_said = True
+            return "wait"
+        return "trial"
+
+    # ------------------------------------------------------------------ one trial
+    def one_trial(self) -> None:
+        """Ask, fit and tell one trial (Optuna's optimize loop of one, which runs its
+        heartbeat and its sampler's hooks)."""
+        asked: dict[str, Any] = {}
+
+        def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
+            asked.update(number=trial.number, trial_id=trial._trial_id)
+            try:
+                return self.evaluate(trial)
+            except SurplusTrial:
+                asked["surplus"] = True
+                raise
+            except optuna.TrialPruned:
+                raise
+            except Exception as err:
+                self.failures.append(f"trial {trial.number}: {type(err).__name__}: {err}")
+                raise
+
+        try:
+            self.study.optimize(objective, n_trials=1, catch=(Exception,))
+            held = self.storage.get_trial(asked["trial_id"]).state
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+            # Optuna could not tell the trial's end: another worker failed it while this one
+            # fitted it (its heartbeat lapsed, e.g. over a database restart) and queued a retry,
+            # which reuses this trial's finished run instead of refitting it
+            if "trial_id" not in asked or not self.storage.get_trial(asked["trial_id"]).state.is_finished():
+                raise
+            held = self.storage.get_trial(asked["trial_id"]).state
+            self.echo(f"trial {asked['number']} was marked {held.name} by another worker while this one fitted "
+                      f"it ({err}); it stays {held.name}")
+        if asked.get("surplus"):
+            return
+        self.failed_in_a_row = self.failed_in_a_row + 1 if held == TrialState.FAIL else 0
+        if held == TrialState.COMPLETE:
+            _log_answer(self.study, self.parent, self.spec.objective)
+
+    def evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """The trial's objective value(s): fitted as a new run, or taken from a finished run
+        of the same fit. Every error, before the run exists too, is this trial's failure."""
+        spec, objective = self.spec, self.spec.objective
+        trial.set_user_attr(WORKER_ATTR, this_worker())
+        # straight from the database: the study's cache may hold a queued trial without the
+        # attributes it was queued with (seen when this process queued it itself)
+        retry_of_run = self.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF_RUN_ATTR)
+        ahead = [t for t in self.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= self.wanted:
+            # another worker started the last needed trial at the same moment: this one is not fitted
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the {self.wanted} the study needs")
+        try:
+            chosen = spec.space.suggest(trial)
+            hparams = spec.space.resolve(chosen, spec.fixed)
+            params, model_tags = spec.prepared.fitter.resolve(hparams)
+            identity = FitIdentity.of(spec.family, spec.prepared, params).digest()
+            same = self.tracker.find_config(self.experiment_id, identity)
+        except Exception as err:
+            self.echo(f"trial {trial.number} failed before its run was created: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:300]}")
+            raise
+        described = ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())
+        if same is not None and all(m in same.metrics for m in objective.metrics):
+            return self._reuse(trial, same, described)
+        run = self.tracker.create_run(
+            self.experiment_id, run_name=f"{spec.study_name}-trial-{trial.number:03d}",
+            run_tags={tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL: trial.number,
+                      tags.TAG_CONFIG_HASH: identity, **spec.run_tags, **model_tags,
+                      **({tags.TAG_RETRY_OF: retry_of_run} if retry_of_run else {})},
+            parent_run_id=self.parent.run_id,
+        )
+        trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
+        self.echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
+        return self._fit(trial, run, hparams, params)
+
+    def _reuse(self, trial: optuna.Trial, same, described: str) -> float | tuple[float, ...]:
+        """A finished run of the same fit answers the trial. One of another study is
+        recorded in this one as a run of its own (linked to the fitted run, whose model
+        and exports it reads), so this study's queries find all of its trials."""
+        source = same.artifact_run_id
+        run_id = same.run_id
+        if same.tags.get(tags.TAG_STUDY) != self.spec.study_name:
+            run_id = self.tracker.record_reuse(
+                self.experiment_id, same, f"{self.spec.study_name}-trial-{trial.number:03d}",
+                {tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL: trial.number, **self.spec.run_tags},
+                self.parent.run_id)
+        trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+        trial.set_user_attr(DUPLICATE_ATTR, source)
+        self.echo(f"trial {trial.number} {described}: already fitted on this data (run {source[:8]}), not refitted")
+        return self._answer(same.metrics)
+
+    def _answer(self, metrics: dict[str, float]) -> float | tuple[float, ...]:
+        objective = self.spec.objective
         values = tuple(metrics.get(m) for m in objective.metrics)
         bad = [m for m, v in zip(objective.metrics, values) if v is None or not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"the objective {bad[0]} is {metrics.get(bad[0])}")
         return values if objective.is_multi else values[0]
 
-    def objective_fn(trial: optuna.Trial) -> float | tuple[float, ...]:
-        trial.set_user_attr(WORKER_ATTR, this_worker())
-        # straight from the database: the study's cache may hold a queued trial without the
-        # attributes it was queued with (seen when this process queued it itself)
-        retry_of_run = storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF_RUN_ATTR)
-        ahead = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
-                 if t.number < trial.number]
-        if len(ahead) >= wanted:
-            # another worker started the last needed trial at the same moment: this one is not fitted
-            trial.set_user_attr(SURPLUS_ATTR, True)
-            raise SurplusTrial(f"trial {trial.number} is beyond the {wanted} the study needs")
-        chosen = spec.space.suggest(trial)
-        hparams = spec.space.resolve(chosen, spec.fixed)
-        params, model_tags = spec.prepared.fitter.resolve(hparams)
-        identity = config_hash(spec, params)
-        described = ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())
-        same = tracker.find_config(experiment_id, identity)
-        if same is not None and all(m in same.metrics for m in objective.metrics):
-            trial.set_user_attr(MLFLOW_RUN_ATTR, same.run_id)
-            trial.set_user_attr(DUPLICATE_ATTR, same.run_id)
-            echo(f"trial {trial.number} {described}: already fitted on this data (run {same.run_id[:8]}), not refitted")
-            return answer(same.metrics)
-        run = tracker.create_run(
-            experiment_id, run_name=f"{spec.study_name}-trial-{trial.number:03d}",
-            run_tags={tags.TAG_ROLE: tags.ROLE_TRIAL, tags.TAG_TRIAL: trial.number,
-                      tags.TAG_CONFIG_HASH: identity, **spec.run_tags, **model_tags,
-                      **({tags.TAG_RETRY_OF: retry_of_run} if retry_of_run else {})},
-            parent_run_id=parent.run_id,
-        )
-        trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)
-        run.log_params(params)
-        spec.log_dataset(run)
-        echo(f"trial {trial.number} (run {run.run_id[:8]}) {described}")
+    def _fit(self, trial: optuna.Trial, run: RunLogger, hparams: dict[str, Any],
+             params: dict[str, Any]) -> float | tuple[float, ...]:
+        spec, objective, echo = self.spec, self.spec.objective, self.echo
         started = time.perf_counter()
-
         progress: list[Progress] = []
 
         def report(step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
@@ -402,7 +519,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
                                          echo, unit=spec.family.step_name))
             progress[0].update(at=step if shown is None else shown,
                                message="  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if v is not None))
-            stops.check()
+            self.stops.check()
             value = metrics.get(objective.step_metric) if objective.step_metric and not objective.is_multi else None
             if value is not None and math.isfinite(value):
                 trial.report(value, step)
@@ -411,12 +528,14 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
 
         context = TrialContext(trial.number, hparams, run, echo, report)
         try:
+            run.log_params(params)
+            spec.log_dataset(run)
             try:
                 result = spec.prepared.fitter.fit(context)
             finally:
                 for bar in progress:
                     bar.close()
-            value = answer(result.metrics)
+            value = self._answer(result.metrics)
             nan = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v))
             if nan:
                 raise FloatingPointError(f"metric {', '.join(nan)} is NaN")
@@ -425,93 +544,39 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
                                               "data_hash": spec.session.data_hash,
                                               **spec.prepared.run_tags, **result.checkpoint_metadata})
         except optuna.TrialPruned as pruned:
-            tracker.close(run.run_id, "KILLED", "PRUNED", str(pruned))
+            self.tracker.close(run.run_id, "KILLED", "PRUNED", str(pruned))
             echo(f"trial {trial.number} pruned after {time.perf_counter() - started:.0f} s ({pruned})")
             raise
         except KeyboardInterrupt as stop:
-            tracker.close(run.run_id, "KILLED", "FAIL", f"interrupted ({stop or 'Ctrl-C'})")
-            if queue_retry(study, trial.number, trial.params, trial.user_attrs):
+            self.tracker.close(run.run_id, "KILLED", "FAIL", f"interrupted ({stop or 'Ctrl-C'})")
+            if queue_retry(self.study, trial.number, trial.params, trial.user_attrs):
                 echo(f"trial {trial.number} stopped; its hyperparameters are queued for the next worker")
             raise
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
             run.log_text("".join(traceback.format_exception(err)), "error.txt")
-            tracker.close(run.run_id, "FAILED", "FAIL", reason)
-            failures.append(f"trial {trial.number}: {reason}")
+            self.tracker.close(run.run_id, "FAILED", "FAIL", reason)
             echo(f"trial {trial.number} failed: {reason.splitlines()[0][:300]}")
             _release_device_memory()
             raise
-        tracker.close(run.run_id, "FINISHED", "COMPLETE")
+        self.tracker.close(run.run_id, "FINISHED", "COMPLETE")
         shown = "  ".join(f"{m} {v:.6g}" for m, v in zip(objective.metrics, value if objective.is_multi else [value]))
         echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: {shown}")
         return value
 
-    in_a_row = {"failed": 0}
 
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.user_attrs.get(SURPLUS_ATTR):
-            return
-        in_a_row["failed"] = in_a_row["failed"] + 1 if trial.state == TrialState.FAIL else 0
-        if trial.state == TrialState.COMPLETE:
-            _log_answer(study, parent, objective)
+class _HeartbeatStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose heartbeat outlives a database restart: a beat that cannot
+    reach the database is skipped, and the next one retries over a fresh connection
+    (Optuna's heartbeat thread dies on its first failed write, and other workers then fail
+    the trial that is still being fitted)."""
 
-    interrupted = None
-    waiting_said = False
-    with stops.installed():
+    def record_heartbeat(self, trial_id: int) -> None:
         try:
-            # one trial at a time until the study (every worker's trials) holds `wanted` finished
-            # ones; failed trials are not finished ones, so they are replaced
-            while not stops.requested and in_a_row["failed"] < MAX_CONSECUTIVE_FAILURES:
-                counts = _count(study)
-                finished = counts["COMPLETE"] + counts["PRUNED"]
-                if finished >= wanted or (spec.tuning.sampler == "grid" and finished + counts["FAIL"] >= wanted
-                                          and not counts["WAITING"] and not counts["RUNNING"]):
-                    break
-                if finished + counts["RUNNING"] >= wanted:
-                    if not waiting_said:
-                        echo(f"waiting for {counts['RUNNING']} running trials of other workers")
-                        waiting_said = True
-                    time.sleep(POLL_SECONDS)
-                    recover_dead_trials(study, storage, tracker, echo)
-                    continue
-                try:
-                    study.optimize(objective_fn, n_trials=1, catch=(Exception,), callbacks=[after_trial])
-                except Exception as err:
-                    if not is_transient(err):
-                        raise
-                    echo(f"the study's database is out of reach ({str(err).splitlines()[0][:120]}); waiting")
-                    retry_transient(lambda: study.get_trials(deepcopy=False), seconds=600)
-                    recover_dead_trials(study, storage, tracker, echo)
-        except KeyboardInterrupt as err:
-            interrupted = err
-    counts = _count(study)
-    _log_answer(study, parent, objective)
-    if counts["COMPLETE"]:
-        from bnet.plotting.report import summary_figure
-
-        parent.log_figure(summary_figure(study, objective.metric, objective.direction), "study_summary")
-    if stops.requested and interrupted is None:
-        interrupted = StudyInterrupted("SIGTERM")
-    parent.terminate("KILLED" if interrupted else "FINISHED")
-    refresh_statistics(spec.store)
-    if interrupted:
-        raise interrupted
-    if in_a_row["failed"] >= MAX_CONSECUTIVE_FAILURES:
-        raise TrialsKeepFailing(
-            f"study '{spec.study_name}': {in_a_row['failed']} trials in a row failed, so this worker stopped "
-            f"(last: {failures[-1]}). Finished trials are kept; fix the cause and re-run to resume")
-    front = pareto_front(study, objective) if counts["COMPLETE"] else []
-    best = front[0] if front else None
-    return StudyOutcome(
-        study_name=spec.study_name, experiment=spec.experiment, experiment_id=experiment_id,
-        parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
-        n_failed=counts["FAIL"], best_trial=best.number if best else None, best_value=best.values[0] if best else None,
-        best_run_id=best.user_attrs.get(MLFLOW_RUN_ATTR) if best else None, tracking_uri=spec.store.tracking_uri,
-        optuna_storage=spec.store.optuna_storage, ran_now=to_run, metric=objective.metric,
-        direction=objective.direction, failures=failures,
-        pareto=[ParetoPoint(t.number, t.user_attrs.get(MLFLOW_RUN_ATTR, ""), dict(zip(objective.metrics, t.values)))
-                for t in front] if objective.is_multi else [],
-    )
+            super().record_heartbeat(trial_id)
+        except Exception as err:
+            if not is_transient(err):
+                raise
 
 
 def pareto_front(study: optuna.Study, objective: Objective) -> list[optuna.trial.FrozenTrial]:
