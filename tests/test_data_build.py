@@ -3,6 +3,7 @@
 import json
 
 import h5py
+import imageio_ffmpeg
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -10,8 +11,8 @@ from PIL import Image
 
 from bnet.cli.main import cli
 from bnet.data import open_session
-from bnet.data.build import FrameGeometry, neural_per_frame, resampled
-from bnet.data.pose import read_pose
+from bnet.data.build import TOLERATED_EXTRA_FRAMES, FrameGeometry, neural_per_frame, resampled
+from bnet.data.pose import flat_labels, read_pose
 from bnet.errors import DataError
 from conftest import SHARED
 from test_cli_bad_input import assert_clean_failure
@@ -21,12 +22,37 @@ MOUSE_VIDEO = MOUSE / "videos" / "test_vid.mp4"
 FLIES = SHARED / "data" / "sleap_flies"
 FLY_VIDEO = FLIES / "20190128_113421.120s.mp4"
 needs_data = pytest.mark.skipif(not (MOUSE_VIDEO.is_file() and FLY_VIDEO.is_file()), reason="../shared/data is absent")
+VAME = SHARED / "data" / "vame_openfield"
+VAME_VIDEO, VAME_LABELS = VAME / "cropped_video.mp4", VAME / "cropped_video.csv"
+needs_vame = pytest.mark.skipif(not (VAME_VIDEO.is_file() and VAME_LABELS.is_file()),
+                                reason="../shared/data/vame_openfield is absent")
 
 
 def invoke(*args, code=0):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == code, result.output + repr(result.exception)
     return result
+
+
+def write_video(path, n_frames: int, size: int = 32, fps: int = 25):
+    """A small gray h264 video that ffmpeg decodes to exactly ``n_frames`` frames."""
+    writer = imageio_ffmpeg.write_frames(str(path), (size, size), pix_fmt_in="gray", fps=fps, macro_block_size=16)
+    writer.send(None)
+    for k in range(n_frames):
+        writer.send(np.full((size, size), 4 * k % 256, np.uint8).tobytes())
+    writer.close()
+    return path
+
+
+def write_label_table(path, n_rows: int):
+    """A plain label table whose row k puts one keypoint at (k / 4, k / 8): rows tell their frame."""
+    path.write_text("nose_x,nose_y\n" + "".join(f"{k / 4},{k / 8}\n" for k in range(n_rows)))
+    return path
+
+
+def trial_rows(path, group: str) -> np.ndarray:
+    with h5py.File(path) as f:
+        return np.concatenate([f[group][name][()] for name in sorted(f[group])])
 
 
 # ---------------------------------------------------------------- geometry
@@ -248,3 +274,96 @@ def test_frames_centred_on_a_keypoint_follow_the_animal(tmp_path):
                                       str(FLIES / "predictions.analysis.h5"), "--centre-on", "thorax", "--window",
                                       "64", "--out", str(tmp_path / "x.hdf5")])
     assert_clean_failure(result, "no keypoint 'thorax' to centre on", "track0_thorax")
+
+
+# ---------------------------------------------------------------- tables longer or shorter than the video
+
+
+@needs_vame
+@pytest.mark.parametrize("max_frames, n_trials, n_trimmed", [(None, 14, 1), (749, 14, 0), (200, 4, 0)])
+def test_the_vame_sample_builds_its_extra_label_row_dropped_and_said(tmp_path, max_frames, n_trials, n_trimmed):
+    """VAME's DeepLabCut table has 750 rows for 749 decoded frames: the build drops the last row,
+    says so and records it; --max-frames takes as many label rows as frames."""
+    out = tmp_path / "vame.hdf5"
+    limit = [] if max_frames is None else ["--max-frames", max_frames]
+    output = invoke("data", "build", "--video", VAME_VIDEO, "--labels", VAME_LABELS, "--out", out, "--y-pixels", 32,
+                    "--x-pixels", 32, "--trial-length", 50, *limit).output
+    note = (f"note: {VAME_LABELS} has 750 labelled frames but {VAME_VIDEO} has 749 frames: its last row, past the "
+            f"video's end, was dropped (--trim-extra-frames allows {TOLERATED_EXTRA_FRAMES}; recorded in the file as "
+            f"labels_rows_trimmed = 1)")
+    assert (note in output) == bool(n_trimmed), output
+    session = open_session(out, require=("labels", "labels_masks"))
+    assert session.n_trials == n_trials and session.n_labels == 12
+    with h5py.File(out) as f:
+        assert (f.attrs["labels_rows_in_file"], f.attrs["labels_rows_trimmed"]) == (750, n_trimmed)
+    labels, masks = trial_rows(out, "labels"), trial_rows(out, "labels_masks")
+    assert len(labels) == len(masks) == len(trial_rows(out, "images")) == n_trials * 50
+    # row k of the table labels frame k, from the first frame on
+    pose = read_pose(VAME_LABELS)
+    expected = flat_labels(FrameGeometry.plan((1064, 1070), (32, 32)).points(pose.xy[: len(labels)]))
+    assert np.array_equal(masks > 0, np.isfinite(expected))
+    assert np.allclose(labels[masks > 0], expected[masks > 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("n_rows, trim, fragments", [
+    # duration x frame rate already tells 65 rows from 60 frames, before the decode
+    (65, [], ["labels.csv has 65 labelled frames but", "video.mp4 has about 60 frames", "--trim-extra-frames N"]),
+    # one row over is within the estimate's slack: the exact count after the decode refuses it
+    (61, ["--trim-extra-frames", 0], ["labels.csv has 61 labelled frames but", "video.mp4 has 60 frames",
+                                      "more than --trim-extra-frames allows (0)", "--trim-extra-frames 1 drops them"]),
+])
+def test_a_label_table_longer_than_the_video_is_refused_unless_trimming_is_asked_for(tmp_path, n_rows, trim,
+                                                                                       fragments):
+    assert f"[default: {TOLERATED_EXTRA_FRAMES}," in " ".join(invoke("data", "build", "--help").output.split())
+    video, table = write_video(tmp_path / "video.mp4", 60), write_label_table(tmp_path / "labels.csv", n_rows)
+    out = tmp_path / "out.hdf5"
+    args = ["data", "build", "--video", video, "--labels", table, "--out", out, "--y-pixels", 32, "--x-pixels", 32,
+            "--trial-length", 20]
+    assert_clean_failure(CliRunner().invoke(cli, [str(a) for a in args + trim]), *fragments)
+    assert not out.exists() and not list(tmp_path.glob(".out.hdf5.partial*"))
+    n_extra = n_rows - 60
+    output = invoke(*args, "--trim-extra-frames", n_extra).output
+    dropped = "row, past the video's end, was" if n_extra == 1 else f"{n_extra} rows, past the video's end, were"
+    assert (f"note: {table} has {n_rows} labelled frames but {video} has 60 frames: its last {dropped} dropped "
+            f"(--trim-extra-frames allows {n_extra}; recorded in the file as labels_rows_trimmed = {n_extra})") in output
+    with h5py.File(out) as f:
+        assert (f.attrs["labels_rows_in_file"], f.attrs["labels_rows_trimmed"]) == (n_rows, n_extra)
+    labels = trial_rows(out, "labels")
+    assert np.allclose(labels, np.arange(60)[:, None] / [4, 8])  # frame k keeps row k (the 32 px frame is not scaled)
+
+
+@pytest.mark.parametrize("n_rows, fragments", [
+    (59, ["labels.csv has 59 labelled frames but", "video.mp4 has 60 frames", "the video's last frame has no labels",
+          "--max-frames 59 builds from the labelled frames only"]),
+    (50, ["labels.csv has 50 labelled frames but", "video.mp4 has about 60 frames"]),
+])
+def test_a_label_table_shorter_than_the_video_stays_an_error(tmp_path, n_rows, fragments):
+    video, table = write_video(tmp_path / "video.mp4", 60), write_label_table(tmp_path / "labels.csv", n_rows)
+    out = tmp_path / "out.hdf5"
+    # trimming is for rows past the video's end: it never pads a short table
+    result = CliRunner().invoke(cli, ["data", "build", "--video", str(video), "--labels", str(table), "--out", str(out),
+                                      "--trial-length", "20", "--trim-extra-frames", "20"])
+    assert_clean_failure(result, *fragments)
+    assert not out.exists() and not list(tmp_path.glob(".out.hdf5.partial*"))
+
+
+def test_neural_rows_past_the_video_are_dropped_and_said_and_max_frames_takes_the_rows_of_its_frames(tmp_path):
+    video = write_video(tmp_path / "video.mp4", 60)
+    counts = np.random.default_rng(1).poisson(2.0, (65, 3))
+    np.save(tmp_path / "spikes.npy", counts[:61])
+    args = ["data", "build", "--video", video, "--neural", tmp_path / "spikes.npy", "--y-pixels", 16, "--x-pixels",
+            16, "--trial-length", 20]
+    output = invoke(*args, "--out", tmp_path / "one.hdf5").output
+    assert "spikes.npy has 61 rows (2.440 s at 25 Hz) but" in output
+    assert "its last row, past the video's end, was dropped" in output and "neural_rows_trimmed = 1" in output
+    with h5py.File(tmp_path / "one.hdf5") as f:
+        assert (f.attrs["neural_rows_in_file"], f.attrs["neural_rows_trimmed"]) == (61, 1)
+    assert np.array_equal(trial_rows(tmp_path / "one.hdf5", "neural"), counts[:60])
+    # the first 40 frames take the first 40 rows
+    output = invoke(*args, "--max-frames", 40, "--out", tmp_path / "forty.hdf5").output
+    assert "note:" not in output
+    assert np.array_equal(trial_rows(tmp_path / "forty.hdf5", "neural"), counts[:40])
+    np.save(tmp_path / "spikes.npy", counts)
+    result = CliRunner().invoke(cli, [str(a) for a in args + ["--out", tmp_path / "five.hdf5"]])
+    assert_clean_failure(result, "spikes.npy has 65 rows", "video.mp4 has 60 frames", "--trim-extra-frames 5 drops them")
+    assert not (tmp_path / "five.hdf5").exists()

@@ -117,7 +117,14 @@ def _crop(ctx, param, value):
 @click.option("--centre-on", default=None, help="A keypoint of the labels (e.g. track0_thorax): each frame is a "
               "square --window around it, labels moved with it (for freely moving animals).")
 @click.option("--window", type=int, default=None, help="The side of that square, in source pixels.")
-@click.option("--max-frames", type=int, default=None, help="Build from the first N source frames only.")
+@click.option("--max-frames", type=int, default=None, help="Build from the first N source frames only (and the "
+              "first N label rows, and the neural rows of those frames).")
+# None leaves BuildConfig's default, bnet.data.build.TOLERATED_EXTRA_FRAMES (imported there, not here,
+# so that `bnet --help` does not load the data stack; a test holds the help's number to it)
+@click.option("--trim-extra-frames", type=int, default=None, metavar="N",
+              help="Label and neural rows that run on past the video's last frame by at most N frames are "
+                   "dropped, said so and recorded in the file (labels_rows_trimmed, neural_rows_trimmed); more "
+                   "is an error [default: 2, a tracker's and ffmpeg's routine disagreement; 0 refuses any].")
 @click.option("--fit", type=click.Choice(["pad", "crop", "stretch"]), default="pad", show_default=True,
               help="Keep the aspect by padding or by cropping, or stretch.")
 @click.option("--color", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True)
@@ -125,7 +132,7 @@ def _crop(ctx, param, value):
 @click.option("--fps", type=float, default=None, help="Resample to this frame rate [default: the video's].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def build(videos, labels, label_format, min_likelihood, keypoints, neural, neural_key, neural_fps, out, y_pixels, x_pixels,
-          crop, centre_on, window, max_frames, fit, color, trial_length, fps, overwrite):
+          crop, centre_on, window, max_frames, trim_extra_frames, fit, color, trial_length, fps, overwrite):
     """Build a session HDF5 from videos, pose labels and neural data (streamed)."""
     from pathlib import Path
 
@@ -137,7 +144,8 @@ def build(videos, labels, label_format, min_likelihood, keypoints, neural, neura
                          neural=Path(neural) if neural else None, neural_key=neural_key, neural_fps=neural_fps,
                          y_pixels=y_pixels, x_pixels=x_pixels, crop=crop, centre_on=centre_on, window=window,
                          max_frames=max_frames, fit=fit, color=color,
-                         trial_length=trial_length, fps=fps, overwrite=overwrite)
+                         trial_length=trial_length, fps=fps, overwrite=overwrite,
+                         **({} if trim_extra_frames is None else {"trim_extra_frames": trim_extra_frames}))
     summary = build_session(config, echo=click.echo)
     c, y, x = summary.frame_shape
     click.echo(f"wrote {summary.path}: {summary.n_trials} trials x {summary.trial_length} frames of {c}x{y}x{x}"

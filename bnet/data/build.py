@@ -27,6 +27,14 @@ from bnet.progress import Progress
 
 FIT_MODES = ("pad", "crop", "stretch")
 
+TOLERATED_EXTRA_FRAMES = 2
+"""Trailing label (or neural) rows past the video's last decoded frame that a build drops by
+itself, saying so and recording it in the file. A pose tracker and ffmpeg often disagree by a
+frame or two about where a video ends (the tracker's reader counts a last frame that ffmpeg
+does not decode), so such an overrun is routine, not a sign of the wrong file; a longer one
+is refused unless ``--trim-extra-frames`` allows it, and a table shorter than the video is
+always refused: the rows are matched to frames from the first, so neither hides a shift."""
+
 
 @dataclass
 class BuildConfig:
@@ -59,7 +67,11 @@ class BuildConfig:
         trial_length: frames per trial (a last partial trial is dropped, and said so).
         fps: resample to this frame rate (nearest frame; neural counts summed per frame,
             other neural signals averaged); None keeps the video's.
-        max_frames: build from the first this many source frames only.
+        max_frames: build from the first this many source frames only (and as many label and
+            neural rows).
+        trim_extra_frames: label and neural rows that run on past the video's last frame by at
+            most this many frames are dropped (said, and recorded in the file's attributes
+            ``labels_rows_trimmed`` and ``neural_rows_trimmed``); more is an error.
         overwrite: replace an existing output.
     """
 
@@ -78,6 +90,7 @@ class BuildConfig:
     centre_on: str | None = None
     window: int | None = None
     max_frames: int | None = None
+    trim_extra_frames: int = TOLERATED_EXTRA_FRAMES
     fit: str = "pad"
     color: str = "gray"
     trial_length: int = 100
@@ -104,6 +117,8 @@ class BuildConfig:
             raise ConfigError("--centre-on needs --labels and a --window of at least 2 px, and replaces --crop")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"--max-frames must be at least 1, got {self.max_frames}")
+        if self.trim_extra_frames < 0:
+            raise ConfigError(f"--trim-extra-frames must be at least 0, got {self.trim_extra_frames}")
         if not self.videos and self.labels is None:
             raise ConfigError("nothing to build: give --video (one per view), or --labels naming labelled stills")
 
@@ -178,6 +193,8 @@ class BuildSummary:
     n_labels: int
     n_neurons: int
     seconds: float
+    rows_trimmed: dict[str, int] = field(default_factory=dict)
+    """Trailing rows dropped as past the video's end, per source (``labels``, ``neural``)."""
 
 
 # ---------------------------------------------------------------- sources
@@ -332,6 +349,9 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
     if out.exists() and not config.overwrite:
         raise DataError(f"{out}: exists (pass --overwrite to replace it)")
     pose = read_pose(config.labels, config.label_format, config.min_likelihood) if config.labels else None
+    label_rows_in_file = 0 if pose is None else pose.n_frames
+    if pose is not None and config.max_frames is not None:
+        pose = pose.first(config.max_frames)
     videos = [Path(v) for v in config.videos]
     if videos:
         metas = [video_metadata(v) for v in videos]
@@ -372,6 +392,9 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
         pose = pose.select(config.keypoints, str(config.labels))
     geometry = FrameGeometry.plan(source_size, (config.x_pixels, config.y_pixels), config.crop, config.fit)
     neural = read_neural(Path(config.neural), config.neural_key) if config.neural else None
+    neural_rows_in_file = 0 if neural is None else len(neural)
+    if neural is not None and config.max_frames is not None:
+        neural = neural[: neural_rows_covering(config.max_frames, config.neural_fps or source_fps, source_fps)]
     out_fps = config.fps or source_fps
     if estimate is not None and config.max_frames is not None:
         estimate = min(estimate, config.max_frames)
@@ -379,10 +402,19 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
     if expected is not None and config.trial_length > expected * 1.05 + 1:
         raise DataError(f"--trial-length {config.trial_length} is longer than {where} (about {expected} frames"
                         f"{f' at {out_fps:g} fps' if out_fps else ''})")
-    if pose is not None and estimate is not None and videos and config.max_frames is None \
-            and abs(pose.n_frames - estimate) > max(2, estimate // 100):
-        raise DataError(f"{config.labels} has {pose.n_frames} labelled frames but {where} has about {estimate} "
-                        f"frames (its duration x frame rate)")
+    if pose is not None and estimate is not None and videos:
+        # duration x frame rate only estimates the frames: this catches the wrong file before the
+        # decode, and the exact count after the decode decides
+        slack = max(2, estimate // 100)
+        label_rows = (f"{pose.n_frames} labelled frames"
+                      f"{_of_the_file(pose.n_frames, label_rows_in_file, config.max_frames, ' (', ')')}")
+        if pose.n_frames < estimate - slack:
+            raise DataError(f"{config.labels} has {label_rows} but {where} has about {estimate} frames "
+                            f"(its duration x frame rate)")
+        if pose.n_frames > estimate + slack + config.trim_extra_frames:
+            raise DataError(f"{config.labels} has {label_rows} but {where} has about {estimate} frames "
+                            f"(its duration x frame rate); if the table starts at the video's first frame and "
+                            f"runs on past its end, --trim-extra-frames N drops its last N rows")
     labels = None
     if pose is not None:
         labels = flat_labels(geometry.points(pose.xy if origins is None else pose.xy - origins[:, None, :]))
@@ -390,41 +422,118 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     progress = Progress(expected, f"  {out.name}: frames written", echo, unit="frame")
+    notes, trimmed = [], {}
     try:
         with h5py.File(partial, "w") as f:
-            result = _write(f, config, geometry, origins, views, videos, labels, neural, source_fps, out_fps,
-                            progress)
+            n_source, n_out = _write(f, config, geometry, origins, views, videos, labels, source_fps, out_fps,
+                                     progress)
+            if labels is not None:
+                counts = (f"{config.labels} has {len(labels)} labelled frames"
+                          f"{_of_the_file(len(labels), label_rows_in_file, config.max_frames, ' (', ')')} "
+                          f"but {where} has {n_source} frames")
+                trimmed["labels"] = _label_rows_past_the_end(config, counts, len(labels), n_source)
+                if trimmed["labels"]:
+                    notes.append(_trim_note(counts, trimmed["labels"], config.trim_extra_frames, "labels"))
+            if neural is not None:
+                neural_fps = config.neural_fps or source_fps
+                counts = (f"{config.neural} has {len(neural)} rows ({len(neural) / neural_fps:.3f} s at "
+                          f"{neural_fps:g} Hz{_of_the_file(len(neural), neural_rows_in_file, config.max_frames)}) "
+                          f"but {where} has {n_source} frames ({n_source / source_fps:.3f} s)")
+                trimmed["neural"] = _neural_rows_past_the_end(config, counts, len(neural), n_source, neural_fps,
+                                                              source_fps)
+                if trimmed["neural"]:
+                    neural = neural[: len(neural) - trimmed["neural"]]
+                    notes.append(_trim_note(counts, trimmed["neural"], config.trim_extra_frames, "neural"))
+                _write_neural(f, neural_per_frame(neural, neural_fps, out_fps or neural_fps, n_out),
+                              config.trial_length)
             f.attrs.update({
                 "frame_rate": out_fps or 0.0, "source_frame_rate": source_fps or 0.0,
                 "sources": json.dumps([str(v) for v in videos] or [str(config.labels)]),
                 "labels_source": str(config.labels or ""), "neural_source": str(config.neural or ""),
                 "label_names": json.dumps(pose.flat_names() if pose else []),
                 "geometry": json.dumps(asdict(geometry)),
+                "labels_rows_in_file": label_rows_in_file, "labels_rows_trimmed": trimmed.get("labels", 0),
+                "neural_rows_in_file": neural_rows_in_file, "neural_rows_trimmed": trimmed.get("neural", 0),
             })
         os.replace(partial, out)
     finally:
         progress.close()
         partial.unlink(missing_ok=True)
-    n_source, n_out = result
+    for note in notes:
+        echo(note)
     n_trials = n_out // config.trial_length
     config_path = write_data_config(out, config, result_channels(config, videos),
                                     None if neural is None else is_counts(neural))
     return BuildSummary(out, config_path, n_trials, config.trial_length, n_source, n_out - n_trials * config.trial_length,
                         (result_channels(config, videos), config.y_pixels, config.x_pixels), out_fps,
                         0 if labels is None else labels.shape[1], 0 if neural is None else neural.shape[1],
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, trimmed)
+
+
+def neural_rows_covering(n_frames: int, neural_fps: float, source_fps: float) -> int:
+    """The neural rows that start before the end of the first ``n_frames`` video frames."""
+    return math.ceil(n_frames * neural_fps / source_fps - 1e-9)
+
+
+def _of_the_file(n_used: int, n_in_file: int, max_frames: int | None, before: str = "; ", after: str = "") -> str:
+    """Where ``--max-frames`` kept the first rows of a file only, which they are (else nothing)."""
+    if n_used == n_in_file:
+        return ""
+    return f"{before}its first {n_used} of {n_in_file}, for --max-frames {max_frames}{after}"
+
+
+def _label_rows_past_the_end(config: BuildConfig, counts: str, n_rows: int, n_frames: int) -> int:
+    """The label rows past the video's last frame, to drop (``counts`` says both counts): at
+    most ``--trim-extra-frames`` of them; fewer rows than frames is an error."""
+    n_extra = n_rows - n_frames
+    if n_extra < 0:
+        unlabelled = "frame has" if n_extra == -1 else f"{-n_extra} frames have"
+        raise DataError(f"{counts}: the video's last {unlabelled} no labels; if the table starts at the video's "
+                        f"first frame, --max-frames {n_rows} builds from the labelled frames only")
+    if n_extra > config.trim_extra_frames:
+        raise DataError(f"{counts}: the table's last {_rows(n_extra)} past the video's end, more than "
+                        f"--trim-extra-frames allows ({config.trim_extra_frames}); if the table starts at the "
+                        f"video's first frame, --trim-extra-frames {n_extra} drops them")
+    return n_extra
+
+
+def _neural_rows_past_the_end(config: BuildConfig, counts: str, n_rows: int, n_frames: int, neural_fps: float,
+                              source_fps: float) -> int:
+    """The neural rows wholly past the video's last frame, to drop: as many as
+    ``--trim-extra-frames`` frames hold. A recording may end within one of its samples of the
+    video's end (where its sampling and the frames' fall)."""
+    needed = n_frames * neural_fps / source_fps
+    if n_rows < needed - 1 - 1e-9:
+        raise DataError(counts)
+    n_extra = n_rows - neural_rows_covering(n_frames, neural_fps, source_fps)
+    extra_frames = math.ceil(n_extra * source_fps / neural_fps - 1e-9)
+    if extra_frames > config.trim_extra_frames:
+        raise DataError(f"{counts}: the recording's last {_rows(n_extra)} past the video's end ({extra_frames} "
+                        f"frames), more than --trim-extra-frames allows ({config.trim_extra_frames}); if the "
+                        f"recording starts at the video's first frame, --trim-extra-frames {extra_frames} drops them")
+    return max(0, n_extra)
+
+
+def _rows(n: int) -> str:
+    """``"row is"`` or ``"5 rows are"``: the subject of "... past the video's end"."""
+    return "row is" if n == 1 else f"{n} rows are"
+
+
+def _trim_note(counts: str, n_dropped: int, allowed: int, group: str) -> str:
+    dropped = "row, past the video's end, was" if n_dropped == 1 else f"{n_dropped} rows, past the video's end, were"
+    return (f"note: {counts}: its last {dropped} dropped (--trim-extra-frames allows {allowed}; recorded in the "
+            f"file as {group}_rows_trimmed = {n_dropped})")
 
 
 def result_channels(config: BuildConfig, videos: list[Path]) -> int:
     return max(1, len(videos)) * (1 if config.color == "gray" else 3)
 
 
-def _write(f, config, geometry, origins, views, videos, labels, neural, source_fps, out_fps, progress):
+def _write(f, config, geometry, origins, views, videos, labels, source_fps, out_fps, progress) -> tuple[int, int]:
+    """Images (and labels) trial by trial; -> (source frames decoded, frames written)."""
     groups = {"images": f.create_group("images")}
     if labels is not None:
         groups["labels"], groups["labels_masks"] = f.create_group("labels"), f.create_group("labels_masks")
-    if neural is not None:
-        groups["neural"] = f.create_group("neural")
     length = config.trial_length
     images, indices = [], []
     n_out = 0
@@ -440,24 +549,17 @@ def _write(f, config, geometry, origins, views, videos, labels, neural, source_f
             _flush(groups, n_out // length - 1, images, indices, labels)
             progress.update(length)
             images, indices = [], []
-    n_source = source.count
-    where = str(videos[0]) if videos else str(config.labels)
-    if labels is not None and (len(labels) < n_source or len(labels) > n_source and not source.stopped):
-        raise DataError(f"{config.labels} has {len(labels)} labelled frames but {where} has {n_source} frames")
     if n_out < length:
+        where = str(videos[0]) if videos else str(config.labels)
         raise DataError(f"--trial-length {length} is longer than {where} ({n_out} frames"
                         f"{f' at {out_fps:g} fps' if out_fps else ''})")
-    if neural is not None:
-        neural_fps = config.neural_fps or source_fps
-        covered = len(neural) / neural_fps
-        duration = n_source / (source_fps or neural_fps)
-        if abs(covered - duration) > 1.0 / neural_fps + 1e-9:
-            raise DataError(f"{config.neural} has {len(neural)} rows ({covered:.3f} s at {neural_fps:g} Hz) but "
-                            f"{where} has {n_source} frames ({duration:.3f} s)")
-        per_frame = neural_per_frame(neural, neural_fps, out_fps or neural_fps, n_out)
-        for t in range(n_out // length):
-            groups["neural"].create_dataset(trial_name(t), data=per_frame[t * length : (t + 1) * length])
-    return n_source, n_out
+    return source.count, n_out
+
+
+def _write_neural(f, per_frame: np.ndarray, length: int) -> None:
+    group = f.create_group("neural")
+    for t in range(len(per_frame) // length):
+        group.create_dataset(trial_name(t), data=per_frame[t * length : (t + 1) * length])
 
 
 def _zip_views(views, videos) -> Iterator[tuple]:
@@ -483,12 +585,11 @@ class Counted:
     """Source frames, counted (resampled or not), up to ``limit``."""
 
     def __init__(self, items: Iterator, limit: int | None = None):
-        self.items, self.limit, self.count, self.stopped = items, limit, 0, False
+        self.items, self.limit, self.count = items, limit, 0
 
     def __iter__(self):
         for item in self.items:
             if self.limit is not None and self.count == self.limit:
-                self.stopped = True
                 return
             self.count += 1
             yield item

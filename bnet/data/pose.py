@@ -46,6 +46,10 @@ class Pose:
             raise DataError(f"{source}: no keypoint(s) {', '.join(missing)} (has {', '.join(self.names)})")
         return Pose(self.xy[:, [self.names.index(n) for n in names]], list(names), self.images)
 
+    def first(self, n_frames: int) -> "Pose":
+        """Only the first ``n_frames`` rows (all of them where there are fewer)."""
+        return Pose(self.xy[:n_frames], self.names, None if self.images is None else self.images[:n_frames])
+
     def flat_names(self) -> list[str]:
         return [f"{n}_x" for n in self.names] + [f"{n}_y" for n in self.names]
 
