@@ -39,7 +39,11 @@ def ui(store, tracking_uri, port):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on; anything but 127.0.0.1 makes the server reachable from other machines.")
 @click.option("--port", default=5000, show_default=True)
-def server(store, backend_store_uri, artifacts_destination, storage, host, port):
+@click.option("--allowed-host", "more_allowed_hosts", multiple=True, metavar="HOST",
+              help="Another name workers reach the server by (a DNS alias, a proxy's HOST:PORT, a pattern like "
+                   "*.lab.example; repeatable). Localhost, private addresses and this machine's hostname, "
+                   "full domain name and IP addresses are allowed already.")
+def server(store, backend_store_uri, artifacts_destination, storage, host, port, more_allowed_hosts):
     """Start an MLflow tracking server for workers on many machines, and print the URIs
     they need (Ctrl-C or SIGTERM stops it)."""
     from pathlib import Path
@@ -57,8 +61,17 @@ def server(store, backend_store_uri, artifacts_destination, storage, host, port)
     if resolved.optuna_storage.startswith("sqlite"):
         click.echo("  (a SQLite Optuna storage serves one process; give workers on several machines a "
                    "PostgreSQL --storage)")
-    extra = [] if host == "127.0.0.1" else ["--allowed-hosts", f"{address}:{port},{address},localhost:{port},"
-                                                               f"127.0.0.1:{port}"]
+    extra = []
+    if host != "127.0.0.1" or more_allowed_hosts:
+        # mlflow's --allowed-hosts replaces its defaults (localhost and the private ranges),
+        # and workers on a cluster name the server by IP or full domain name: keep both
+        names = machine_names()
+        from_env = os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS", "")  # our option would silently override it
+        extra = ["--allowed-hosts", ",".join(allowed_hosts(port, names, [*more_allowed_hosts, from_env]))]
+        shown = [name for name in [*names, *more_allowed_hosts] if name not in ("localhost", "::1")
+                 and not name.startswith("127.")]
+        click.echo(f"it answers workers that name it localhost, a private address or {', '.join(shown)} "
+                   f"(more with --allowed-host NAME)")
     serve_mlflow(resolved.tracking_uri, artifacts, host, port, extra)
 
 
@@ -66,6 +79,78 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def machine_names() -> list[str]:
+    """This machine's hostname, full domain name and IP addresses: the names a worker on
+    another machine may put in its requests' Host header."""
+    import socket
+
+    names = [socket.gethostname(), socket.getfqdn()]
+    for name in dict.fromkeys(names):
+        try:
+            names += [info[4][0] for info in socket.getaddrinfo(name, None)]
+        except OSError:  # a hostname its own machine cannot resolve
+            pass
+    # the hostname often resolves to 127.0.1.1 alone while workers use the cluster network's address
+    names += _interface_addresses()
+    # link-local IPv6 addresses (fe80::1%eth0) need a zone no Host header carries
+    return list(dict.fromkeys(name for name in names if name and "%" not in name))
+
+
+def _interface_addresses() -> list[str]:
+    """The IP addresses of this machine's network interfaces, as Linux lists them (none elsewhere)."""
+    import ipaddress
+    import socket
+    import struct
+
+    addresses = []
+    try:
+        import fcntl
+
+        for _, interface in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                try:
+                    request = struct.pack("256s", interface.encode()[:15])
+                    answer = fcntl.ioctl(probe.fileno(), 0x8915, request)  # SIOCGIFADDR
+                except OSError:  # an interface without an IPv4 address
+                    continue
+                addresses.append(socket.inet_ntoa(answer[20:24]))
+    except (ImportError, OSError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for line in table:
+                hex_address, _, _, scope = line.split()[:4]
+                if int(scope, 16) != 0x20:  # not link-local
+                    addresses.append(str(ipaddress.IPv6Address(bytes.fromhex(hex_address))))
+    except (OSError, ValueError):
+        pass
+    return addresses
+
+
+def allowed_hosts(port: int, names, extra=()) -> list[str]:
+    """The Host headers the server answers: mlflow's defaults (localhost and private addresses,
+    any port), ``names`` with and without ``:port``, and ``extra`` (comma-separated allowed)."""
+    import ipaddress
+
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    def bracketed(host: str) -> str:  # a Host header writes an IPv6 address in brackets
+        try:
+            return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+        except ValueError:
+            return host
+
+    hosts = list(get_default_allowed_hosts())
+    for name in names:
+        hosts += [bracketed(name), f"{bracketed(name)}:{port}"]
+    for item in extra:
+        for host in filter(None, (part.strip() for part in item.split(","))):
+            host = bracketed(host)
+            has_port = host.rpartition(":")[2].isdigit() and not host.endswith("]") or host.endswith(":*")
+            hosts += [host] if has_port or host == "*" else [host, f"{host}:{port}"]
+    return list(dict.fromkeys(hosts))
 
 
 def serve_mlflow(backend_uri: str, artifacts, host: str, port: int, extra: list[str] = ()) -> None:

@@ -68,7 +68,10 @@ def run_workers(n_workers: int, words: list[str]) -> None:
     for thread in relays:
         thread.start()
 
+    signalled = []
+
     def pass_on(signum, frame):
+        signalled.append(signum)
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -81,9 +84,30 @@ def run_workers(n_workers: int, words: list[str]) -> None:
             signal.signal(sig, handler)
         for thread in relays:
             thread.join(timeout=5)
-    if any(codes):
+    outcome = workers_outcome(codes, bool(signalled))
+    if outcome == "interrupted":
+        raise KeyboardInterrupt  # bnet's exit 130, as one worker stopped the same way
+    if outcome == "failed":
         raise BnetError(f"workers exited with {codes}; finished trials are kept, re-run to resume")
     click.echo(f"{n_workers} workers finished")
+
+
+# how a worker ends when SIGTERM or Ctrl-C stops it: bnet's exit 130 once its trial is stopped,
+# or killed by the signal itself while it was still starting up
+STOPPED_CODES = {130, -signal.SIGTERM, -signal.SIGINT}
+
+
+def workers_outcome(codes: list[int], signalled: bool) -> str:
+    """"finished", "interrupted" (stopped by a signal: re-run to resume) or "failed", from the
+    workers' exit codes and whether bnet itself was signalled."""
+    unfinished = [code for code in codes if code != 0]
+    if not unfinished:
+        return "finished"
+    # a failure before the stop must not pass for an interruption; Slurm signals every process
+    # of a job, so workers stopped without bnet's own signal are interrupted all the same
+    if all(code in STOPPED_CODES for code in unfinished) and (signalled or 130 in unfinished):
+        return "interrupted"
+    return "failed"
 
 
 n_workers_option = click.option(
@@ -123,9 +147,76 @@ SCRIPT = """#!/bin/bash
 # {count} workers of one Optuna study; the database hands out the trials, so every array
 # task runs the same command. A preempted or timed-out task gets SIGTERM: its running
 # trial stops at the end of an epoch and is queued again for another worker.
+# The environment is inherited from the submitting shell (sbatch's default --export=ALL),
+# BNET_* variables included{names}; no value of theirs is written here.
 set -euo pipefail
-{environment}exec {command}
+{required}exec {command}
 """
+
+# The URL options that may hold a password, and the variable bnet also reads each URL from
+URL_OPTIONS = {"--storage": "BNET_OPTUNA_STORAGE", "--tracking-uri": "BNET_TRACKING_URI"}
+
+
+def _holds_password(url: str) -> bool:
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return parts.password is not None or "password" in {key.lower() for key in parse_qs(parts.query)}
+    except ValueError:  # not a URL (a path): nothing to hide
+        return False
+
+
+def script_command(words: list[str]) -> tuple[str, dict[str, str]]:
+    """The shell command line running ``bnet <words>``, each URL with a password replaced by a
+    reference to the variable in URL_OPTIONS; and those variables with the URLs they stand for."""
+    hidden, shown = {}, [shlex.join([sys.executable, "-m", "bnet"])]
+    index = 0
+    while index < len(words):
+        word = words[index]
+        option, equals, value = word.partition("=")
+        if equals and option in URL_OPTIONS and _holds_password(value):
+            hidden[URL_OPTIONS[option]] = value
+            shown.append(f'{option}="${URL_OPTIONS[option]}"')
+        elif word in URL_OPTIONS and index + 1 < len(words) and _holds_password(words[index + 1]):
+            hidden[URL_OPTIONS[word]] = words[index + 1]
+            shown += [word, f'"${URL_OPTIONS[word]}"']
+            index += 1
+        else:
+            shown.append(shlex.quote(word))
+        index += 1
+    return " ".join(shown), hidden
+
+
+def sbatch_lines(sbatch_opts: str) -> list[str]:
+    """``--sbatch-opts`` as the options of #SBATCH lines, one each: a word that is no option is
+    the value of the option before it (``--time 12:00:00`` -> ``--time=12:00:00``, ``-p gpu``)."""
+    import re
+
+    from bnet.errors import ConfigError
+
+    try:
+        words = shlex.split(sbatch_opts)
+    except ValueError as err:
+        raise ConfigError(f"--sbatch-opts {sbatch_opts!r}: {err}") from None
+    options: list[list[str]] = []  # [option] or [option, value]
+    for word in words:
+        if word.startswith("-") and not re.fullmatch(r"-\d+", word):  # --nice -5: a negative value
+            option, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
+            options.append([option, value] if equals else [option])
+        # --time=12:00:00 and -N2 have their value already
+        elif options and len(options[-1]) == 1 and (options[-1][0].startswith("--") or len(options[-1][0]) == 2):
+            options[-1].append(word)
+        else:
+            raise ConfigError(f"--sbatch-opts {sbatch_opts!r}: {word!r} follows no option that takes a value")
+    lines = []
+    for option, *value in options:
+        if value and (not value[0] or re.search(r"[\s\"'\\]", value[0])):
+            # sbatch reads #SBATCH lines with quotes and backslash escapes, like a shell
+            value = ['"' + value[0].replace("\\", "\\\\").replace('"', '\\"') + '"']
+        lines.append(option if not value else f"{option}={value[0]}" if option.startswith("--")
+                     else f"{option} {value[0]}")
+    return lines
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
@@ -154,12 +245,22 @@ def slurm(count, sbatch_opts, script, submit, dry_run, log, command):
         click.echo(f"note: the MLflow store {storage.tracking_uri} must be on a filesystem every node shares; "
                    f"an mlflow server (bnet server) is the robust choice", err=True)
     name = "bnet-" + (options.get("study") or options.get("experiment") or "-".join(words[:2]))
+    # a script is read by others and kept in job records: a password stays in the environment
+    command_text, hidden = script_command(words)
+    inherited = sorted({*(k for k in os.environ if k.startswith("BNET_")), *hidden})
     text = SCRIPT.format(
         name=name, last=count - 1, count=count, log=log,
-        options="\n".join(f"#SBATCH {option}" for option in shlex.split(sbatch_opts)),
-        environment="".join(f"export {k}={shlex.quote(v)}\n" for k, v in os.environ.items()
-                            if k.startswith("BNET_")),
-        command=shlex.join([sys.executable, "-m", "bnet", *words]))
+        options="\n".join(f"#SBATCH {option}" for option in sbatch_lines(sbatch_opts)),
+        names=f" ({', '.join(inherited)})" if inherited else "",
+        required="".join(f': "${{{variable}:?export {variable} (the {option} URL) before sbatch}}"\n'
+                         for option, variable in URL_OPTIONS.items() if variable in hidden),
+        command=command_text)
+    for option, variable in URL_OPTIONS.items():
+        if variable in hidden:
+            where = ("bnet gives it to sbatch" if submit and not dry_run else
+                     f"export {variable}='<that URL>' in the shell that runs sbatch")
+            click.echo(f"note: the {option} URL holds a password, so the script reads it from ${variable}: "
+                       f"{where}", err=True)
     if script:
         Path(script).write_text(text)
         click.echo(f"wrote {script}")
@@ -170,7 +271,7 @@ def slurm(count, sbatch_opts, script, submit, dry_run, log, command):
             raise ConfigError("sbatch is not on this machine: use --dry-run (or --script FILE) and submit it on a "
                               "login node")
         target = script or _temporary(text)
-        result = subprocess.run(["sbatch", target], capture_output=True, text=True)
+        result = subprocess.run(["sbatch", target], capture_output=True, text=True, env={**os.environ, **hidden})
         if result.returncode:
             raise ConfigError(f"sbatch refused {target}: {result.stderr.strip()}")
         click.echo(result.stdout.strip())
