@@ -34,7 +34,14 @@ class PostgreSQL(str):
     def __new__(cls, server):
         self = super().__new__(cls, server.url)
         self.restart, self.create = server.restart, server.create_database
+        self._server = server
         return self
+
+    def outage(self, seconds: float) -> None:
+        """The server stopped for ``seconds`` (a restart that takes a while)."""
+        self._server.stop()
+        time.sleep(seconds)
+        self._server.start()
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +206,42 @@ def test_mlflow_server_with_a_postgresql_backend_serves_workers_over_http(postgr
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=60)[0]
     assert f"--tracking-uri http://127.0.0.1:{port} --storage {postgres}/optuna" in output
+
+
+OUTAGE_YAML = """
+experiment: outage
+model: {n_ae_latents: [2, 3]}
+training: {max_n_epochs: [3, 12], min_n_epochs: 12, learning_rate: 1.0e-3, batch_size: 16}
+tuning: {n_trials: 3, pruner: none, sampler: grid, seed: 0}
+"""
+
+
+def test_a_trial_longer_than_the_heartbeat_survives_a_database_outage(postgres, tmp_path):
+    """Optuna's heartbeat thread died on its first write to the stopped database; the other
+    worker then failed the trial still being fitted, and its own worker crashed on telling
+    it ("Cannot tell a FAIL trial"). Epochs here last longer than the shortened heartbeat,
+    and the outage longer than its grace period."""
+    import dataclasses
+
+    from bnet.data import synthesize
+    from conftest import TINY
+
+    session = synthesize(tmp_path / "outage.hdf5", dataclasses.replace(TINY, n_trials=30, y_pixels=32, x_pixels=32))
+    config = tmp_path / "outage.yaml"
+    config.write_text(OUTAGE_YAML)
+    database = (postgres.create("outage_optuna"), postgres.create("outage_mlflow"))
+    command = [sys.executable, "-m", "bnet", "tune", "ae", "--data", str(session), "--config", str(config),
+               "--storage", database[0], "--tracking-uri", database[1], "--store", str(tmp_path / "store"),
+               "--n-workers", "2"]
+    group = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, env={**os.environ, "BNET_HEARTBEAT_SECONDS": "1"})
+    _wait_for_running_trial(database, "outage")
+    postgres.outage(seconds=5)  # grace period: 3 heartbeats of 1 s
+    output = group.communicate(timeout=600)[0]
+    assert group.returncode == 0, output
+    assert "Traceback" not in output and "marked FAIL by another worker" not in output, output
+    study, finished, runs, client, experiment = finished_and_runs(database, "outage")
+    assert len(finished) == 3 and not [t for t in study.trials if t.state.name == "FAIL"], output
+    assert all(runs[t.user_attrs["mlflow_run_id"]].info.status == "FINISHED" for t in finished)
+    parents = client.search_runs([experiment.experiment_id], "tags.`bnet.role` = 'study'")
+    assert [p.info.status for p in parents] == ["FINISHED"]

@@ -81,8 +81,10 @@ def connect(store: Store):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    # "Creating initial MLflow database tables..." on every new store is noise in a CLI.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # "Creating initial MLflow database tables..." on every new store is noise in a CLI, and so
+    # is the traceback it logs for every call a database restart interrupts: bnet retries
+    # those calls (retry_transient) and reports whatever is not transient itself
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
     if store.artifact_root is not None or store.optuna_storage.startswith("sqlite:"):
