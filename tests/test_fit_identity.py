@@ -276,3 +276,76 @@ def test_a_parent_run_lock_held_by_a_live_worker_is_never_taken(tmp_path):
                                                                                       elsewhere)
     assert not recovery._lock_is_abandoned("s#bnet-parent-run", storage, waited=60.0)
     assert recovery._lock_is_abandoned("s#bnet-parent-run", storage, waited=recovery.LOCK_WAIT_SECONDS + 1)
+
+
+def test_two_workers_asking_at_once_create_exactly_one_parent_run(tmp_path):
+    """Both workers are held at a barrier and enter the parent-run creation together."""
+    import threading
+
+    (tmp_path / "store").mkdir(parents=True)
+    storage = resolve_store(tmp_path / "store").optuna_storage
+    optuna.create_study(study_name="race", storage=storage)
+    barrier, created, answers = threading.Barrier(2), [], []
+
+    def create():
+        created.append(threading.current_thread().name)
+        import time
+
+        time.sleep(0.5)  # the other worker arrives while the run is being created
+        return f"run-of-{threading.current_thread().name}"
+
+    def worker():
+        study = optuna.load_study(study_name="race", storage=storage)
+        barrier.wait()
+        answers.append(recovery.parent_run_id(study, study._storage, create))
+
+    threads = [threading.Thread(target=worker, name=f"w{i}") for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(created) == 1 and answers == [f"run-of-{created[0]}"] * 2
+    assert optuna.get_all_study_names(storage) == ["race"]  # the lock is released
+
+
+class FailedBehindItsBack:
+    """Fits, but another worker marks the first trial FAIL meanwhile (as Optuna's stale-trial
+    check does when a heartbeat lapses)."""
+
+    def __init__(self, storage):
+        self.storage = storage
+
+    def check(self, hparams):
+        pass
+
+    def resolve(self, hparams):
+        return dict(hparams), {"bnet.model_class": "stub"}
+
+    def fit(self, context):
+        from bnet.models.decoders import DecoderConfig
+        from bnet.tuning.family import TrialResult
+
+        if context.number == 0:
+            other = optuna.storages.RDBStorage(self.storage)
+            trial = optuna.load_study(study_name="behind", storage=other).trials[0]
+            other.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return TrialResult({"best_val_loss": 0.5}, bnet.build_model(DecoderConfig(model_class="neural-labels")))
+
+
+def test_a_trial_failed_behind_its_workers_back_ends_cleanly(tmp_path, tiny_session):
+    """The worker crashed with "Cannot tell a FAIL trial" (traceback, exit 1, parent RUNNING)."""
+    from test_study_engine import OBJECTIVE, STUB
+
+    store = resolve_store(tmp_path / "store")
+    (tmp_path / "store").mkdir(parents=True)
+    lines = []
+    spec = StudySpec("behind", STUB, PreparedStudy(open_session(tiny_session), FailedBehindItsBack(store.optuna_storage),
+                                                   OBJECTIVE), TuningConfig(n_trials=1, pruner="none", study="behind"),
+                     SearchSpace({"x": Range(0.0, 1.0)}), {}, store)
+    outcome = run_study(spec, echo=lines.append)
+    assert any("trial 0 was marked FAIL by another worker" in line for line in lines), lines
+    assert outcome.n_complete == 1 and outcome.n_failed == 1
+    client, runs = trial_runs(tmp_path / "store", "behind")
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"

@@ -319,7 +319,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     if loop.failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
         raise TrialsKeepFailing(
             f"study '{spec.study_name}': {loop.failed_in_a_row} trials in a row failed, so this worker stopped "
-            f"(last: {loop.failures[-1]}). Finished trials are kept; fix the cause and re-run to resume")
+            f"(last: {loop.failures[-1] if loop.failures else 'failed by other workers'}). Finished trials are "
+            f"kept; fix the cause and re-run to resume")
     front = pareto_front(study, objective) if counts["COMPLETE"] else []
     best = front[0] if front else None
     return StudyOutcome(
@@ -429,7 +430,9 @@ class TrialLoop:
         try:
             self.study.optimize(objective, n_trials=1, catch=(Exception,))
             held = self.storage.get_trial(asked["trial_id"]).state
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+        # Optuna raises one of these when the trial it tells has been finished meanwhile
+        # (AssertionError where it then finds no error of the objective's to report)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as err:
             # Optuna could not tell the trial's end: another worker failed it while this one
             # fitted it (its heartbeat lapsed, e.g. over a database restart) and queued a retry,
             # which reuses this trial's finished run instead of refitting it
@@ -437,7 +440,7 @@ class TrialLoop:
                 raise
             held = self.storage.get_trial(asked["trial_id"]).state
             self.echo(f"trial {asked['number']} was marked {held.name} by another worker while this one fitted "
-                      f"it ({err}); it stays {held.name}")
+                      f"it (its heartbeat lapsed); it stays {held.name}, its run as it ended here")
         if asked.get("surplus"):
             return
         self.failed_in_a_row = self.failed_in_a_row + 1 if held == TrialState.FAIL else 0
