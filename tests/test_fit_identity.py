@@ -349,3 +349,41 @@ def test_a_trial_failed_behind_its_workers_back_ends_cleanly(tmp_path, tiny_sess
     assert {r.info.status for r in runs} == {"FINISHED"}
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
+
+
+def test_a_worker_leaving_while_another_fits_leaves_the_parent_run_running(tmp_path, tiny_session):
+    """Every worker ended the shared parent run as it exited, while others still ran."""
+    import signal
+    import threading
+
+    from test_study_engine import OBJECTIVE, STUB, StubFitter
+
+    store = resolve_store(tmp_path / "store")
+    (tmp_path / "store").mkdir(parents=True)
+
+    def spec(n_trials):
+        return StudySpec("leaving", STUB, PreparedStudy(open_session(tiny_session), StubFitter({"best_val_loss": 0.5}),
+                                                        OBJECTIVE), TuningConfig(n_trials=n_trials, pruner="none",
+                                                                                 study="leaving"),
+                         SearchSpace({"x": Range(0.0, 1.0)}), {}, store)
+
+    first = run_study(spec(1), echo=lambda line: None)
+    client = MlflowClient(store.tracking_uri)
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    # another worker on this host is fitting a trial
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        study = optuna.load_study(study_name="leaving", storage=store.optuna_storage)
+        running = study.ask()
+        running.set_user_attr(recovery.WORKER_ATTR,
+                              f"{socket.gethostname()}/{other.pid}/{recovery._start_ticks(other.pid)}")
+        threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_study(spec(3), echo=lambda line: None)  # fits one, waits for the other, is stopped
+        assert client.get_run(first.parent_run_id).info.status == "RUNNING"
+    finally:
+        other.kill()
+        other.wait()
+    # the other worker is gone: its trial is failed and refitted, and the last worker out ends the run
+    run_study(spec(3), echo=lambda line: None)
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
