@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class Observations:
     values: dict[int, np.ndarray]
     splits: TrialSplits
     name: str  # "latent" or "label"
-    split_keys: dict[str, Any]  # BehaveNet's split settings that drew ``splits`` (part of a fit's identity)
+    split_keys: dict[str, Any] = field(default_factory=dict)  # the split settings that drew ``splits``
     upstream: RunSummary | None = None
 
     @property
