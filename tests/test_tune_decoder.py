@@ -169,6 +169,8 @@ def test_ensemble_over_different_targets_is_refused(pipeline):
         "tuning: {n_trials: 1, study: dec-labels}\n")
     invoke("tune", "decoder", "--data", pipeline["data"], "--target", "labels", "--config",
            pipeline["root"] / "labels.yaml", "--store", pipeline["store"])
+    invoke("tune", "decoder", "--data", pipeline["data"], "--target", "ae", "--ae-experiment", "ae", "--config",
+           pipeline["root"] / "labels.yaml", "--study", "dec-ae", "--store", pipeline["store"])
     result = CliRunner().invoke(cli, ["ensemble", "--experiment", "dec", "--metric", "val_r2",
                                       "--store", str(pipeline["store"])])
     assert_clean_failure(result, "cannot be averaged")
