@@ -7,14 +7,20 @@ For each seed: a synthetic session (``bnet data synth``), then
 3. for the first seed, model selection: held-out log-likelihood per step for K = 2 ... 2K_true,
    on the true latents and on the AE latents.
 Accuracy is over all frames of the test trials. No MLflow: the pure data/models/training API.
+``--precision fp32 bf16`` trains each seed's AE in each precision (same data, same initial
+weights, same batch order), so the table compares them seed by seed; the machine (CPU model,
+its instruction sets, float32 GEMM rate) is printed first, as bf16's arithmetic depends on it.
 
     python bench/arhmm_science.py [--seeds 0 1 2] [--n-trials 40] [--n-frames 100] [--pixels 32]
-                                  [--ae-epochs 30]
+                                  [--ae-epochs 30] [--precision auto|fp32|bf16 ...] [--no-k-sweep]
+                                  [--train-seed 0] [--save-latents DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +33,33 @@ from bnet.data import SynthConfig, TrialBatches, open_session, read_ground_truth
 from bnet.models import build_model
 from bnet.models.ae import AEConfig
 from bnet.models.arhmm import ARHMM, ARHMMConfig
-from bnet.training import TrainingConfig, fit
+from bnet.training import TrainingConfig, fit, resolve_precision
+from bnet.training.loop import cpu_has_native_bf16
 from bnet.tuning.ae import encode_session
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ae_throughput import gemm_gflops  # noqa: E402  (bench/'s float32 GEMM rate)
+
+INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU's model and which of the instruction sets that decide bf16's speed and
+    arithmetic it has (from /proc/cpuinfo where there is one)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    sets = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in INSTRUCTION_SETS)
+    return (f"CPU {model}; {sets}; torch {torch.__version__} sees native bf16: {cpu_has_native_bf16()}, "
+            f"{torch.get_num_threads()} threads; float32 GEMM {gemm_gflops():.0f} GFLOP/s")
 
 
 def matched_accuracy(true: np.ndarray, found: np.ndarray, n_true: int, n_found: int) -> float:
@@ -62,7 +93,8 @@ def state_accuracy(observations: Split, true_states: Split, n_states: int) -> fl
     return matched_accuracy(np.concatenate(true_states["test"]), found, n_states, n_states)
 
 
-def train_ae(session, splits, pixels: int, n_latents: int, epochs: int) -> tuple[dict[int, np.ndarray], str]:
+def train_ae(session, splits, pixels: int, n_latents: int, epochs: int, precision: str = "auto",
+             train_seed: int = 0) -> tuple[dict[int, np.ndarray], str]:
     batches = {n: TrialBatches(session, splits[n], chunk_size=32) for n in ("train", "val")}
     ae = build_model(AEConfig(y_pixels=pixels, x_pixels=pixels, n_ae_latents=n_latents))
     started = time.perf_counter()
@@ -73,9 +105,10 @@ def train_ae(session, splits, pixels: int, n_latents: int, epochs: int) -> tuple
                   f"({record.frames / record.seconds:.0f} frames/s)", flush=True)
 
     result = fit(ae, batches["train"], batches["val"],
-                 TrainingConfig(learning_rate=1e-3, max_n_epochs=epochs, early_stop_history=8),
-                 callbacks=[Progress()])
-    summary = (f"{len(result.history)} epochs in {time.perf_counter() - started:.0f} s, "
+                 TrainingConfig(learning_rate=1e-3, max_n_epochs=epochs, early_stop_history=8,
+                                rng_seed_train=train_seed),
+                 precision=precision, callbacks=[Progress()])
+    summary = (f"{result.precision}, {len(result.history)} epochs in {time.perf_counter() - started:.0f} s, "
                f"best val loss {result.best_val_loss:.5f}")
     return encode_session(ae, session, torch.device("cpu")), summary
 
@@ -96,8 +129,18 @@ def main():
     parser.add_argument("--pixels", type=int, default=32)
     parser.add_argument("--n-states", type=int, default=4)
     parser.add_argument("--ae-epochs", type=int, default=30)
+    parser.add_argument("--precision", nargs="+", choices=("auto", "fp32", "bf16"), default=["auto"],
+                        help="the AE's training precision(s), passed to fit (auto: what bnet picks here)")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="the AE's batch-order seed (another one measures training's own run-to-run spread)")
+    parser.add_argument("--no-k-sweep", action="store_true", help="skip the first seed's model selection by K")
+    parser.add_argument("--save-latents", type=Path, metavar="DIR",
+                        help="write each AE's latents, the true latents and states and the splits to "
+                             "DIR/seed{S}-{precision}[-train{T}].npz (per-trial arrays keyed by trial)")
     args = parser.parse_args()
     K = args.n_states
+    precisions = list(dict.fromkeys(resolve_precision(p, torch.device("cpu")) for p in args.precision))
+    print(cpu_description(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, seed in enumerate(args.seeds):
@@ -113,29 +156,43 @@ def main():
             on_truth = state_accuracy(true_latents, true_states, K)
             print(f"  ARHMM on true latents: state accuracy {on_truth:.3f} (test trials)", flush=True)
 
-            latents, summary = train_ae(session, splits, args.pixels, 4, args.ae_epochs)
-            ae_latents = Split(latents, splits)
-            r2 = linear_r2(latents, true_latents.values)
-            on_ae = state_accuracy(ae_latents, true_states, K)
-            print(f"  conv AE: {summary}; R² of true latents from AE latents (linear): "
-                  + ", ".join(f"{v:.3f}" for v in r2))
-            print(f"  AE latents -> ARHMM: state accuracy {on_ae:.3f} (test trials)", flush=True)
-            rows.append((seed, on_truth, on_ae, r2.min()))
+            for precision in precisions:
+                latents, summary = train_ae(session, splits, args.pixels, 4, args.ae_epochs, precision,
+                                            args.train_seed)
+                ae_latents = Split(latents, splits)
+                r2 = linear_r2(latents, true_latents.values)
+                on_ae = state_accuracy(ae_latents, true_states, K)
+                print(f"  conv AE: {summary}; R² of true latents from AE latents (linear): "
+                      + ", ".join(f"{v:.3f}" for v in r2))
+                print(f"  AE latents ({precision}) -> ARHMM: state accuracy {on_ae:.3f} (test trials)", flush=True)
+                rows.append((seed, precision, on_truth, on_ae, r2.min(), r2.mean()))
+                if args.save_latents:
+                    tag = f"-train{args.train_seed}" if args.train_seed else ""
+                    args.save_latents.mkdir(parents=True, exist_ok=True)
+                    arrays = {f"{name}_{t}": values[t] for name, values in
+                              (("ae", latents), ("latents", true_latents.values), ("states", true_states.values))
+                              for t in session.trials}
+                    np.savez(args.save_latents / f"seed{seed}-{precision}{tag}.npz", accuracy=on_ae,
+                             **{f"split_{n}": np.array(splits[n]) for n in ("train", "val", "test")}, **arrays)
 
-            if index == 0:
-                print("  held-out log-likelihood per step and dimension (test trials), by K:")
-                print(f"  {'K':>4}{'true latents':>14}{'AE latents':>12}")
-                for k in range(2, 2 * K + 1):
-                    scores = [segment(obs["train"], obs["val"], k).log_likelihood_per_step(obs["test"])
-                              for obs in (true_latents, ae_latents)]
-                    print(f"  {k:>4}{scores[0]:>14.4f}{scores[1]:>12.4f}{'  <- generator K' if k == K else ''}",
-                          flush=True)
+                if index == 0 and not args.no_k_sweep:
+                    print("  held-out log-likelihood per step and dimension (test trials), by K:")
+                    print(f"  {'K':>4}{'true latents':>14}{'AE latents':>12}")
+                    for k in range(2, 2 * K + 1):
+                        scores = [segment(obs["train"], obs["val"], k).log_likelihood_per_step(obs["test"])
+                                  for obs in (true_latents, ae_latents)]
+                        print(f"  {k:>4}{scores[0]:>14.4f}{scores[1]:>12.4f}{'  <- generator K' if k == K else ''}",
+                              flush=True)
 
-    print(f"\n{'seed':>6}{'true latents':>14}{'AE -> ARHMM':>13}{'min linear R²':>15}")
-    for seed, on_truth, on_ae, r2_min in rows:
-        print(f"{seed:>6}{on_truth:>14.3f}{on_ae:>13.3f}{r2_min:>15.3f}")
-    accuracies = np.array([(r[1], r[2]) for r in rows])
-    print(f"{'mean':>6}{accuracies[:, 0].mean():>14.3f}{accuracies[:, 1].mean():>13.3f}")
+    print(f"\n{'seed':>6}{'AE precision':>14}{'true latents':>14}{'AE -> ARHMM':>13}{'min linear R²':>15}"
+          f"{'mean linear R²':>16}")
+    for seed, precision, on_truth, on_ae, r2_min, r2_mean in rows:
+        print(f"{seed:>6}{precision:>14}{on_truth:>14.3f}{on_ae:>13.3f}{r2_min:>15.3f}{r2_mean:>16.3f}")
+    for precision in precisions:
+        values = np.array([r[2:] for r in rows if r[1] == precision])
+        spread = values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+        print(f"{'mean':>6}{precision:>14}" + "".join(f"{m:>{w}.3f}" for m, w in zip(values.mean(0), (14, 13, 15, 16))))
+        print(f"{'sd':>6}{precision:>14}" + "".join(f"{m:>{w}.3f}" for m, w in zip(spread, (14, 13, 15, 16))))
 
 
 if __name__ == "__main__":

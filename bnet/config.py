@@ -56,7 +56,7 @@ SECTION_KEYS: dict[str, set[str]] = {
     },
     "training": {
         "learning_rate", "max_n_epochs", "min_n_epochs", "enable_early_stop",
-        "early_stop_history", "val_check_interval", "batch_size", "rng_seed_train",
+        "early_stop_history", "early_stop_min_delta", "val_check_interval", "batch_size", "rng_seed_train",
         "export_latents", "export_train_plots", "export_latents_best", "as_numpy",
         "batch_load", "rng_seed_data", "train_frac", "trial_splits", "sessions_csv",
         "n_iters", "arhmm_es_tol", "export_states", "engine",

@@ -1,3 +1,6 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -5,7 +8,9 @@ from bnet.data import TrialBatches, open_session, split_trials
 from bnet.errors import ConfigError
 from bnet.models import build_model
 from bnet.models.ae import AEConfig
-from bnet.training import TrainingConfig, evaluate, fit, resolve_device
+from bnet.models.decoders import DecoderConfig
+from bnet.training import TrainingConfig, evaluate, fit, resolve_device, resolve_precision
+from bnet.training.loop import improves
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +53,52 @@ def test_best_weights_are_kept_when_training_diverges(batches):
     assert evaluate(model, batches["val"], torch.device("cpu")) == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
-def test_early_stopping_respects_patience_and_min_epochs(batches):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_early_stopping_respects_patience_and_min_epochs(batches, precision):
+    """At learning rate 1e-9 the weights creep at rounding level and the val loss "improves"
+    by ~1e-7 relative every epoch or two (in bf16 on an AMX Xeon: in every one of 50
+    epochs); below ``early_stop_min_delta`` that resets no patience, so both precisions
+    stop at the first epoch allowed."""
     config = TrainingConfig(learning_rate=1e-9, max_n_epochs=50, min_n_epochs=8, early_stop_history=2)
-    result = fit(linear_ae(), batches["train"], batches["val"], config)
-    assert result.stopped_early and 8 <= len(result.history) < 50
+    result = fit(linear_ae(), batches["train"], batches["val"], config, precision=precision)
+    assert result.precision == precision
+    assert result.stopped_early and len(result.history) == 8
+    # the tiny gains still pick the best weights
+    assert result.best_val_loss == min(r.val_loss for r in result.history)
+
+
+def test_only_gains_above_the_relative_tolerance_reset_the_patience():
+    assert improves(0.9, math.inf, 1e-5) and improves(1.0, math.inf, 0.5)
+    assert improves(0.99, 1.0, 1e-5) and not improves(1.0 - 1e-6, 1.0, 1e-5)
+    assert improves(-1.01, -1.0, 1e-5) and not improves(-1.0 - 1e-6, -1.0, 1e-5)  # NLLs may be negative
+    assert improves(1.0 - 1e-6, 1.0, 0.0)  # 0: any gain, as before
+    with pytest.raises(ConfigError, match="early_stop_min_delta"):
+        TrainingConfig(early_stop_min_delta=-1e-3).validate()
+
+    class Scripted(torch.nn.Module):
+        """A model whose val loss per epoch is scripted: tiny gains, then a real one."""
+
+        def __init__(self, losses):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.losses, self.calls = losses, 0
+
+        def loss(self, batch):
+            if self.training:
+                return (self.w - 1.0) ** 2
+            value = self.losses[min(self.calls, len(self.losses) - 1)]
+            self.calls += 1
+            return self.w * 0 + value
+
+    one = [{"x": torch.zeros(1)}]
+    creeping = [1.0, 1.0 - 1e-7, 1.0 - 2e-7, 1.0 - 3e-7, 1.0 - 4e-7, 1.0 - 5e-7]
+    result = fit(Scripted(creeping), one, one, TrainingConfig(max_n_epochs=6, early_stop_history=3), precision="fp32")
+    assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 3
+    # gains that add up past the tolerance reset it (cumulative, as Keras' min_delta)
+    adding_up = [1.0, 1.0 - 6e-6, 1.0 - 1.2e-5, 1.0 - 1.3e-5, 1.0 - 1.4e-5, 1.0 - 1.5e-5, 1.0 - 1.6e-5]
+    result = fit(Scripted(adding_up), one, one, TrainingConfig(max_n_epochs=7, early_stop_history=3),
+                 precision="fp32")
+    assert result.stopped_early and len(result.history) == 6 and result.best_epoch == 5
 
 
 def test_seeds_make_fits_reproducible(batches):
@@ -87,3 +134,51 @@ def test_bad_training_options():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_bnet_precision_overrides_what_auto_resolves_to(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("BNET_PRECISION", "bf16")
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice stands
+    monkeypatch.setenv("BNET_PRECISION", "FP32")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setenv("BNET_PRECISION", "auto")
+    assert resolve_precision("auto", cpu) == "fp32"  # CPUs train in float32 (README: training precision)
+    monkeypatch.setenv("BNET_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="BNET_PRECISION"):
+        resolve_precision("auto", cpu)
+
+
+DECODERS = {  # every architecture and noise of the decoders: (model_class, model_type, noise_dist)
+    "mlp-gaussian": ("neural-ae", "mlp", "gaussian"), "mlp-mv": ("neural-ae", "mlp-mv", "gaussian-full"),
+    "mlp-categorical": ("neural-arhmm", "mlp", "categorical"), "mlp-poisson": ("ae-neural", "mlp", "poisson"),
+    "lstm": ("neural-labels", "lstm", "gaussian"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoders_train_alike_in_bf16_and_float32(name):
+    """The decoder study trains in float32 always (``bnet.tuning.decoder``), but a decoder
+    fitted in bf16 autocast must train as well: val losses within 1 % over 3 epochs
+    (measured: within 0.05 %)."""
+    model_class, model_type, noise = DECODERS[name]
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(300, 5, generator=generator)
+    if noise == "categorical":
+        targets = torch.randint(0, 3, (300,), generator=generator).float()
+    elif noise == "poisson":
+        targets = torch.poisson(torch.full((300, 3), 2.0), generator=generator)
+    else:
+        targets = inputs[:, :3] @ torch.randn(3, 3, generator=generator) + 0.1 * torch.randn(300, 3, generator=generator)
+    trials = [{"inputs": inputs[i : i + 50], "targets": targets[i : i + 50]} for i in range(0, 300, 50)]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = build_model(DecoderConfig(model_class=model_class, model_type=model_type, noise_dist=noise, n_input=5,
+                                          n_output=3, n_hid_units=8, n_lags=0 if model_type == "lstm" else 2))
+        result = fit(model, trials[:4], trials[4:], TrainingConfig(learning_rate=1e-2, max_n_epochs=3,
+                                                                   enable_early_stop=False), precision=precision)
+        assert result.precision == precision and all(p.dtype == torch.float32 for p in model.parameters())
+        losses[precision] = [r.val_loss for r in result.history]
+    assert np.allclose(losses["bf16"], losses["fp32"], rtol=0.01, atol=0), losses

@@ -166,9 +166,12 @@ def per_session(layers: nn.ModuleList, x: torch.Tensor, session: torch.Tensor | 
     if present.numel() == 1:
         return run(layers[int(present)], x)
     parts = {int(s): run(layers[int(s)], x[session == s]) for s in present}
-    out = x.new_empty((x.shape[0], *next(iter(parts.values())).shape[1:]))
+    # the layers' output dtype, not the input's: under bf16 autocast a float32 frame comes
+    # out of its session's conv or linear layer in bfloat16
+    first = next(iter(parts.values()))
+    out = first.new_empty((x.shape[0], *first.shape[1:]))
     for s, part in parts.items():
-        out[session == s] = part
+        out[session == s] = part.to(out.dtype)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +22,10 @@ import torch
 
 from bnet.data.loader import prefetched, to_device
 from bnet.errors import ConfigError
+
+
+EARLY_STOP_MIN_DELTA = 1e-5
+"""Relative val-loss gain that resets early stopping's patience (see :class:`TrainingConfig`)."""
 
 
 @dataclass
@@ -34,6 +39,14 @@ class TrainingConfig:
         enable_early_stop: stop when the val loss has not improved for
             ``early_stop_history`` epochs.
         early_stop_history: the patience, in epochs.
+        early_stop_min_delta: what counts as an improvement for the patience: a val loss
+            below ``reference - early_stop_min_delta * |reference|``, the reference being
+            the val loss of the last epoch that improved by that much (relative, as
+            ``ReduceLROnPlateau``'s ``threshold``; cumulative, as Keras' ``min_delta``).
+            Smaller gains still update the best weights, but do not reset the patience:
+            without the tolerance, weights creeping at float32 rounding level (a fit at
+            learning rate 1e-9) "improved" the val loss by ~1e-7 relative every epoch or
+            two and early stopping fired by chance, differently in bf16 and float32.
         val_check_interval: validate every this many epochs.
         batch_size: frames per batch; None uses whole trials (BehaveNet's batches).
         rng_seed_train: seed of the batch order (separate from data and model seeds).
@@ -46,6 +59,7 @@ class TrainingConfig:
     min_n_epochs: int = 0
     enable_early_stop: bool = True
     early_stop_history: int = 10
+    early_stop_min_delta: float = EARLY_STOP_MIN_DELTA
     val_check_interval: int = 1
     batch_size: int | None = None
     rng_seed_train: int = 0
@@ -59,6 +73,8 @@ class TrainingConfig:
             raise ConfigError(f"max_n_epochs must be at least 1, got {self.max_n_epochs}")
         if self.early_stop_history < 1:
             raise ConfigError(f"early_stop_history must be at least 1, got {self.early_stop_history}")
+        if not 0 <= self.early_stop_min_delta < 1:
+            raise ConfigError(f"early_stop_min_delta must be in [0, 1), got {self.early_stop_min_delta}")
         if self.val_check_interval < 1:
             raise ConfigError(f"val_check_interval must be at least 1, got {self.val_check_interval}")
 
@@ -102,8 +118,12 @@ class ComputeConfig:
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when present).
         precision: precision of the training step: ``fp32``, ``bf16`` (bfloat16 autocast;
             weights, optimiser state and every reported loss stay float32) or ``auto``
-            (bf16 where the hardware multiplies bfloat16 natively: CUDA with bf16, CPUs
-            with AMX or AVX-512 BF16; see :func:`resolve_precision`).
+            (bf16 on CUDA devices that support it, float32 on every CPU, AMX and AVX-512
+            BF16 ones included: see :func:`resolve_precision`). The environment variable
+            ``BNET_PRECISION`` (``auto``, ``fp32`` or ``bf16``) overrides what ``auto``
+            resolves to, so a test run can force bf16 on any CPU (CPUs without bf16
+            instructions emulate it, ~10x slower); an explicit ``fp32`` or ``bf16`` here
+            is kept.
     """
 
     device: str = "auto"
@@ -116,20 +136,40 @@ class ComputeConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "BNET_PRECISION"
+
+
+def precision_override() -> str:
+    """What ``$BNET_PRECISION`` makes ``auto`` resolve to (``auto`` when unset or empty)."""
+    value = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
+    if value not in PRECISIONS:
+        raise ConfigError(f"${PRECISION_ENV} must be one of {', '.join(PRECISIONS)}, got '{value}'")
+    return value
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the hardware multiplies bfloat16 natively, else ``fp32``.
+    """``auto`` -> ``bf16`` on CUDA devices with bf16, ``fp32`` elsewhere; ``$BNET_PRECISION``
+    (``fp32`` or ``bf16``) overrides what ``auto`` resolves to, on any device; an explicit
+    ``fp32`` or ``bf16`` is kept.
 
-    Natively: CUDA devices with bf16, CPUs with AMX tiles or AVX-512 BF16 instructions (a
-    bf16 conv AE step ran 1.34x faster than float32 on an AVX-512 BF16 EPYC). Elsewhere
-    (AVX2 CPUs) torch emulates bfloat16 and a step runs ~10x slower than in float32.
+    CPUs train in float32 even where they multiply bfloat16 natively (AMX, AVX-512 BF16:
+    :func:`cpu_has_native_bf16`) and a bf16 step is faster (1.34x on an AVX-512 BF16 EPYC).
+    With ``bench/arhmm_science.py`` the ARHMM segmented AE latents trained in bf16 worse on
+    an AMX Xeon (state accuracy 0.772 vs 0.878, seeds 0-3, AE val losses alike) and on an
+    AVX-512 BF16 EPYC at 32 px (0.840 vs 0.910, seeds 0-2), better on that EPYC at 24 px
+    (0.809 vs 0.774, seeds 0-7); float32 with only another batch order gave 0.853 there.
+    One AE fit's downstream accuracy varies from run to run as much as any of these gaps,
+    so bf16 could not be shown to stay within float32's spread, and no bf16-specific cause
+    was found (README, "Training precision"). bf16 stays one setting away.
     """
     if precision != "auto":
         return precision
+    override = precision_override()
+    if override != "auto":
+        return override
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -237,6 +277,14 @@ def prepare(model, device: torch.device):
     return model
 
 
+def improves(val_loss: float, reference: float, min_delta: float) -> bool:
+    """Whether ``val_loss`` beats ``reference`` by more than ``min_delta`` of its size (any
+    finite loss beats an infinite reference)."""
+    if not math.isfinite(reference):
+        return val_loss < reference
+    return val_loss < reference - min_delta * abs(reference)
+
+
 def fit(
     model: torch.nn.Module,
     train_batches,
@@ -259,6 +307,7 @@ def fit(
     min_epochs = min(config.min_n_epochs, config.max_n_epochs)
     history: list[EpochRecord] = []
     best_val, best_epoch, best_state = math.inf, -1, None
+    reference_val = math.inf  # the val loss of the last epoch that reset the patience
     stale_epochs, stopped_early = 0, False
     started = time.perf_counter()
     train_frames_seen, train_seconds = 0, 0.0
@@ -285,8 +334,10 @@ def fit(
             val_loss = val_terms.pop("loss")
             model.train()
             if val_loss < best_val:
-                best_val, best_epoch, stale_epochs = val_loss, epoch, 0
+                best_val, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
+            if improves(val_loss, reference_val, config.early_stop_min_delta):
+                reference_val, stale_epochs = val_loss, 0
             else:
                 stale_epochs += config.val_check_interval
         record = EpochRecord(epoch, train_loss, val_loss, time.perf_counter() - epoch_start, frames,
