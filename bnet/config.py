@@ -143,6 +143,10 @@ class TuningConfig:
             metric's natural direction.
         seed: sampler seed.
         study: Optuna study name (default: the experiment name).
+        enqueue: points of the search space to fit first, in order (a list of mappings of
+            searched hyperparameters, as Optuna's ``enqueue_trial``: a value a point leaves
+            out is sampled): known good settings, or a comparison you want in the study.
+            Queued when the study is created; a resumed study does not queue them again.
     """
 
     n_trials: int = 10
@@ -152,10 +156,13 @@ class TuningConfig:
     direction: str | list | None = None
     seed: int | None = 0
     study: str | None = None
+    enqueue: list | None = None
 
     def validate(self) -> None:
         if self.n_trials < 1:
             raise ConfigError(f"n_trials must be at least 1, got {self.n_trials}")
+        if self.enqueue is not None and not all(isinstance(point, dict) and point for point in self.enqueue):
+            raise ConfigError(f"tuning.enqueue must be a list of mappings of hyperparameters, got {self.enqueue!r}")
         choices = {"sampler": ("tpe", "random", "grid"),
                    "pruner": ("median", "hyperband", "none")}
         directions = self.direction if isinstance(self.direction, list) else [self.direction]

@@ -387,3 +387,23 @@ def test_a_worker_leaving_while_another_fits_leaves_the_parent_run_running(tmp_p
     # the other worker is gone: its trial is failed and refitted, and the last worker out ends the run
     run_study(spec(3), echo=lambda line: None)
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+def test_enqueued_points_are_fitted_first_once(tmp_path, tiny_session):
+    """Pruning tests (and users) put known settings first through bnet's own study creation."""
+    store = tmp_path / "store"
+    config = write(tmp_path / "q.yaml", LABEL_DECODER.format(
+        model_class="neural-labels", seed=0, lr="{low: 1.0e-4, high: 3.0e-2, log: true}", n=2, extra="")
+        .replace("sampler: grid", "sampler: random, enqueue: [{learning_rate: 2.0e-2}, {learning_rate: 1.0e-3}]"))
+    args = ("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "queued",
+            "--config", config, "--store", store)
+    invoke(*args)
+    invoke(*args, "--n-trials", 3)  # resumed: the points are not queued again
+    study = optuna.load_study(study_name="queued", storage=resolve_store(store).optuna_storage)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE  # created by bnet for val_r2
+    rates = [t.params["learning_rate"] for t in study.trials]
+    assert rates[:2] == [2.0e-2, 1.0e-3] and len(rates) == 3 and rates[2] not in rates[:2]
+    bad = write(tmp_path / "bad.yaml", config.read_text().replace("{learning_rate: 1.0e-3}", "{n_lags: 2}"))
+    output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "bad",
+                    "--config", bad, "--store", store, code=2)
+    assert "tuning.enqueue names n_lags, which the study does not search (it searches learning_rate)" in output

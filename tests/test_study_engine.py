@@ -84,10 +84,8 @@ def test_maximising_study_prunes_only_the_worse_trial(tmp_path, tiny_session):
     """A decoder study maximises val R²: the pruner must cut the trial that barely learns,
     never the good ones (it fed val loss as if higher were better before)."""
     store = tmp_path / "store"
-    config = write(tmp_path / "d.yaml", DECODER_PRUNING)
-    study = optuna.create_study(study_name="prune-dec", storage=storage_of(store), direction="maximize")
-    for lr in (2e-2, 1.5e-2, 1e-7):
-        study.enqueue_trial({"learning_rate": lr})
+    config = write(tmp_path / "d.yaml", DECODER_PRUNING.replace(
+        "seed: 0}", "seed: 0, enqueue: [{learning_rate: 2.0e-2}, {learning_rate: 1.5e-2}, {learning_rate: 1.0e-7}]}"))
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                     "--store", store)
     study = optuna.load_study(study_name="prune-dec", storage=storage_of(store))
@@ -119,10 +117,8 @@ tuning: {n_trials: 3, pruner: median, seed: 0}
 
 def test_minimising_study_prunes_only_the_worse_trial(tmp_path, tiny_session):
     store = tmp_path / "store"
-    config = write(tmp_path / "a.yaml", AE_PRUNING)
-    study = optuna.create_study(study_name="prune-ae", storage=storage_of(store), direction="minimize")
-    for lr in (3e-3, 2e-3, 1e-8):
-        study.enqueue_trial({"learning_rate": lr})
+    config = write(tmp_path / "a.yaml", AE_PRUNING.replace(
+        "seed: 0}", "seed: 0, enqueue: [{learning_rate: 3.0e-3}, {learning_rate: 2.0e-3}, {learning_rate: 1.0e-8}]}"))
     invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store)
     study = optuna.load_study(study_name="prune-ae", storage=storage_of(store))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -134,10 +130,9 @@ def test_minimising_study_prunes_only_the_worse_trial(tmp_path, tiny_session):
 def test_a_diverging_trial_fails_alone(tmp_path, tiny_session):
     store = tmp_path / "store"
     config = write(tmp_path / "d.yaml", DECODER_PRUNING.replace("pruner: median", "pruner: none")
-                   .replace("prune-dec", "diverge"))
-    study = optuna.create_study(study_name="diverge", storage=storage_of(store), direction="maximize")
-    for lr in (1e-2, 1e30, 5e-3):
-        study.enqueue_trial({"learning_rate": lr})
+                   .replace("prune-dec", "diverge").replace(
+                       "seed: 0}", "seed: 0, enqueue: [{learning_rate: 1.0e-2}, {learning_rate: 1.0e+30}, "
+                                   "{learning_rate: 5.0e-3}]}"))
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                     "--store", store)
     assert "3 complete, 0 pruned, 1 failed" in output and "failed trial 1: FloatingPointError" in output

@@ -203,6 +203,8 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
         study = optuna.create_study(
             study_name=spec.study_name, storage=storage, directions=list(spec.objective.directions),
             sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed), pruner=make_pruner(spec.tuning))
+        for point in spec.tuning.enqueue or ():
+            study.enqueue_trial(point)
     except optuna.exceptions.DuplicatedStudyError:
         # a worker joining (or resuming) a study samples with a seed of its own: workers that
         # share one seed propose the very same hyperparameters at the same time

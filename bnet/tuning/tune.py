@@ -80,6 +80,11 @@ def tune(
         echo(f"note: the config searches nothing, so the {family} default space is searched: "
              + ", ".join(f"{k} {v}" for k, v in space.describe().items()))
 
+    for point in tuning.enqueue or ():
+        unknown = sorted(set(point) - set(space.dimensions))
+        if unknown:
+            raise ConfigError(f"tuning.enqueue names {', '.join(unknown)}, which the study does not search "
+                              f"(it searches {', '.join(space.dimensions) or 'nothing'})")
     prepared = declared.prepare(request, store)
     for study in prepared:
         for point in space.check_points(fixed):
