@@ -19,9 +19,8 @@ from mlflow.tracking import MlflowClient
 
 import bnet
 from bnet.cli.main import cli
-from bnet.config import Categorical, Range, TuningConfig
+from bnet.config import Range, TuningConfig
 from bnet.data import open_session, synthesize
-from bnet.errors import BnetError
 from bnet.tracking import resolve_store
 from bnet.tuning import recovery
 from bnet.tuning.family import PreparedStudy

@@ -120,11 +120,10 @@ def build_ensemble(experiment: str, study: str | None = None, max_members: int =
     if metric not in scorable:
         raise BnetError(f"--metric {metric}: the members' predictions are scored as {', '.join(sorted(scorable))}")
     for run, predicted in zip(members, predictions):
-        some = next(iter(predicted.values()))
-        if some.shape[1:] != next(iter(data.targets.values())).shape[1:] and data.kind != "categorical":
-            raise BnetError(f"decoder run {run.run_id} predicts {some.shape[1]} dimensions but its targets have "
-                            f"{next(iter(data.targets.values())).shape[1]}: its neuron subset or target cannot be "
-                            f"rebuilt from the session")
+        n_predicted = next(iter(predicted.values())).shape[1]
+        if n_predicted != data.n_output:
+            raise BnetError(f"decoder run {run.run_id} predicts {n_predicted} dimensions but its targets have "
+                            f"{data.n_output}: its neuron subset or target cannot be rebuilt from the session")
 
     def averaged(n: int) -> dict[int, np.ndarray]:
         return {t: np.mean([p[t] for p in predictions[:n]], axis=0) for t in session.trials}

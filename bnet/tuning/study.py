@@ -297,7 +297,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         return run.run_id
 
     parent = tracker.reopen(parent_run_id(study, storage, create_parent))
-    loop = TrialLoop(spec, study, storage, tracker, experiment_id, parent, _wanted(spec, study, echo), echo)
+    loop = TrialLoop(spec, study, storage, tracker, experiment_id, parent, *_wanted(spec, study, echo), echo)
     interrupted = None
     with loop.stops.installed():
         try:
@@ -337,8 +337,8 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     )
 
 
-def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> int:
-    """How many finished trials the study should hold, said with what is left to run."""
+def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> tuple[int, int]:
+    """How many finished trials the study should hold and how many are left to run (said)."""
     wanted = spec.tuning.n_trials
     if not spec.space:
         wanted = min(wanted, 1)
@@ -358,7 +358,7 @@ def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> int:
         pruner = "none (multi-objective)" if spec.objective.is_multi else spec.tuning.pruner
         echo(f"study '{spec.study_name}': {to_run} trials, sampler {spec.tuning.sampler}, "
              f"pruner {pruner}, objective {spec.objective.describe()}")
-    return wanted
+    return wanted, to_run
 
 
 class TrialLoop:
@@ -366,11 +366,10 @@ class TrialLoop:
     Optuna how it ended, and decide whether to go on. Each step is one method."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, storage, tracker: Tracker, experiment_id: str,
-                 parent: RunLogger, wanted: int, echo: Echo):
+                 parent: RunLogger, wanted: int, to_run: int, echo: Echo):
         self.spec, self.study, self.storage, self.tracker = spec, study, storage, tracker
-        self.experiment_id, self.parent, self.wanted, self.echo = experiment_id, parent, wanted, echo
-        counts = _count(study)
-        self.to_run = max(wanted - counts["COMPLETE"] - counts["PRUNED"], 0)
+        self.experiment_id, self.parent, self.echo = experiment_id, parent, echo
+        self.wanted, self.to_run = wanted, to_run
         self.stops = _StopRequests(echo)
         self.failures: list[str] = []
         self.failed_in_a_row = 0
@@ -413,7 +412,7 @@ class TrialLoop:
     # ------------------------------------------------------------------ one trial
     def one_trial(self) -> None:
         """Ask, fit and tell one trial (Optuna's optimize loop of one, which runs its
-        heartbeat and its sampler's hooks)."""
+        heartbeat, its stale-trial check and its sampler's hooks)."""
         asked: dict[str, Any] = {}
 
         def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -434,13 +433,13 @@ class TrialLoop:
             held = self.storage.get_trial(asked["trial_id"]).state
         # Optuna raises one of these when the trial it tells has been finished meanwhile
         # (AssertionError where it then finds no error of the objective's to report)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as err:
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError):
             # Optuna could not tell the trial's end: another worker failed it while this one
             # fitted it (its heartbeat lapsed, e.g. over a database restart) and queued a retry,
             # which reuses this trial's finished run instead of refitting it
-            if "trial_id" not in asked or not self.storage.get_trial(asked["trial_id"]).state.is_finished():
+            held = self.storage.get_trial(asked["trial_id"]).state if "trial_id" in asked else None
+            if held is None or not held.is_finished():
                 raise
-            held = self.storage.get_trial(asked["trial_id"]).state
             self.echo(f"trial {asked['number']} was marked {held.name} by another worker while this one fitted "
                       f"it (its heartbeat lapsed); it stays {held.name}, its run as it ended here")
         if asked.get("surplus"):
