@@ -11,7 +11,7 @@ import json
 import click
 
 from bnet.cli.options import resolve, store_option, tracking_uri_option
-from bnet.tuning.family import FAMILY_MODULES
+from bnet.tuning.family import FAMILY_MODULES, get_family
 
 SHOWN_PARAMS = ("model_type", "n_ae_latents", "learning_rate", "l2_reg", "n_arhmm_states", "n_arhmm_lags",
                 "noise_type", "transitions", "kappa", "n_lags", "n_hid_layers", "n_hid_units")
@@ -78,12 +78,19 @@ def _best_command(family: str) -> click.Command:
         if not runs:
             raise TrackingError(f"experiment '{experiment}' has no finished {family} runs with metric {metric}")
         test_metric = metric.replace("val", "test").replace("best_", "")
+        compare = get_family(family).trivial
         for rank, run in enumerate(runs, 1):
             shown = {k: run.params[k] for k in SHOWN_PARAMS if k in run.params}
             click.echo(f"{rank}. run {run.run_id}  {metric} {run.metrics.get(metric):.6g}  "
                        f"{test_metric} {run.metrics.get(test_metric, float('nan')):.6g}  "
                        f"trial {run.tags.get('bnet.trial')} of study {run.tags.get('bnet.study')}  {shown}")
+            comparison = compare(run.metrics)
+            if comparison is not None:
+                click.echo(f"   {comparison.figure}")
             click.echo(f"   {run.artifact_uri}")
+        best_comparison = compare(runs[0].metrics)
+        if best_comparison is not None and not best_comparison.beats:
+            click.echo(best_comparison.sentence("the best run"))
 
     return command
 

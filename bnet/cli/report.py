@@ -28,6 +28,8 @@ def report(study, out, no_log, store, tracking_uri, storage):
                + ("" if no_log else f", logged as report/{written.path.name} of parent run {written.parent_run_id}"))
     for note in written.notes:
         click.echo(f"  note: {note}")
+    if written.trivial is not None:
+        click.echo(written.trivial.sentence("the best model"))
 
 
 @click.command()

@@ -173,6 +173,8 @@ def summary(outcome, resolved) -> None:
         else:
             click.echo(f"best: trial {outcome.best_trial}, run {outcome.best_run_id}, "
                        f"{outcome.metric} {outcome.best_value:.6g} ({outcome.direction})")
+        if outcome.trivial is not None:
+            click.echo(outcome.trivial.sentence("the best model"))
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:

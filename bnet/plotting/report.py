@@ -38,6 +38,7 @@ class Report:
     parent_run_id: str
     n_figures: int
     notes: list[str]
+    trivial: object = None  # the best run against its family's trivial answer (a TrivialComparison)
 
 
 def load_study(name: str, store: Store):
@@ -122,6 +123,13 @@ def _best_run_plots(client, run_id: str, notes: list[str]) -> list[tuple[str, by
     return images
 
 
+def _trivial_comparison(family: str | None, run):
+    """How the best run compares with its family's trivial answer (None where unknown)."""
+    from bnet.tuning.family import FAMILY_MODULES, get_family
+
+    return get_family(family).trivial(run.data.metrics) if family in FAMILY_MODULES else None
+
+
 def write_report(study_name: str, store: Store, out: str | Path | None = None, log: bool = True) -> Report:
     """Write the report of ``study_name`` to ``out`` (``.html``, or ``.png`` for the summary
     figure alone; default ``report-<study>.html``) and log it on the study's parent run."""
@@ -142,6 +150,7 @@ def write_report(study_name: str, store: Store, out: str | Path | None = None, l
     if out.suffix not in (".html", ".png"):
         raise ConfigError(f"{out}: a report is .html (the whole page) or .png (the summary figure)")
     notes: list[str] = []
+    comparison = None
     summary = _png(summary_figure(study, metric, direction))
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,15 +164,17 @@ def write_report(study_name: str, store: Store, out: str | Path | None = None, l
         best_run = parent.data.tags.get("bnet.best_run_id")
         if best_run:
             sections += [(f"best run: {title}", image) for title, image in _best_run_plots(client, best_run, notes)]
+            comparison = _trivial_comparison(parent.data.tags.get(tags.TAG_FAMILY), client.get_run(best_run))
         ranked = sorted(complete, key=lambda t: t.values[0], reverse=direction == "maximize")[:TOP_TRIALS]
-        out.write_text(_page(study_name, parent, metric, direction, ranked, sections, notes, MLFLOW_RUN_ATTR))
+        out.write_text(_page(study_name, parent, metric, direction, ranked, sections, notes, MLFLOW_RUN_ATTR,
+                             comparison))
         n_figures = len(sections)
     if log:
         client.log_artifact(parent_id, str(out), REPORT_DIR)
-    return Report(out, parent_id, n_figures, notes)
+    return Report(out, parent_id, n_figures, notes, comparison)
 
 
-def _page(study_name, parent, metric, direction, ranked, sections, notes, run_attr) -> str:
+def _page(study_name, parent, metric, direction, ranked, sections, notes, run_attr, comparison=None) -> str:
     escape = html.escape
     rows = "".join(
         f"<tr><td>{t.number}</td><td>{t.values[0]:.6g}</td><td><code>{escape(t.user_attrs.get(run_attr, ''))}</code>"
@@ -176,14 +187,19 @@ def _page(study_name, parent, metric, direction, ranked, sections, notes, run_at
     facts = [("experiment", parent.info.experiment_id), ("parent run", parent.info.run_id),
              ("objective", f"{direction} {metric}"), ("data", tagged.get(tags.TAG_DATA_PATH, "")),
              ("best run", tagged.get("bnet.best_run_id", "none yet"))]
+    if comparison is not None:
+        facts.append(("against the trivial answer", comparison.figure))
     facts_html = "".join(f"<tr><th>{escape(k)}</th><td><code>{escape(str(v))}</code></td></tr>" for k, v in facts)
     notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    warning_html = (f"<p style='background:#fde8e8;padding:8px;border:1px solid #c33'><b>"
+                    f"{escape(comparison.sentence('The best model'))}</b></p>"
+                    if comparison is not None and not comparison.beats else "")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>bnet study {escape(study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}
 figure{{display:inline-block;margin:8px;vertical-align:top}} img{{max-width:520px}}</style></head>
-<body><h1>Study {escape(study_name)}</h1><table>{facts_html}</table>
+<body><h1>Study {escape(study_name)}</h1>{warning_html}<table>{facts_html}</table>
 <h2>Best trials</h2><table><tr><th>trial</th><th>{escape(metric)}</th><th>run</th><th>parameters</th></tr>{rows}</table>
 <h2>Figures</h2>{figures}{f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes else ''}</body></html>
 """

@@ -20,6 +20,7 @@ TAG_ERROR = "bnet.error"  # why a trial failed or was killed
 TAG_RETRY_OF = "bnet.retry_of_run"  # the run of a killed trial that this one fits again
 # A trial answered by an earlier fit of another study: the run that holds its model and exports
 TAG_REUSED_RUN = "bnet.reused_run"
+TAG_BEATS_TRIVIAL = "bnet.beats_trivial"  # parent run: whether its best run beats the family's trivial answer
 TAG_NEURON_SUBSET = "bnet.neuron_subset"
 TAG_TARGET = "bnet.target"
 TAG_TARGET_KIND = "bnet.target_kind"

@@ -32,6 +32,10 @@ class Tracker:
     def status(self, run_id: str) -> str:
         return retry_transient(lambda: self.client.get_run(run_id)).info.status
 
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """A run's latest value of each metric."""
+        return dict(retry_transient(lambda: self.client.get_run(run_id)).data.metrics)
+
     def reopen(self, run_id: str) -> RunLogger:
         retry_transient(lambda: self.client.update_run(run_id, status="RUNNING"))
         return self.run(run_id)

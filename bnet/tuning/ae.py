@@ -34,6 +34,7 @@ from bnet.models import build_model, model_entry
 from bnet.models.ae import AEConfig
 from bnet.models.ae_arch import architecture_from_json, architecture_values, estimate_memory_gb
 from bnet.models.ae_losses import label_mask, mean_abs_correlation, r2_score
+from bnet.models.frame_metrics import MeanFrame
 from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import fitted_datasets
@@ -43,6 +44,7 @@ from bnet.tuning.common import resolve_data_path, session_splits, split_settings
 from bnet.tuning.family import (
     LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
+from bnet.tuning import trivial
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "ae"
@@ -59,7 +61,9 @@ DEFAULT_BUDGET = {"max_n_epochs": 30, "min_n_epochs": 8, "early_stop_history": 5
 
 # final metrics every class has, beyond its loss terms' best_val_/test_ values
 COMMON_METRICS = {"best_val_loss": "minimize", "test_loss": "minimize", "best_epoch": "minimize",
-                  "n_epochs": "minimize", "train_frames_per_s": "maximize", "fit_seconds": "minimize"}
+                  "n_epochs": "minimize", "train_frames_per_s": "maximize", "fit_seconds": "minimize",
+                  **{f"{split}_{name}": "maximize" for split in ("train", "val", "test")
+                     for name in ("var_explained", "moving_var_explained")}}
 LABEL_METRICS = {"val_label_r2": "maximize", "test_label_r2": "maximize"}
 PS_METRICS = {"val_unsup_corr": "minimize", "test_unsup_corr": "minimize"}
 SESSION_METRICS = {"val_session_accuracy": "minimize", "test_session_accuracy": "minimize"}
@@ -213,6 +217,10 @@ class AETrials:
                    "fit_seconds": result.train_seconds,
                    **{f"best_val_{k}": v for k, v in best.val_terms.items()},
                    **{f"test_{k}": v for k, v in test_terms.items()}}
+        # the trivial answer: each session's mean training frame (bnet.models.frame_metrics)
+        baseline = MeanFrame.of(batches["train"], len(self.sessions))
+        for split in ("train", "val", "test"):
+            metrics.update({f"{split}_{k}": v for k, v in baseline.score(model, batches[split], device).items()})
         if "triplet" in best.train_terms:
             metrics["train_triplet_at_best"] = best.train_terms["triplet"]  # only mixed (training) batches have one
         outputs = {}
@@ -297,7 +305,8 @@ class AETrials:
             recon = model(torch.from_numpy(frames).to(device), session_index,
                           None if labels is None else labels.to(device))[0].float().cpu().numpy()
         return plot_reconstructions(frames, recon, [f"trial {t}, frame {i}" for t, i in picks],
-                                    f"{session.dataset_id}: test frames (test loss {metrics['test_loss']:.5g})")
+                                    f"{session.dataset_id}: test frames (test loss {metrics['test_loss']:.5g}, "
+                                    f"{100 * metrics['test_var_explained']:.1f}% of the frame variance explained)")
 
 
 def session_accuracy(train_x: np.ndarray, train_sessions: np.ndarray, x: np.ndarray, sessions: np.ndarray,
@@ -367,7 +376,7 @@ register_family(Family(
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=lambda request: "ae",
     # the architecture a file names is fitted (conv_* params), not the file's path
     machinery=LOCATION_KEYS | {"export_latents", "export_train_plots", "sessions_csv", "all_source", "ae_arch_json"},
-    expand_fixed=_expanded_fixed,
+    expand_fixed=_expanded_fixed, trivial=trivial.mean_frame,
 ))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from bnet.tuning.family import (
     LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
 from bnet.tuning.space import Condition
+from bnet.tuning import trivial
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "arhmm"
@@ -219,6 +220,11 @@ class ARHMMTrials:
             "n_states_used": int((usage > 0).sum()),
             **{f"state_usage_{k}": float(u) for k, u in enumerate(usage)},
         }
+        one = one_state_model(config, train)
+        for split, sequences in (("val", val), ("test", test)):
+            metrics[f"{split}_ll_per_step_one_state"] = one.log_likelihood(sequences) / scale[split]
+            metrics[f"{split}_ll_gain_per_step"] = (metrics[f"{split}_ll_per_step"]
+                                                    - metrics[f"{split}_ll_per_step_one_state"])
         self._log_artifacts(context, model, config, fit_config, trials, states, probs, durations)
         return TrialResult(metrics, model, {"observations": obs.name})
 
@@ -243,6 +249,16 @@ class ARHMMTrials:
                 run.log_figure(plot_transition_matrix(matrix), "transition_matrix")
             if config.n_arhmm_lags > 0:
                 run.log_figure(plot_dynamics(params.As.cpu().numpy()), "ar_dynamics")
+
+
+def one_state_model(config: SegmentationConfig, train: list[np.ndarray]):
+    """The trivial answer for a segmentation: one state with the same lags and noise model (a
+    single AR model, or one Gaussian for an HMM), fitted to the same training trials. With one
+    state every posterior is 1, so EM's first M-step is the fit (Student-t noise iterates)."""
+    one = build_model(replace(config, n_arhmm_states=1, transitions="stationary", kappa=0.0, n_iters=20,
+                              arhmm_es_tol=1e-9))
+    one.engine.fit(train)
+    return one.engine
 
 
 def segmentation_class(model_class: Any) -> str:
@@ -298,6 +314,7 @@ register_family(Family(
     step_name="EM iteration", budget_key="n_iters", prepare=prepare,
     default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",
     machinery=LOCATION_KEYS | {"export_states", "export_train_plots", "ae_experiment_name", "ae_version"},
+    trivial=trivial.one_state,
 ))
 
 

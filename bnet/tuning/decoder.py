@@ -24,7 +24,9 @@ from bnet.data.session import Session, trial_name
 from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_entry
-from bnet.models.decoder_metrics import accuracy, categorical_log_likelihood, poisson_log_likelihood, r2_score, score_trials
+from bnet.models.decoder_metrics import (
+    accuracy, categorical_log_likelihood, poisson_log_likelihood, r2_score, score_trials, trim_lags,
+)
 from bnet.models.decoders import DEFAULT_N_LAGS, DecoderConfig, motion_energy
 from bnet.plotting.decoders import plot_predictions
 from bnet.tracking import conventions as tags
@@ -40,6 +42,7 @@ from bnet.tuning.family import (
     LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
 from bnet.tuning.space import Condition
+from bnet.tuning import trivial
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "decoder"
@@ -220,16 +223,34 @@ def score_predictions(data: DecodingData, predictions: dict[int, np.ndarray], sp
     """``<split>_r2`` (and per dimension) or ``<split>_accuracy`` / ``<split>_ll``."""
     trials = data.splits[split]
     true, predicted = [data.targets[t] for t in trials], [predictions[t] for t in trials]
+    constant = [np.broadcast_to(constant_prediction(data, n_max_lags), (len(t), *np.shape(p)[1:]))
+                for t, p in zip(true, predicted)]
     if data.kind == "categorical":
         return {f"{split}_accuracy": score_trials(accuracy, true, predicted, n_max_lags),
-                f"{split}_ll": score_trials(categorical_log_likelihood, true, predicted, n_max_lags)}
+                f"{split}_ll": score_trials(categorical_log_likelihood, true, predicted, n_max_lags),
+                f"{split}_accuracy_constant": score_trials(accuracy, true, constant, n_max_lags),
+                f"{split}_ll_constant": score_trials(categorical_log_likelihood, true, constant, n_max_lags)}
     r2, per_dim = score_trials(r2_score, true, predicted, n_max_lags)
     # per dimension only where it varies: R² of a neuron silent in this split is undefined
     scores = {f"{split}_r2": r2, **{f"{split}_r2_{d}": float(v) for d, v in enumerate(per_dim) if np.isfinite(v)}}
     # the Poisson log-likelihood where the predictions are rates (a Gaussian fit's may not be)
     if data.kind == "counts" and all(np.all(p >= 0) for p in predicted):
         scores[f"{split}_ll"] = score_trials(poisson_log_likelihood, true, predicted, n_max_lags)
+        scores[f"{split}_ll_constant"] = score_trials(poisson_log_likelihood, true, constant, n_max_lags)
     return scores
+
+
+def constant_prediction(data: DecodingData, n_max_lags: int) -> np.ndarray:
+    """The trivial answer, from the training trials' scored frames: the state frequencies
+    (add-one smoothed, so a state unseen in training is not impossible) or the mean of each
+    target dimension (for counts, at least half a count over the training frames, so a
+    neuron silent in training has a rate)."""
+    train = np.concatenate(trim_lags([data.targets[t] for t in data.splits["train"]], n_max_lags))
+    if data.kind == "categorical":
+        counts = np.bincount(train.astype(np.int64).ravel(), minlength=data.n_classes)
+        return (counts + 1.0) / (counts.sum() + data.n_classes)
+    mean = train.reshape(len(train), -1).mean(axis=0)
+    return np.maximum(mean, 0.5 / len(train)) if data.kind == "counts" else mean
 
 
 def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
@@ -412,6 +433,7 @@ register_family(Family(
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
     machinery=LOCATION_KEYS | {"export_predictions", "export_train_plots", "ae_experiment_name", "ae_version",
                                "arhmm_experiment_name", "arhmm_version"},
+    trivial=trivial.constant_prediction,
 ))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from bnet.config import Dimension, ProjectConfig
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from bnet.tracking.store import Store
     from bnet.tuning.space import Condition
     from bnet.tuning.study import TrialContext
+    from bnet.tuning.trivial import TrivialComparison
 
 DIRECTIONS = ("minimize", "maximize")
 
@@ -159,6 +161,9 @@ class Family:
             part of a fit's identity).
         expand_fixed: the fixed values as they determine the fit (e.g. an architecture file
             read into the architecture it names), for the study's fingerprint.
+        trivial: how a run's final metrics compare with the family's trivial answer (the
+            mean frame, one state, a constant: :mod:`bnet.tuning.trivial`); None for runs
+            without the metrics it needs.
     """
 
     name: str
@@ -171,6 +176,7 @@ class Family:
     default_model_class: Callable[[StudyRequest], str]
     machinery: frozenset[str] = frozenset()
     expand_fixed: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    trivial: Callable[[Mapping[str, float]], "TrivialComparison | None"] = lambda metrics: None
 
 
 # Where the session file lies and which device fits it: the same fit wherever (the data's

@@ -51,6 +51,7 @@ from bnet.tuning.recovery import (
     parent_run_id, queue_retry, recover_dead_trials, this_worker,
 )
 from bnet.tuning.space import SearchSpace
+from bnet.tuning.trivial import TrivialComparison
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "bnet_fingerprint"
@@ -165,6 +166,8 @@ class StudyOutcome:
     direction: str = "minimize"
     failures: list[str] = field(default_factory=list)
     pareto: list[ParetoPoint] = field(default_factory=list)
+    trivial: TrivialComparison | None = None
+    """How the best run compares with the family's trivial answer (None: no such metrics)."""
 
 
 def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None):
@@ -307,7 +310,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     if loop.stops.requested and interrupted is None:
         interrupted = StudyInterrupted("SIGTERM")
     counts = _count(study)
-    _log_answer(study, parent, objective)
+    comparison = _log_answer(study, parent, spec, tracker)
     if counts["COMPLETE"]:
         from bnet.plotting.report import summary_figure
 
@@ -334,6 +337,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         direction=objective.direction, failures=loop.failures,
         pareto=[ParetoPoint(t.number, t.user_attrs.get(MLFLOW_RUN_ATTR, ""), dict(zip(objective.metrics, t.values)))
                 for t in front] if objective.is_multi else [],
+        trivial=comparison,
     )
 
 
@@ -446,7 +450,7 @@ class TrialLoop:
             return
         self.failed_in_a_row = self.failed_in_a_row + 1 if held == TrialState.FAIL else 0
         if held == TrialState.COMPLETE:
-            _log_answer(self.study, self.parent, self.spec.objective)
+            _log_answer(self.study, self.parent, self.spec, self.tracker)
 
     def evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         """The trial's objective value(s): fitted as a new run, or taken from a finished run
@@ -592,25 +596,33 @@ def pareto_front(study: optuna.Study, objective: Objective) -> list[optuna.trial
     return sorted(study.best_trials, key=lambda t: t.values[0], reverse=reverse)
 
 
-def _log_answer(study: optuna.Study, parent: RunLogger, objective: Objective) -> None:
-    """The study's answer so far on its parent run: the MLflow UI shows it without expanding."""
+def _log_answer(study: optuna.Study, parent: RunLogger, spec: StudySpec,
+                tracker: Tracker) -> TrivialComparison | None:
+    """The study's answer so far on its parent run: the MLflow UI shows it without expanding.
+    Returns how the best run compares with the family's trivial answer."""
+    objective = spec.objective
     counts = _count(study)
     metrics = {"n_complete": counts["COMPLETE"], "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"]}
+    comparison = None
     if counts["COMPLETE"]:
         front = pareto_front(study, objective)
         best = front[0]
         metrics.update(zip(objective.metrics, best.values))
         best_run = best.user_attrs.get(MLFLOW_RUN_ATTR, "")
+        comparison = spec.family.trivial(tracker.metrics(best_run)) if best_run else None
         shown = ", ".join(f"{m} {v:.4g}" for m, v in zip(objective.metrics, best.values))
+        said = f"\n\n**{comparison.sentence('The best model')}.**" if comparison else ""
         # the name and description are what the runs table and the run page show unexpanded
         parent.set_tags({"bnet.best_trial": best.number, "bnet.best_run_id": best_run,
                          tags.MLFLOW_RUN_NAME: f"study {study.study_name}: best {shown} (trial {best.number})",
                          "mlflow.note.content": (
                              f"**Study `{study.study_name}`**: {counts['COMPLETE']} complete, {counts['PRUNED']} "
                              f"pruned, {counts['FAIL']} failed trials ({objective.direction} {objective.metric}).\n\n"
-                             f"Best: trial {best.number}, run `{best_run}`: {shown}.\n\n"
+                             f"Best: trial {best.number}, run `{best_run}`: {shown}.{said}\n\n"
                              f"Expand this run for the trials; `bnet report {study.study_name}` writes the "
                              f"study's page (also under this run's artifacts, `report/`).")})
+        if comparison is not None:
+            parent.set_tags({tags.TAG_BEATS_TRIVIAL: str(comparison.beats).lower()})
         if objective.is_multi:
             metrics["pareto_size"] = len(front)
             parent.set_tags({"bnet.pareto_trials": ",".join(str(t.number) for t in front)})
@@ -618,6 +630,7 @@ def _log_answer(study: optuna.Study, parent: RunLogger, objective: Objective) ->
                                          **dict(zip(objective.metrics, t.values))} for t in front], indent=1),
                             "pareto_front.json")
     parent.log_metrics(metrics)
+    return comparison
 
 
 def _release_device_memory() -> None:

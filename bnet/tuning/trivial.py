@@ -1,0 +1,93 @@
+"""Every model beside the trivial answer: the mean frame, one state, the constant prediction.
+
+A study always has a best trial, but the best of ten AEs may draw the arena and no mouse, and
+the best of ten ARHMMs may segment nothing a single AR model does not explain. Each family
+declares how its runs' metrics compare with its trivial answer (``Family.trivial``); the study
+summary, the parent run's description, ``bnet best`` and the report say the figure for the
+best model, and warn in plain words when it does not beat that answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MIN_VAR_EXPLAINED = 0.1
+"""An AE below this held-out frame variance explained draws little more than the mean frame:
+the mirror-mouse demo's 20-epoch champion explained 0.029 with the paws missing, the open-field
+one 0.0 with no mouse (the mean frame itself scores 0, a perfect model 1)."""
+
+
+@dataclass(frozen=True)
+class TrivialComparison:
+    """How one run compares with its family's trivial answer.
+
+    Attributes:
+        figure: the comparison in words, e.g. "explains 62% of the held-out frame variance".
+        beats: whether the run beats the trivial answer (by the family's margin).
+        advice: what to try when it does not.
+    """
+
+    figure: str
+    beats: bool
+    advice: str = ""
+
+    def sentence(self, subject: str) -> str:
+        """``subject`` + the figure, and for a run that does not beat the trivial answer a
+        plain warning with the advice."""
+        said = f"{subject} {self.figure}"
+        return said if self.beats else f"warning: {said}: {self.advice}"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None:
+    """An AE run against the training split's mean frame (``val_var_explained``)."""
+    explained = metrics.get("val_var_explained")
+    if explained is None:
+        return None  # runs logged before the metric existed
+    moving = metrics.get("val_moving_var_explained")
+    figure = (f"explains {_percent(explained)} of the held-out frame variance"
+              + (f" ({_percent(moving)} on the moving pixels)" if moving is not None else "")
+              + " beyond the training mean frame")
+    verdict = ("it reconstructs the frames worse than the mean frame does" if explained < 0 else
+               "it reconstructs little more than the mean frame (the background, not the animal)")
+    return TrivialComparison(figure, explained >= MIN_VAR_EXPLAINED, (
+        f"{verdict}. A freely moving "
+        "animal is a few pixels of a downsampled whole frame: centre the frames on it "
+        "(`bnet data build --track-animal --window PX`, or `--centre-on KEYPOINT` with a pose file); on "
+        "head-fixed video train longer (`max_n_epochs`) or at a higher learning rate"))
+
+
+def one_state(metrics: Mapping[str, float]) -> TrivialComparison | None:
+    """An ARHMM run against one state with the same lags and noise (a single AR model)."""
+    gain = metrics.get("val_ll_gain_per_step")
+    if gain is None:
+        return None
+    states = metrics.get("n_states_used")
+    figure = (f"gains {gain:.4g} nats of held-out log-likelihood per step and dimension over one state with "
+              f"the same lags" + (f" ({int(states)} states used)" if states is not None else ""))
+    return TrivialComparison(figure, gain > 0, (
+        "its states explain nothing a single autoregressive model does not: try fewer states or sticky "
+        "transitions, more EM iterations, or latents that carry the behaviour (check the AE's variance explained)"))
+
+
+def constant_prediction(metrics: Mapping[str, float]) -> TrivialComparison | None:
+    """A decoder run against the constant prediction: R² 0 for continuous targets, the
+    training frequencies (states) or mean rates (spike counts) for log-likelihoods."""
+    advice = ("the neural activity predicts this target no better than a constant here: check the target and "
+              "the neurons (a region that does not encode it), or allow more lags and regularisation")
+    if "val_ll_constant" in metrics and "val_ll" in metrics:
+        gain = metrics["val_ll"] - metrics["val_ll_constant"]
+        what = "training state frequencies" if "val_accuracy" in metrics else "constant mean rates"
+        figure = (f"has held-out log-likelihood {metrics['val_ll']:.4g} per frame, {gain:+.4g} over the {what} "
+                  f"({metrics['val_ll_constant']:.4g})")
+        if "val_accuracy" in metrics and "val_accuracy_constant" in metrics:
+            figure += f"; accuracy {metrics['val_accuracy']:.3f} vs {metrics['val_accuracy_constant']:.3f}"
+        return TrivialComparison(figure, gain > 0, advice)
+    if "val_r2" in metrics:
+        r2 = metrics["val_r2"]
+        return TrivialComparison(f"predicts held-out frames with R² {r2:.3f} (a constant scores 0)", r2 > 0, advice)
+    return None
