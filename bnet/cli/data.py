@@ -96,6 +96,15 @@ def _crop(ctx, param, value):
     return parts
 
 
+def _align(ctx, param, value):
+    if value is None:
+        return None
+    parts = tuple(v.strip() for v in value.split(","))
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise click.BadParameter(f"expected HEAD,TAIL: two different keypoints of --labels, got '{value}'")
+    return parts
+
+
 @data.command()
 @click.option("--video", "videos", multiple=True, type=click.Path(dir_okay=False),
               help="A video (mp4, avi, ...); repeat for camera views, stacked as channels.")
@@ -116,7 +125,27 @@ def _crop(ctx, param, value):
 @click.option("--crop", callback=_crop, default=None, help="X,Y,WIDTH,HEIGHT of the source frame to keep.")
 @click.option("--centre-on", default=None, help="A keypoint of the labels (e.g. track0_thorax): each frame is a "
               "square --window around it, labels moved with it (for freely moving animals).")
-@click.option("--window", type=int, default=None, help="The side of that square, in source pixels.")
+@click.option("--track-animal", is_flag=True, help="Centre each frame's --window on the animal found without pose: "
+              "the largest blob that differs from the arena's background (the median of frames sampled over the "
+              "video), its smoothed centroid. For one freely moving animal on a static background; the track and "
+              "a figure of it (OUT.track.png) are written.")
+@click.option("--window", type=int, default=None, help="The side of the square around the animal, in source "
+              "pixels (with --centre-on or --track-animal; make it hold the whole animal, tail and legs included).")
+# None leaves BuildConfig's default, bnet.data.animal.DEFAULT_TRACK_SMOOTH (not imported here, as for
+# --trim-extra-frames below; a test holds the help's number to it)
+@click.option("--track-smooth", type=float, default=None, metavar="FRAMES",
+              help="Smooth the tracked centre and the --align angle over time: a running median of up to 5 "
+                   "frames, then a Gaussian of this sigma in source frames [default: 2; 0: no smoothing].")
+@click.option("--align", callback=_align, default=None, metavar="HEAD,TAIL",
+              help="Rotate each centred window so that the body axis TAIL -> HEAD (keypoints of --labels) points "
+                   "up, labels rotated with it (egocentric, as VAME and keypoint-moseq align). Where either is "
+                   "missing the last angle holds.")
+@click.option("--masks", is_flag=True, help="Write BehaveNet's masks group from the animal's foreground (cut, "
+              "rotated and resized like the frames): weight 1 on the animal, --mask-background-weight elsewhere; "
+              "the data config then sets use_output_mask. With --track-animal or --centre-on, one --video.")
+@click.option("--mask-background-weight", type=float, default=0.1, show_default=True,
+              help="The masks' weight off the animal (relative: the masked loss divides by the masks' sum; 0 "
+                   "leaves the background unconstrained).")
 @click.option("--max-frames", type=int, default=None, help="Build from the first N source frames only (and the "
               "first N label rows, and the neural rows of those frames).")
 # None leaves BuildConfig's default, bnet.data.build.TOLERATED_EXTRA_FRAMES (imported there, not here,
@@ -132,7 +161,8 @@ def _crop(ctx, param, value):
 @click.option("--fps", type=float, default=None, help="Resample to this frame rate [default: the video's].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def build(videos, labels, label_format, min_likelihood, keypoints, neural, neural_key, neural_fps, out, y_pixels, x_pixels,
-          crop, centre_on, window, max_frames, trim_extra_frames, fit, color, trial_length, fps, overwrite):
+          crop, centre_on, track_animal, window, track_smooth, align, masks, mask_background_weight, max_frames,
+          trim_extra_frames, fit, color, trial_length, fps, overwrite):
     """Build a session HDF5 from videos, pose labels and neural data (streamed)."""
     from pathlib import Path
 
@@ -143,9 +173,11 @@ def build(videos, labels, label_format, min_likelihood, keypoints, neural, neura
                          keypoints=[k.strip() for k in keypoints.split(",")] if keypoints else None,
                          neural=Path(neural) if neural else None, neural_key=neural_key, neural_fps=neural_fps,
                          y_pixels=y_pixels, x_pixels=x_pixels, crop=crop, centre_on=centre_on, window=window,
-                         max_frames=max_frames, fit=fit, color=color,
+                         track_animal=track_animal, align=align, masks=masks,
+                         mask_background_weight=mask_background_weight, max_frames=max_frames, fit=fit, color=color,
                          trial_length=trial_length, fps=fps, overwrite=overwrite,
-                         **({} if trim_extra_frames is None else {"trim_extra_frames": trim_extra_frames}))
+                         **({} if trim_extra_frames is None else {"trim_extra_frames": trim_extra_frames}),
+                         **({} if track_smooth is None else {"track_smooth": track_smooth}))
     summary = build_session(config, echo=click.echo)
     c, y, x = summary.frame_shape
     click.echo(f"wrote {summary.path}: {summary.n_trials} trials x {summary.trial_length} frames of {c}x{y}x{x}"
@@ -155,6 +187,21 @@ def build(videos, labels, label_format, min_likelihood, keypoints, neural, neura
                + f" in {summary.seconds:.1f} s")
     if summary.n_frames_dropped:
         click.echo(f"  the last {summary.n_frames_dropped} frames make no whole trial and were left out")
+    if summary.centring:
+        around = ("the animal found by background subtraction" if summary.centring == "track-animal"
+                  else f"keypoint {summary.centring.split(':', 1)[1]}")
+        click.echo(f"  windows:     {summary.window} px around {around}"
+                   + (f", rotated so that {summary.align[1]} -> {summary.align[0]} points up" if summary.align else "")
+                   + "; centres and angles in group animal_track")
+    if summary.n_frames_tracked:
+        missing = summary.n_frames_tracked - summary.n_frames_found
+        click.echo(f"  animal:      found in {summary.n_frames_found} of {summary.n_frames_tracked} frames"
+                   + (f" ({missing} interpolated between found neighbours)" if missing else ""))
+    if summary.masks:
+        click.echo(f"  masks:       1 on the animal, {summary.mask_background_weight:g} elsewhere "
+                   f"(use_output_mask in the data config)")
+    if summary.track_figure:
+        click.echo(f"  track:       {summary.track_figure}  (look at it: is the window on the animal?)")
     click.echo(f"  data config: {summary.config_path}  (bnet tune ae --data-config {summary.config_path} ...)")
     click.echo(f"  check it:    bnet data check {summary.path}")
 

@@ -5,6 +5,12 @@ at a time (the video is never held in memory), cropped and resized by one
 :class:`FrameGeometry` that maps the labels the same way, resampled to a common frame rate,
 cut into trials and written to a temporary file that replaces the output only when every
 check has passed, so a failed build leaves nothing behind.
+
+Freely moving animals get animal-centred windows (:mod:`bnet.data.animal`): around a pose
+keypoint (``--centre-on``) or around the animal found by background subtraction, without pose
+(``--track-animal``), optionally rotated so that the body axis points up (``--align``), with
+the foreground as BehaveNet's ``masks`` (``--masks``); every centred build writes where its
+windows were (group ``animal_track``) and a figure of the track (``OUT.track.png``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
+from bnet.data.animal import DEFAULT_TRACK_SMOOTH
 from bnet.data.pose import flat_labels, read_pose
 from bnet.data.session import trial_name
 from bnet.errors import ConfigError, DataError
@@ -60,7 +67,23 @@ class BuildConfig:
             ``window`` around it (an animal-centred view of a freely moving animal, which is
             a few pixels long in the downsampled whole frame), its labels moved with it.
             Where the keypoint is missing the last found position holds.
+        track_animal: centre the ``window`` on the animal found without pose, by background
+            subtraction in the (first) video: the largest blob that differs from the median
+            of frames sampled over the video, its smoothed centroid (see
+            :mod:`bnet.data.animal`); exclusive with ``centre_on``.
         window: the side of that square, in source pixels.
+        track_smooth: the Gaussian's sigma, in source frames, that smooths the tracked centre
+            (after a running median of up to 5 frames) and the ``align`` angle; 0: none.
+        align: ``(HEAD, TAIL)`` keypoints of the labels: each window is rotated about its
+            centre so that the body axis TAIL -> HEAD points up (egocentric, as VAME and
+            keypoint-moseq align), labels rotated with it; where either keypoint is missing
+            the last known angle holds. Needs ``labels`` and a centred window.
+        masks: write BehaveNet's ``masks`` group (as ``images``, float32): 1 on the animal's
+            foreground blob (cut, rotated and resized like the frame, grown by one output
+            pixel), ``mask_background_weight`` elsewhere; the data config then says
+            ``use_output_mask``. Needs a centred window of one video.
+        mask_background_weight: the weight of the pixels off the animal (0 leaves them
+            unconstrained; the masked loss divides by the mask's sum, so weights are relative).
         fit: how the (cropped) frame meets the output size: ``pad`` keeps the aspect and
             pads, ``crop`` keeps the aspect and crops the excess, ``stretch`` does neither.
         color: ``gray`` (one channel per view) or ``rgb`` (three).
@@ -88,7 +111,12 @@ class BuildConfig:
     x_pixels: int = 128
     crop: tuple[int, int, int, int] | None = None
     centre_on: str | None = None
+    track_animal: bool = False
     window: int | None = None
+    track_smooth: float = DEFAULT_TRACK_SMOOTH
+    align: tuple[str, str] | None = None
+    masks: bool = False
+    mask_background_weight: float = 0.1
     max_frames: int | None = None
     trim_extra_frames: int = TOLERATED_EXTRA_FRAMES
     fit: str = "pad"
@@ -111,10 +139,42 @@ class BuildConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) < 1 or min(self.crop[:2]) < 0):
             raise ConfigError(f"--crop is X,Y,WIDTH,HEIGHT with a positive size, got {self.crop}")
-        if (self.centre_on is None) != (self.window is None):
-            raise ConfigError("--centre-on and --window go together (a keypoint, and the square's side in px)")
+        if self.track_animal and self.centre_on is not None:
+            raise ConfigError("--track-animal and --centre-on are two ways to centre the window: give one "
+                              "(--centre-on KEYPOINT follows a pose keypoint, --track-animal needs no pose)")
+        if self.track_animal and self.window is None:
+            raise ConfigError("--track-animal needs --window PX: the side of the square around the animal, in "
+                              "source pixels")
+        if self.track_animal and not self.videos:
+            raise ConfigError("--track-animal finds the animal in a video: give --video")
+        if self.track_animal and (self.crop is not None or self.window < 2):
+            raise ConfigError("--track-animal needs a --window of at least 2 px, and replaces --crop")
+        if (self.centre_on is None) != (self.window is None) and not self.track_animal:
+            raise ConfigError("--centre-on and --window go together (a keypoint, and the square's side in px), "
+                              "or --track-animal and --window")
         if self.centre_on is not None and (self.crop is not None or self.labels is None or self.window < 2):
             raise ConfigError("--centre-on needs --labels and a --window of at least 2 px, and replaces --crop")
+        if self.track_smooth < 0:
+            raise ConfigError(f"--track-smooth must be at least 0 frames (0: no smoothing), got {self.track_smooth}")
+        centred = self.track_animal or self.centre_on is not None
+        if self.align is not None:
+            if len(self.align) != 2 or not all(self.align) or self.align[0] == self.align[1]:
+                raise ConfigError(f"--align is HEAD,TAIL: two different keypoints, got {','.join(self.align)}")
+            if self.labels is None:
+                raise ConfigError("--align HEAD,TAIL turns the body axis from pose keypoints up: it needs --labels")
+            if not centred:
+                raise ConfigError("--align rotates an animal-centred window: give --centre-on KEYPOINT or "
+                                  "--track-animal, with --window")
+        if self.masks:
+            if not centred:
+                raise ConfigError("--masks weights the animal in an animal-centred window: give --track-animal or "
+                                  "--centre-on KEYPOINT, with --window")
+            if len(self.videos) != 1:
+                raise ConfigError("--masks finds the animal's foreground in one video: give one --video "
+                                  f"(got {len(self.videos)})")
+        if not 0 <= self.mask_background_weight <= 1:
+            raise ConfigError(f"--mask-background-weight must be within 0..1 (the animal weighs 1), got "
+                              f"{self.mask_background_weight}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"--max-frames must be at least 1, got {self.max_frames}")
         if self.trim_extra_frames < 0:
@@ -195,6 +255,17 @@ class BuildSummary:
     seconds: float
     rows_trimmed: dict[str, int] = field(default_factory=dict)
     """Trailing rows dropped as past the video's end, per source (``labels``, ``neural``)."""
+    centring: str | None = None
+    """How the windows were centred (``track-animal``, ``centre-on:KEYPOINT``), or None."""
+    window: int | None = None
+    align: tuple[str, str] | None = None
+    n_frames_tracked: int = 0
+    """Frames the animal was looked for in (``--track-animal``, ``--masks``)."""
+    n_frames_found: int = 0
+    """Of those, the frames it was found in (the others interpolated)."""
+    track_figure: Path | None = None
+    masks: bool = False
+    mask_background_weight: float | None = None
 
 
 # ---------------------------------------------------------------- sources
@@ -380,14 +451,18 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
         source_fps, estimate = None, len(pose.images)
         views = [still_frames(pose.images, config.color)]
         where = str(config.labels)
-    origins = None
-    if config.centre_on is not None:
-        if config.centre_on not in pose.names:
-            raise DataError(f"{config.labels}: no keypoint '{config.centre_on}' to centre on "
-                            f"(has {', '.join(pose.names)})")
-        origins = np.rint(held_positions(pose.xy[:, pose.names.index(config.centre_on)])).astype(int) \
-            - config.window // 2
-        source_size = (config.window, config.window)
+    frame_size, full_pose = source_size, pose
+    centred = config.centre_on is not None or config.track_animal
+    if config.centre_on is not None and config.centre_on not in pose.names:
+        raise DataError(f"{config.labels}: no keypoint '{config.centre_on}' to centre on "
+                        f"(has {', '.join(pose.names)})")
+    if config.align is not None:
+        missing = [name for name in config.align if name not in pose.names]
+        if missing:
+            raise DataError(f"{config.labels}: --align {','.join(config.align)}: no keypoint(s) "
+                            f"{', '.join(missing)} (has {', '.join(pose.names)})")
+    if centred:
+        source_size = (config.window, config.window)  # what the geometry resizes: the window
     if config.keypoints is not None:
         pose = pose.select(config.keypoints, str(config.labels))
     geometry = FrameGeometry.plan(source_size, (config.x_pixels, config.y_pixels), config.crop, config.fit)
@@ -415,9 +490,12 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
             raise DataError(f"{config.labels} has {label_rows} but {where} has about {estimate} frames "
                             f"(its duration x frame rate); if the table starts at the video's first frame and "
                             f"runs on past its end, --trim-extra-frames N drops its last N rows")
+    windows, track = None, None
+    if centred:
+        windows, track = _centred_windows(config, full_pose, videos, frame_size, estimate, echo)
     labels = None
     if pose is not None:
-        labels = flat_labels(geometry.points(pose.xy if origins is None else pose.xy - origins[:, None, :]))
+        labels = flat_labels(geometry.points(pose.xy if windows is None else windows.points(pose.xy)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -425,8 +503,10 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
     notes, trimmed = [], {}
     try:
         with h5py.File(partial, "w") as f:
-            n_source, n_out = _write(f, config, geometry, origins, views, videos, labels, source_fps, out_fps,
-                                     progress)
+            n_source, n_out = _write(f, config, geometry, windows, track, views, videos, labels, source_fps,
+                                     out_fps, progress)
+            if windows is not None:
+                f["animal_track"].attrs.update(_track_attributes(config, windows, track, frame_size))
             if labels is not None:
                 counts = (f"{config.labels} has {len(labels)} labelled frames"
                           f"{_of_the_file(len(labels), label_rows_in_file, config.max_frames, ' (', ')')} "
@@ -454,20 +534,102 @@ def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> B
                 "geometry": json.dumps(asdict(geometry)),
                 "labels_rows_in_file": label_rows_in_file, "labels_rows_trimmed": trimmed.get("labels", 0),
                 "neural_rows_in_file": neural_rows_in_file, "neural_rows_trimmed": trimmed.get("neural", 0),
+                "centring": windows.method if windows is not None else "",
             })
+            if config.masks:
+                f.attrs["mask_background_weight"] = config.mask_background_weight
         os.replace(partial, out)
     finally:
         progress.close()
         partial.unlink(missing_ok=True)
     for note in notes:
         echo(note)
+    figure = None
+    if windows is not None:
+        figure = _track_figure(out, config, windows, track, videos, full_pose, frame_size, n_source)
     n_trials = n_out // config.trial_length
     config_path = write_data_config(out, config, result_channels(config, videos),
                                     None if neural is None else is_counts(neural))
+    n_tracked = 0 if track is None else min(track.n_frames, n_source)
     return BuildSummary(out, config_path, n_trials, config.trial_length, n_source, n_out - n_trials * config.trial_length,
                         (result_channels(config, videos), config.y_pixels, config.x_pixels), out_fps,
                         0 if labels is None else labels.shape[1], 0 if neural is None else neural.shape[1],
-                        time.perf_counter() - started, trimmed)
+                        time.perf_counter() - started, trimmed,
+                        centring=None if windows is None else windows.method, window=config.window if centred else None,
+                        align=config.align, n_frames_tracked=n_tracked,
+                        n_frames_found=0 if track is None else int(track.found[:n_tracked].sum()),
+                        track_figure=figure, masks=config.masks,
+                        mask_background_weight=config.mask_background_weight if config.masks else None)
+
+
+def _centred_windows(config: BuildConfig, pose, videos: list[Path], frame_size: tuple[int, int],
+                     estimate: int | None, echo: Callable[[str], None]):
+    """The windows of a centred build (around a keypoint or the tracked animal, rotated for
+    ``--align``) and, for ``--track-animal`` or ``--masks``, the animal's track."""
+    from bnet.data.animal import Windows, body_rotation, track_animal
+
+    keypoint = None
+    if config.centre_on is not None:
+        keypoint = held_positions(pose.xy[:, pose.names.index(config.centre_on)])
+    rotation = None
+    if config.align is not None:
+        rotation = body_rotation(pose.xy, pose.names, *config.align, config.track_smooth, str(config.labels))
+    track = None
+    if config.track_animal or config.masks:
+        track = track_animal(videos[0], frame_size, estimate=estimate, limit=config.max_frames,
+                             smooth=config.track_smooth, near=keypoint, keep_blobs=config.masks, echo=echo)
+    if keypoint is not None:
+        return Windows.around(keypoint, config.window, rotation, f"centre-on:{config.centre_on}"), track
+    return Windows.around(track.centres, config.window, rotation, "track-animal"), track
+
+
+def _track_attributes(config: BuildConfig, windows, track, frame_size: tuple[int, int]) -> dict:
+    attrs = {
+        "columns": json.dumps(["x", "y", "rotation"]),
+        "description": "per frame: the window's centre (x, y) in source pixels (pixel i spans [i, i+1)) and its "
+                       "rotation in degrees counter-clockwise on screen (PIL's Image.rotate; 0 without --align): "
+                       "the frame shows the source rotated by it about that centre, cut to window x window px",
+        "window": config.window, "source_width": frame_size[0], "source_height": frame_size[1],
+        "method": windows.method, "align": ",".join(config.align or ()), "track_smooth": config.track_smooth,
+    }
+    if track is not None:
+        attrs.update({"frames_found": int(track.found.sum()), "frames_tracked": track.n_frames,
+                      "threshold_low": track.thresholds[0], "threshold_high": track.thresholds[1],
+                      "tracking_scale": json.dumps(list(track.scale)),
+                      "background_frames": track.n_background_frames})
+    return attrs
+
+
+def _track_figure(out: Path, config: BuildConfig, windows, track, videos: list[Path], pose, frame_size, n_source):
+    """``OUT.track.png``: the windows' centres over the background (or the first frame)."""
+    from bnet.data.animal import Windows, track_figure
+
+    if track is not None:
+        background = track.background
+    else:
+        background = _first_frame(videos, pose)
+    where = videos[0].name if videos else Path(config.labels).name
+    what = ("the animal found by background subtraction" if windows.method == "track-animal"
+            else f"keypoint {config.centre_on}")
+    title = f"{where}: {config.window} px windows around {what}"
+    if track is not None:
+        n = min(track.n_frames, n_source)
+        title += f"\nfound in {int(track.found[:n].sum())} of {n} frames"
+    if config.align is not None:
+        title += f"; rotated so that {config.align[1]} -> {config.align[0]} points up (arrows)"
+    found = None if track is None or windows.method != "track-animal" else track.found
+    shown = Windows(windows.centres[:n_source], windows.side,
+                    None if windows.rotation is None else windows.rotation[:n_source], windows.method)
+    return track_figure(out.with_suffix(".track.png"), background, frame_size, shown, found, title)
+
+
+def _first_frame(videos: list[Path], pose) -> np.ndarray:
+    """The first frame, gray (of the first video, or the first still)."""
+    frames = decoded_frames(videos[0], "gray") if videos else still_frames(pose.images[:1], "gray")
+    try:
+        return np.asarray(next(iter(frames)))
+    finally:
+        frames.close()
 
 
 def neural_rows_covering(n_frames: int, neural_fps: float, source_fps: float) -> int:
@@ -529,26 +691,35 @@ def result_channels(config: BuildConfig, videos: list[Path]) -> int:
     return max(1, len(videos)) * (1 if config.color == "gray" else 3)
 
 
-def _write(f, config, geometry, origins, views, videos, labels, source_fps, out_fps, progress) -> tuple[int, int]:
-    """Images (and labels) trial by trial; -> (source frames decoded, frames written)."""
+def _write(f, config, geometry, windows, track, views, videos, labels, source_fps, out_fps,
+           progress) -> tuple[int, int]:
+    """Images (and labels, masks, the windows) trial by trial; -> (source frames decoded,
+    frames written)."""
     groups = {"images": f.create_group("images")}
     if labels is not None:
         groups["labels"], groups["labels_masks"] = f.create_group("labels"), f.create_group("labels_masks")
+    if config.masks:
+        groups["masks"] = f.create_group("masks")
+    if windows is not None:
+        groups["animal_track"] = f.create_group("animal_track")
     length = config.trial_length
-    images, indices = [], []
+    images, indices, masks = [], [], []
     n_out = 0
+    channels = result_channels(config, videos)
     source = Counted(_zip_views(views, videos), config.max_frames)
     for i, frame in resampled(source, source_fps, out_fps):
-        if origins is not None:
-            (x, y), side = origins[min(i, len(origins) - 1)], config.window
-            frame = [view.crop((x, y, x + side, y + side)) for view in frame]
+        if windows is not None:
+            frame = [windows.cut(view, i) for view in frame]
         images.append(np.concatenate([geometry.frame(view) for view in frame]))
+        if config.masks:
+            blob = track.blobs[min(i, len(track.blobs) - 1)]
+            masks.append(windows.mask(blob, i, track.scale, geometry, config.mask_background_weight, channels))
         indices.append(i)
         n_out += 1
         if len(images) == length:
-            _flush(groups, n_out // length - 1, images, indices, labels)
+            _flush(groups, n_out // length - 1, images, indices, labels, masks, windows)
             progress.update(length)
-            images, indices = [], []
+            images, indices, masks = [], [], []
     if n_out < length:
         where = str(videos[0]) if videos else str(config.labels)
         raise DataError(f"--trial-length {length} is longer than {where} ({n_out} frames"
@@ -595,10 +766,14 @@ class Counted:
             yield item
 
 
-def _flush(groups, trial: int, images, indices, labels) -> None:
+def _flush(groups, trial: int, images, indices, labels, masks=None, windows=None) -> None:
     name = trial_name(trial)
     stack = np.stack(images)
     groups["images"].create_dataset(name, data=stack, chunks=(1, *stack.shape[1:]))
+    if "masks" in groups:
+        groups["masks"].create_dataset(name, data=np.stack(masks), chunks=(1, *stack.shape[1:]))
+    if windows is not None:
+        groups["animal_track"].create_dataset(name, data=windows.rows(indices))
     if labels is not None:
         rows = labels[np.minimum(indices, len(labels) - 1)]
         groups["labels"].create_dataset(name, data=np.nan_to_num(rows))
@@ -609,7 +784,7 @@ def write_data_config(session: Path, config: BuildConfig, n_channels: int, neura
     """A BehaveNet data JSON beside the session (``bnet tune ... --data-config FILE``)."""
     path = session.with_suffix(".json")
     content = {"data": str(session.resolve()), "n_input_channels": n_channels, "y_pixels": config.y_pixels,
-               "x_pixels": config.x_pixels, "use_output_mask": False}
+               "x_pixels": config.x_pixels, "use_output_mask": bool(config.masks)}
     if neural_counts is not None:
         content["neural_type"] = "spikes" if neural_counts else "ca"
     path.write_text(json.dumps(content, indent=2) + "\n")

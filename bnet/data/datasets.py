@@ -62,7 +62,7 @@ class TrialBatches(torch.utils.data.Dataset):
         if "images" in self.signals and self.session.image_shape:
             per_frame += int(np.prod(self.session.image_shape))
         if "masks" in self.signals and self.session.image_shape:
-            per_frame += int(np.prod(self.session.image_shape))
+            per_frame += int(np.prod(self.session.image_shape)) * self.session.masks_itemsize
         return per_frame * self.n_frames
 
     def __len__(self) -> int:

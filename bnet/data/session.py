@@ -88,6 +88,15 @@ class Session:
             return [group[trial_name(t)][()] for t in wanted]
 
     @cached_property
+    def masks_itemsize(self) -> int:
+        """Bytes per value of the ``masks`` group (BehaveNet's are 0/1 bytes; ``bnet data build
+        --masks`` writes float32 weights), 0 without masks."""
+        if "masks" not in self.signals:
+            return 0
+        with h5py.File(self.path, "r") as f:
+            return f["masks"][trial_name(self.trials[0])].dtype.itemsize
+
+    @cached_property
     def data_hash(self) -> str:
         """The data identity every run records: the first 16 hex digits of the file's sha256
         (read once per session object; the file can be large)."""
