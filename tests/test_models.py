@@ -10,8 +10,35 @@ from bnet.models.ae import AEConfig, masked_mse, same_padding
 
 @pytest.mark.parametrize("pixels, n_params", [(128, 8_758_285), (64, 8_719_885)])
 def test_default_conv_ae_matches_behavenet_parameter_count(pixels, n_params):
+    """BehaveNet's layers, plus bnet's per-pixel output offset (one per pixel)."""
     model = build_model(AEConfig(y_pixels=pixels, x_pixels=pixels, n_ae_latents=12))
-    assert sum(p.numel() for p in model.parameters()) == n_params
+    offset = model.coder.frame_logits.numel()
+    assert offset == pixels * pixels
+    assert sum(p.numel() for p in model.parameters()) - offset == n_params
+
+
+def test_a_checkpoint_from_before_the_output_offset_loads_without_one(tmp_path):
+    model = build_model(AEConfig(y_pixels=16, x_pixels=16, n_ae_latents=3))
+    model.start_at_mean_frame(torch.full((1, 1, 16, 16), 0.2))
+    images = torch.rand(2, 1, 16, 16)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("frame_logits")}
+    old = build_model(AEConfig(y_pixels=16, x_pixels=16, n_ae_latents=3))
+    old.load_state_dict(state)
+    assert torch.equal(old.coder.frame_logits, torch.zeros_like(old.coder.frame_logits))
+    with torch.no_grad():
+        model.coder.frame_logits.zero_()
+        torch.testing.assert_close(old(images)[0], model(images)[0])
+
+
+def test_a_fit_starts_at_the_mean_frame():
+    model = build_model(AEConfig(y_pixels=16, x_pixels=16, n_ae_latents=3))
+    with torch.no_grad():
+        for layer in (model.coder.from_latents, *model.coder.decoder_convs, *model.coder.last_convs):
+            layer.weight.zero_()
+    mean = torch.rand(1, 1, 16, 16) * 0.9 + 0.05
+    model.start_at_mean_frame(mean)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(torch.zeros(1, 3)), mean, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 16), (2, 40, 24), (3, 33, 17)])

@@ -38,6 +38,7 @@ def demo_fit(demo_data):
     mean_image = torch.cat([train[i]["images"] for i in range(len(train))]).mean(0, keepdim=True)
     plateau = float(np.mean([((val[i]["images"] - mean_image) ** 2).mean() for i in range(len(val))]))
     model = build_model(AEConfig(y_pixels=32, x_pixels=32, n_ae_latents=6))
+    model.start_at_mean_frame(mean_image)  # as every trial starts
     result = fit(model, train, val, TrainingConfig(learning_rate=1e-3, max_n_epochs=3, enable_early_stop=False),
                  precision="fp32")
     return {"session": session, "splits": splits, "val": val, "plateau": plateau, "result": result,

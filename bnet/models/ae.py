@@ -225,6 +225,13 @@ class ConvCoder(nn.Module):
         )
         self.last_convs = nn.ModuleList(nn.ConvTranspose2d(channels[0], in_channels[0], kernels[0], strides[0])
                                         for _ in range(n_io))
+        # A per-pixel offset before the sigmoid, set to the training mean frame's logit when a fit
+        # starts (start_at): the decoder then learns what differs from the mean frame. Without it
+        # (BehaveNet's decoder, all zeros) an open-field video's AE sat on a plateau worse than the
+        # mean frame for 60 epochs (variance explained -0.33, the dark frame's pixels saturating the
+        # sigmoid); started at the mean frame it explained 0.52 after 40.
+        self.frame_logits = nn.Parameter(torch.zeros(n_io, config.n_input_channels, config.y_pixels, config.x_pixels))
+        self._register_load_state_dict_pre_hook(_zero_frame_logits_if_absent, with_module=True)
         for layer in self.modules():
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 # He initialisation for LeakyReLU: torch's default (BehaveNet's) shrinks the
@@ -261,7 +268,21 @@ class ConvCoder(nn.Module):
         n_layers = len(self.decoder_convs) + 1
         for i, conv in enumerate(self.decoder_convs):
             h = F.leaky_relu(self._crop(self._run_layer(conv, h), n_layers - 1 - i), LEAKY_SLOPE)
-        return torch.sigmoid(self._crop(per_session(self.last_convs, h, session, self._run_layer), 0))
+        out = self._crop(per_session(self.last_convs, h, session, self._run_layer), 0)
+        offset = self.frame_logits[0] if session is None or len(self.frame_logits) == 1 else self.frame_logits[session]
+        return torch.sigmoid(out + offset)
+
+    @torch.no_grad()
+    def start_at(self, mean_frames: torch.Tensor) -> None:
+        """Offset the output by each session's mean frame ``(n_sessions, C, Y, X)`` in [0, 1]
+        (their mean where the sessions share the last layer)."""
+        means = mean_frames if len(self.frame_logits) == len(mean_frames) else mean_frames.mean(0, keepdim=True)
+        self.frame_logits.copy_(torch.logit(means.clamp(1e-3, 1 - 1e-3)))
+
+
+def _zero_frame_logits_if_absent(coder: "ConvCoder", state_dict, prefix, *_) -> None:
+    # checkpoints saved before the output offset existed decode as they were fitted: no offset
+    state_dict.setdefault(prefix + "frame_logits", torch.zeros_like(coder.frame_logits))
 
 
 class LinearCoder(nn.Module):
@@ -285,6 +306,13 @@ class LinearCoder(nn.Module):
 
     def decode(self, inputs: torch.Tensor, session: torch.Tensor | None = None) -> torch.Tensor:
         return per_session(self.decoders, inputs, session, lambda layer, x: layer(x)).view(-1, *self.shape)
+
+    @torch.no_grad()
+    def start_at(self, mean_frames: torch.Tensor) -> None:
+        """Each decoder's bias at its session's mean frame (their mean where sessions share one)."""
+        means = mean_frames if len(self.decoders) == len(mean_frames) else mean_frames.mean(0, keepdim=True)
+        for decoder, mean in zip(self.decoders, means):
+            decoder.bias.copy_(mean.flatten())
 
 
 AE_ARCHITECTURES: dict[str, type[nn.Module]] = {"conv": ConvCoder, "linear": LinearCoder}
@@ -335,6 +363,11 @@ class AutoEncoder(nn.Module):
 
     def build_heads(self) -> None:
         """Layers beyond the coder (label readouts, projections)."""
+
+    def start_at_mean_frame(self, mean_frames: torch.Tensor) -> None:
+        """Start the decoder at the trivial answer: its output, with latents at zero, near each
+        session's training mean frame ``(n_sessions, C, Y, X)`` in [0, 1]."""
+        self.coder.start_at(mean_frames.to(next(self.parameters()).dtype))
 
     @property
     def n_latents(self) -> int:

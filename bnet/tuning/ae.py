@@ -197,6 +197,10 @@ class AETrials:
             labels = torch.cat([b["labels"] for b in train])
             model.initialize_label_readout(labels, torch.cat([label_mask(b["labels"], b.get("labels_masks"))
                                                               for b in train]))
+        # the trivial answer: each session's mean training frame (bnet.models.frame_metrics),
+        # also where the decoder starts
+        baseline = MeanFrame.of(batches["train"], len(self.sessions))
+        model.start_at_mean_frame(torch.from_numpy(baseline.mean))
         max_epochs = training.max_n_epochs
 
         class Progress:
@@ -217,8 +221,6 @@ class AETrials:
                    "fit_seconds": result.train_seconds,
                    **{f"best_val_{k}": v for k, v in best.val_terms.items()},
                    **{f"test_{k}": v for k, v in test_terms.items()}}
-        # the trivial answer: each session's mean training frame (bnet.models.frame_metrics)
-        baseline = MeanFrame.of(batches["train"], len(self.sessions))
         for split in ("train", "val", "test"):
             metrics.update({f"{split}_{k}": v for k, v in baseline.score(model, batches[split], device).items()})
         if "triplet" in best.train_terms:
