@@ -26,7 +26,7 @@ from bnet.models.decoders import DecoderConfig
 from bnet.tracking import resolve_store
 from bnet.tuning.family import Family, Objective, PreparedStudy, TrialResult
 from bnet.tuning.space import Condition, SearchSpace
-from bnet.tuning.study import StudySpec, run_study
+from bnet.tuning.study import StudySpec, make_pruner, run_study
 from conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -469,7 +469,15 @@ def test_zero_config_ae_study_searches_the_default_space(tmp_path, tiny_session)
     assert "the ae default space is searched: n_ae_latents (4, 8, 12, 16), learning_rate" in output
     runs = bnet.best_runs("zero", "ae", 2, store=resolve_store(tmp_path / "store"))
     assert len({(r.params["n_ae_latents"], r.params["learning_rate"]) for r in runs}) == 2
-    assert {r.params["early_stop_history"] for r in runs} == {"5"}  # the family's budget
+    assert {r.params["early_stop_history"] for r in runs} == {"10"}  # the family's budget
+
+
+def test_the_pruners_scale_with_a_trials_budget():
+    median = make_pruner(TuningConfig(pruner="median"), 60)
+    assert median._n_warmup_steps == 12 and median._n_startup_trials == 2
+    assert make_pruner(TuningConfig(pruner="median"), 10)._n_warmup_steps == 5
+    assert make_pruner(TuningConfig(pruner="median"))._n_warmup_steps == 5  # a searched budget
+    assert make_pruner(TuningConfig(pruner="hyperband"), 60)._max_resource == 60
 
 
 def test_a_configuration_finished_on_the_same_data_is_never_refitted(tmp_path, tiny_session):

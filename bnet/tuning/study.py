@@ -179,13 +179,25 @@ def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None):
                                       n_startup_trials=min(10, max(2, tuning.n_trials // 3)))
 
 
-def make_pruner(tuning: TuningConfig):
+def make_pruner(tuning: TuningConfig, budget: int | None = None):
+    """The study's pruner; ``budget`` is a trial's steps at most (epochs, EM iterations), where fixed.
+
+    The median pruner waits a fifth of the budget (at least five steps): a lower learning rate
+    starts slower without ending worse. With a 5-step wait on a 30-epoch budget it cut 8 of 10
+    trials of the open-field AE study at epoch 5, learning rates 1e-4 to 1e-3 among them, on
+    the two finished trials' epoch-5 losses.
+    """
     if tuning.pruner == "median":
-        # five steps of warm-up: a lower learning rate starts slower without ending worse
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=5)
+        warmup = max(5, budget // 5) if budget else 5
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
     if tuning.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        return optuna.pruners.HyperbandPruner(max_resource=budget or "auto")
     return optuna.pruners.NopPruner()
+
+
+def _budget(spec: StudySpec) -> int | None:
+    value = spec.fixed.get(spec.family.budget_key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
@@ -205,7 +217,8 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
     try:
         study = optuna.create_study(
             study_name=spec.study_name, storage=storage, directions=list(spec.objective.directions),
-            sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed), pruner=make_pruner(spec.tuning))
+            sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed),
+            pruner=make_pruner(spec.tuning, _budget(spec)))
         for point in spec.tuning.enqueue or ():
             study.enqueue_trial(point)
     except optuna.exceptions.DuplicatedStudyError:
@@ -213,7 +226,8 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
         # share one seed propose the very same hyperparameters at the same time
         seed = None if spec.tuning.seed is None else zlib.crc32(f"{spec.tuning.seed}/{this_worker()}".encode())
         study = optuna.load_study(study_name=spec.study_name, storage=storage,
-                                  sampler=make_sampler(spec.tuning, spec.space, seed), pruner=make_pruner(spec.tuning))
+                                  sampler=make_sampler(spec.tuning, spec.space, seed),
+                                  pruner=make_pruner(spec.tuning, _budget(spec)))
     recorded_directions = tuple(d.name.lower() for d in study.directions)
     if recorded_directions != spec.objective.directions:
         raise ConfigError(f"study '{spec.study_name}' exists with direction(s) {', '.join(recorded_directions)}, "
