@@ -35,7 +35,7 @@ demo: install
 # The demo's AE on the real mirror-mouse video (no neural data recorded with it: AE and ARHMM only).
 demo-mouse: install
 	$(BIN)/bnet data build --video ../shared/data/lp_mirror_mouse/videos/test_vid.mp4 --out demo-data/mouse.hdf5 \
-		--y-pixels 64 --x-pixels 64 --trial-length 50 --overwrite
+		--y-pixels 64 --x-pixels 64 --trial-length 10 --overwrite
 	$(BIN)/bnet tune ae --config projects/demo/ae-mouse.yaml
 	$(BIN)/bnet register ae --experiment ae-mouse --name ae-mouse --alias champion
 	$(BIN)/bnet plot reconstruction models:/ae-mouse@champion --out demo-data/mouse-reconstruction.mp4 --log
