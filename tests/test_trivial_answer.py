@@ -64,6 +64,7 @@ def test_variance_explained_is_one_minus_mse_over_the_training_mean_frames_mse()
     assert scores["moving_var_explained"] == pytest.approx(
         1 - ((held_out - reconstruction) ** 2)[where].sum() / ((held_out - train.mean(0)) ** 2)[where].sum(), rel=1e-12)
     assert scores["mean_frame_mse"] == pytest.approx(mean_sse / held_out.size, rel=1e-12)
+    assert scores["changed_pixel_share"] == pytest.approx((np.abs(held_out - train.mean(0)) > 0.05).mean())
     perfect = baseline.score(Reconstructs(), batches_of(held_out), torch.device("cpu"))
     assert perfect["var_explained"] == pytest.approx(1.0) and perfect["moving_var_explained"] == pytest.approx(1.0)
 
@@ -102,6 +103,19 @@ def test_a_model_that_draws_the_mean_frame_is_warned_about():
         "the best model explains 62.0% of the held-out frame variance (70.0% on the moving pixels) beyond the "
         "training mean frame")
     assert trivial.mean_frame({"best_val_loss": 0.1}) is None  # runs from before the metric: nothing said
+
+
+def test_an_animal_a_few_pixels_of_the_frame_is_warned_about_even_when_the_ae_beats_the_mean_frame():
+    """The open-field mouse seen whole: 0.8% of a frame's pixels off the mean frame; an AE that
+    explains 37% of that variance still holds little of its posture."""
+    whole = trivial.mean_frame({"val_var_explained": 0.37, "val_moving_var_explained": 0.45,
+                                "val_changed_pixel_share": 0.008})
+    assert whole.beats and whole.warns
+    said = whole.sentence("the best model")
+    assert said.startswith("warning: the best model explains 37.0%") and "0.8% of their pixels" in said
+    assert "--track-animal" in said
+    centred = trivial.mean_frame({"val_var_explained": 0.52, "val_changed_pixel_share": 0.2})
+    assert centred.beats and not centred.warns and not centred.sentence("it").startswith("warning")
 
 
 def test_the_one_state_model_is_ssms_map_gaussian():

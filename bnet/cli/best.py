@@ -89,7 +89,7 @@ def _best_command(family: str) -> click.Command:
                 click.echo(f"   {comparison.figure}")
             click.echo(f"   {run.artifact_uri}")
         best_comparison = compare(runs[0].metrics)
-        if best_comparison is not None and not best_comparison.beats:
+        if best_comparison is not None and best_comparison.warns:
             click.echo(best_comparison.sentence("the best run"))
 
     return command

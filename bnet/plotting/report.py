@@ -193,7 +193,7 @@ def _page(study_name, parent, metric, direction, ranked, sections, notes, run_at
     notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
     warning_html = (f"<p style='background:#fde8e8;padding:8px;border:1px solid #c33'><b>"
                     f"{escape(comparison.sentence('The best model'))}</b></p>"
-                    if comparison is not None and not comparison.beats else "")
+                    if comparison is not None and comparison.warns else "")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>bnet study {escape(study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}

@@ -18,6 +18,12 @@ the mirror-mouse demo's 20-epoch champion explained 0.029 with the paws missing,
 one 0.0 with no mouse (the mean frame itself scores 0, a perfect model 1)."""
 
 
+SMALL_ANIMAL_SHARE = 0.02
+"""Below this share of a held-out frame's pixels off the mean frame, the animal is a few pixels
+of the frame (the open-field mouse seen whole: 0.8%; centred windows 14-22%): an AE may beat
+the mean frame there and still hold little of the animal's posture."""
+
+
 @dataclass(frozen=True)
 class TrivialComparison:
     """How one run compares with its family's trivial answer.
@@ -26,17 +32,29 @@ class TrivialComparison:
         figure: the comparison in words, e.g. "explains 62% of the held-out frame variance".
         beats: whether the run beats the trivial answer (by the family's margin).
         advice: what to try when it does not.
+        caveat: a warning that holds even where the run beats the trivial answer.
     """
 
     figure: str
     beats: bool
     advice: str = ""
+    caveat: str = ""
+
+    @property
+    def warns(self) -> bool:
+        return not self.beats or bool(self.caveat)
 
     def sentence(self, subject: str) -> str:
-        """``subject`` + the figure, and for a run that does not beat the trivial answer a
-        plain warning with the advice."""
+        """``subject`` + the figure; for a run that does not beat the trivial answer a plain
+        warning with the advice, for one with a caveat a warning with the caveat."""
         said = f"{subject} {self.figure}"
-        return said if self.beats else f"warning: {said}: {self.advice}"
+        if not self.beats:
+            return f"warning: {said}: {self.advice}"
+        return f"warning: {said}, but {self.caveat}" if self.caveat else said
+
+
+CENTRE = ("centre the frames on it (`bnet data build --track-animal --window PX`, or `--centre-on KEYPOINT` "
+          "with a pose file)")
 
 
 def _percent(value: float) -> str:
@@ -52,13 +70,15 @@ def mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None:
     figure = (f"explains {_percent(explained)} of the held-out frame variance"
               + (f" ({_percent(moving)} on the moving pixels)" if moving is not None else "")
               + " beyond the training mean frame")
+    changed = metrics.get("val_changed_pixel_share")
+    caveat = "" if changed is None or changed >= SMALL_ANIMAL_SHARE else (
+        f"the frames differ from the mean frame in {_percent(changed)} of their pixels: the animal is a few "
+        f"pixels of the frame and the latents can hold little of its posture; {CENTRE}")
     verdict = ("it reconstructs the frames worse than the mean frame does" if explained < 0 else
                "it reconstructs little more than the mean frame (the background, not the animal)")
     return TrivialComparison(figure, explained >= MIN_VAR_EXPLAINED, (
-        f"{verdict}. A freely moving "
-        "animal is a few pixels of a downsampled whole frame: centre the frames on it "
-        "(`bnet data build --track-animal --window PX`, or `--centre-on KEYPOINT` with a pose file); on "
-        "head-fixed video train longer (`max_n_epochs`) or at a higher learning rate"))
+        f"{verdict}. A freely moving animal is a few pixels of a downsampled whole frame: {CENTRE}; on "
+        "head-fixed video train longer (`max_n_epochs`) or at a higher learning rate"), caveat)
 
 
 def one_state(metrics: Mapping[str, float]) -> TrivialComparison | None:
