@@ -40,11 +40,11 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.query import fitted_datasets
 from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate_terms, fit, resolve_device, resolve_precision
+from bnet.tuning import trivial
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, training_configs
 from bnet.tuning.family import (
     LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
-from bnet.tuning import trivial
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "ae"

@@ -32,12 +32,12 @@ from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import load_model
 from bnet.tracking.store import Store
 from bnet.training import resolve_device
+from bnet.tuning import trivial
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, upstream_export, upstream_run
 from bnet.tuning.family import (
     LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
 from bnet.tuning.space import Condition
-from bnet.tuning import trivial
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "arhmm"

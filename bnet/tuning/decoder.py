@@ -34,6 +34,7 @@ from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import resolve_upstream
 from bnet.tracking.store import Store
 from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
+from bnet.tuning import trivial
 from bnet.tuning.common import (
     refuse_other_splits, resolve_data_path, session_splits, split_settings, training_configs, upstream_export,
     upstream_run,
@@ -42,7 +43,6 @@ from bnet.tuning.family import (
     LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
 from bnet.tuning.space import Condition
-from bnet.tuning import trivial
 from bnet.tuning.study import StudyOutcome, TrialContext
 
 FAMILY = "decoder"
