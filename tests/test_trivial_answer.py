@@ -94,27 +94,27 @@ def test_a_model_that_draws_the_mean_frame_is_warned_about():
     scores = baseline.score(Reconstructs(image=torch.from_numpy(baseline.mean[0])), batches_of(held_out),
                             torch.device("cpu"))
     assert abs(scores["var_explained"]) < 0.1
-    comparison = trivial.mean_frame({f"val_{k}": v for k, v in scores.items()})
+    comparison = trivial.against_mean_frame({f"val_{k}": v for k, v in scores.items()})
     assert not comparison.beats
     said = comparison.sentence("the best model")
     assert said.startswith("warning: the best model explains") and "--track-animal" in said
-    good = trivial.mean_frame({"val_var_explained": 0.62, "val_moving_var_explained": 0.7})
+    good = trivial.against_mean_frame({"val_var_explained": 0.62, "val_moving_var_explained": 0.7})
     assert good.beats and good.sentence("the best model") == (
         "the best model explains 62.0% of the held-out frame variance (70.0% on the moving pixels) beyond the "
         "training mean frame")
-    assert trivial.mean_frame({"best_val_loss": 0.1}) is None  # runs from before the metric: nothing said
+    assert trivial.against_mean_frame({"best_val_loss": 0.1}) is None  # runs from before the metric: nothing said
 
 
 def test_an_animal_a_few_pixels_of_the_frame_is_warned_about_even_when_the_ae_beats_the_mean_frame():
     """The open-field mouse seen whole: 0.8% of a frame's pixels off the mean frame; an AE that
     explains 37% of that variance still holds little of its posture."""
-    whole = trivial.mean_frame({"val_var_explained": 0.37, "val_moving_var_explained": 0.45,
+    whole = trivial.against_mean_frame({"val_var_explained": 0.37, "val_moving_var_explained": 0.45,
                                 "val_changed_pixel_share": 0.008})
     assert whole.beats and whole.warns
     said = whole.sentence("the best model")
     assert said.startswith("warning: the best model explains 37.0%") and "0.8% of their pixels" in said
     assert "--track-animal" in said
-    centred = trivial.mean_frame({"val_var_explained": 0.52, "val_changed_pixel_share": 0.2})
+    centred = trivial.against_mean_frame({"val_var_explained": 0.52, "val_changed_pixel_share": 0.2})
     assert centred.beats and not centred.warns and not centred.sentence("it").startswith("warning")
 
 
@@ -143,7 +143,7 @@ def test_decoders_are_scored_beside_the_constant_prediction():
     train = np.concatenate([counts[t][2:-2] for t in (0, 1, 2)])
     expected = poisson(train.mean(0)).logpmf(counts[3][2:-2]).mean()
     assert scores["val_ll_constant"] == pytest.approx(expected, rel=1e-10)
-    assert trivial.constant_prediction(scores).beats == (scores["val_ll"] > scores["val_ll_constant"])
+    assert trivial.against_constant(scores).beats == (scores["val_ll"] > scores["val_ll_constant"])
 
     states = {t: rng.choice(3, size=20, p=[0.6, 0.3, 0.1]) for t in range(5)}
     data = DecodingData(inputs={t: np.zeros((20, 1)) for t in range(5)}, targets=states, splits=splits,
@@ -153,7 +153,7 @@ def test_decoders_are_scored_beside_the_constant_prediction():
     frequencies = (np.bincount(np.concatenate([states[t] for t in (0, 1, 2)]), minlength=3) + 1) / (60 + 3)
     assert scores["val_ll_constant"] == pytest.approx(np.log(frequencies[states[3]]).mean(), rel=1e-12)
     assert scores["val_accuracy_constant"] == pytest.approx(np.mean(states[3] == frequencies.argmax()))
-    assert trivial.constant_prediction({"val_r2": -0.2}).sentence("the best model").startswith("warning:")
+    assert trivial.against_constant({"val_r2": -0.2}).sentence("the best model").startswith("warning:")
 
 
 @pytest.mark.slow

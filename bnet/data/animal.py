@@ -237,6 +237,20 @@ def animal_blob(difference: np.ndarray, low: float, high: float, near: tuple[flo
 # ---------------------------------------------------------------- the track
 
 
+def held_positions(positions: np.ndarray) -> np.ndarray:
+    """``(frames, 2)`` positions with each NaN frame holding the last found position (the
+    first found one before any was found)."""
+    positions = np.array(positions, dtype=np.float64)
+    found = np.isfinite(positions).all(axis=1)
+    if not found.any():
+        raise DataError("the keypoint to centre on is never found")
+    last = np.maximum.accumulate(np.where(found, np.arange(len(found)), -1))
+    last[last < 0] = np.argmax(found)
+    return positions[last]
+
+
+
+
 def fill_gaps(raw: np.ndarray, found: np.ndarray) -> np.ndarray:
     """``(frames, d)`` values with the unfound frames interpolated between found neighbours
     (held at the ends)."""
@@ -364,13 +378,11 @@ def body_rotation(xy: np.ndarray, names: list[str], head: str, tail: str, smooth
     if missing:
         raise DataError(f"{source}: --align names no keypoint(s) {', '.join(missing)} (has {', '.join(names)})")
     axis = xy[:, names.index(head)].astype(np.float64) - xy[:, names.index(tail)]
-    heading = np.arctan2(-axis[:, 1], axis[:, 0])  # counter-clockwise from +x, as seen on screen
-    known = np.isfinite(heading) & (np.hypot(axis[:, 0], axis[:, 1]) > 0)
-    if not known.any():
+    axis[np.hypot(axis[:, 0], axis[:, 1]) == 0] = np.nan  # head on tail: no direction
+    if not np.isfinite(axis).all(axis=1).any():
         raise DataError(f"{source}: --align {head},{tail}: the two keypoints are never both found")
-    last = np.maximum.accumulate(np.where(known, np.arange(len(known)), -1))
-    last[last < 0] = np.argmax(known)
-    heading = smooth_over_time(np.unwrap(heading[last])[:, None], smooth)[:, 0]
+    axis = held_positions(axis)
+    heading = smooth_over_time(np.unwrap(np.arctan2(-axis[:, 1], axis[:, 0]))[:, None], smooth)[:, 0]
     rotation = 90.0 - np.degrees(heading)
     return (rotation + 180.0) % 360.0 - 180.0
 
@@ -412,7 +424,8 @@ class Windows:
     def __post_init__(self):
         self.origins = np.rint(self.centres - self.side / 2).astype(int)
 
-    def _centre(self, i: int) -> np.ndarray:
+    def centre(self, i: int) -> np.ndarray:
+        """Frame ``i``'s window centre (x, y), source pixels."""
         return self.centres[min(i, len(self.centres) - 1)]
 
     def _angle(self, i: int) -> float:
@@ -420,7 +433,7 @@ class Windows:
 
     def affine(self, i: int) -> tuple[float, ...]:
         """PIL's affine ``data``: window pixel (u, v) -> source pixel, for frame ``i``."""
-        (cx, cy), half = self._centre(i), self.side / 2
+        (cx, cy), half = self.centre(i), self.side / 2
         beta = math.radians(self._angle(i))
         cos, sin = math.cos(beta), math.sin(beta)
         return cos, -sin, cx - cos * half + sin * half, sin, cos, cy - sin * half - cos * half
@@ -452,7 +465,7 @@ class Windows:
 
     def rows(self, indices) -> np.ndarray:
         """``(len(indices), 3)`` float32: window centre x, y (source pixels) and rotation."""
-        return np.array([(*self._centre(i), self._angle(i)) for i in indices], dtype=np.float32)
+        return np.array([(*self.centre(i), self._angle(i)) for i in indices], dtype=np.float32)
 
     def corners(self, i: int) -> np.ndarray:
         """The window's four corners in source pixels (for figures)."""
@@ -481,57 +494,3 @@ class Windows:
         on = dilation(geometry.frame(cut)[0] >= 128, disk(1))
         weights = np.where(on, 1.0, weight).astype(np.float32)
         return np.broadcast_to(weights, (channels, height, width))
-
-
-# ---------------------------------------------------------------- the figure
-
-
-def track_figure(path: Path, background: np.ndarray, source: tuple[int, int], windows: Windows,
-                 found: np.ndarray | None, title: str, n_windows: int = 6) -> Path:
-    """The track over the background (coloured by time), a few windows drawn as squares (with
-    the body axis, where aligned), frames where the animal was interpolated marked; PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
-    from matplotlib.patches import Polygon
-
-    width, height = source
-    fig, ax = plt.subplots(figsize=(8, 7))
-    ax.imshow(background, cmap="gray", extent=(0, width, height, 0), interpolation="bilinear")
-    centres = windows.centres
-    n = len(centres)
-    segments = np.stack([centres[:-1], centres[1:]], axis=1) if n > 1 else np.zeros((0, 2, 2))
-    lines = LineCollection(segments, cmap="viridis", linewidths=1.2)
-    lines.set_array(np.arange(max(n - 1, 0)))
-    ax.add_collection(lines)
-    fig.colorbar(lines, ax=ax, fraction=0.04, pad=0.02, label="frame")
-    if found is not None and (~found).any():
-        missing = np.flatnonzero(~found[: n])
-        ax.scatter(centres[missing, 0], centres[missing, 1], s=6, c="red", marker="x", linewidths=0.6,
-                   label=f"interpolated ({len(missing)} frames)", zorder=3)
-        ax.legend(loc="lower right", fontsize=8)
-    colours = plt.get_cmap("viridis")
-    reach = np.array([[0.0, 0.0], [width, height]])
-    for k in np.unique(np.linspace(0, n - 1, min(n_windows, n)).round().astype(int)):
-        colour = colours(k / max(n - 1, 1))
-        corners = windows.corners(k)
-        reach = np.array([np.minimum(reach[0], corners.min(axis=0)), np.maximum(reach[1], corners.max(axis=0))])
-        ax.add_patch(Polygon(corners, closed=True, fill=False, edgecolor=colour, linewidth=1.2))
-        if windows.rotation is not None:  # the window's up, where the head points
-            a, b, c, d, e, f = windows.affine(k)
-            s = windows.side
-            top = (a * s / 2 + b * s * 0.1 + c, d * s / 2 + e * s * 0.1 + f)
-            ax.annotate("", xy=top, xytext=tuple(windows._centre(k)),
-                        arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2})
-    ax.set_xlim(reach[0, 0], reach[1, 0])  # the frame, and the windows that reach past it (black there)
-    ax.set_ylim(reach[1, 1], reach[0, 1])
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("x (source px)")
-    ax.set_ylabel("y (source px)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from bnet.data.animal import DEFAULT_TRACK_SMOOTH
+from bnet.data.animal import DEFAULT_TRACK_SMOOTH, held_positions
 from bnet.data.pose import flat_labels, read_pose
 from bnet.data.session import trial_name
 from bnet.errors import ConfigError, DataError
@@ -269,18 +269,6 @@ class BuildSummary:
 
 
 # ---------------------------------------------------------------- sources
-
-
-def held_positions(positions: np.ndarray) -> np.ndarray:
-    """``(frames, 2)`` positions with each NaN frame holding the last found position (the
-    first found one before any was found)."""
-    positions = np.array(positions, dtype=np.float64)
-    found = np.isfinite(positions).all(axis=1)
-    if not found.any():
-        raise DataError("the keypoint to centre on is never found")
-    last = np.maximum.accumulate(np.where(found, np.arange(len(found)), -1))
-    last[last < 0] = np.argmax(found)
-    return positions[last]
 
 
 def video_metadata(path: Path) -> dict:
@@ -602,7 +590,8 @@ def _track_attributes(config: BuildConfig, windows, track, frame_size: tuple[int
 
 def _track_figure(out: Path, config: BuildConfig, windows, track, videos: list[Path], pose, frame_size, n_source):
     """``OUT.track.png``: the windows' centres over the background (or the first frame)."""
-    from bnet.data.animal import Windows, track_figure
+    from bnet.data.animal import Windows
+    from bnet.plotting.animal import track_figure
 
     if track is not None:
         background = track.background

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import matplotlib.ticker
@@ -25,6 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bnet.errors import ConfigError  # noqa: E402
 from bnet.tracking import conventions as tags  # noqa: E402
 from bnet.tracking.store import Store, connect  # noqa: E402
+
+if TYPE_CHECKING:
+    from bnet.tuning.trivial import TrivialComparison
 
 REPORT_DIR = "report"
 TOP_TRIALS = 10
@@ -38,7 +42,7 @@ class Report:
     parent_run_id: str
     n_figures: int
     notes: list[str]
-    trivial: object = None  # the best run against its family's trivial answer (a TrivialComparison)
+    trivial: "TrivialComparison | None" = None  # the best run against its family's trivial answer
 
 
 def load_study(name: str, store: Store):

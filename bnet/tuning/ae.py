@@ -380,7 +380,7 @@ register_family(Family(
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=lambda request: "ae",
     # the architecture a file names is fitted (conv_* params), not the file's path
     machinery=LOCATION_KEYS | {"export_latents", "export_train_plots", "sessions_csv", "all_source", "ae_arch_json"},
-    expand_fixed=_expanded_fixed, trivial=trivial.mean_frame,
+    expand_fixed=_expanded_fixed, trivial=trivial.against_mean_frame,
 ))
 
 

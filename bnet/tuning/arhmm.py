@@ -314,7 +314,7 @@ register_family(Family(
     step_name="EM iteration", budget_key="n_iters", prepare=prepare,
     default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",
     machinery=LOCATION_KEYS | {"export_states", "export_train_plots", "ae_experiment_name", "ae_version"},
-    trivial=trivial.one_state,
+    trivial=trivial.against_one_state,
 ))
 
 

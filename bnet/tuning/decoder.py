@@ -223,8 +223,9 @@ def score_predictions(data: DecodingData, predictions: dict[int, np.ndarray], sp
     """``<split>_r2`` (and per dimension) or ``<split>_accuracy`` / ``<split>_ll``."""
     trials = data.splits[split]
     true, predicted = [data.targets[t] for t in trials], [predictions[t] for t in trials]
-    constant = [np.broadcast_to(constant_prediction(data, n_max_lags), (len(t), *np.shape(p)[1:]))
-                for t, p in zip(true, predicted)]
+    if data.kind != "continuous":  # R²'s constant scores 0 by definition
+        trivial_answer = constant_prediction(data, n_max_lags)
+        constant = [np.broadcast_to(trivial_answer, (len(t), *np.shape(p)[1:])) for t, p in zip(true, predicted)]
     if data.kind == "categorical":
         return {f"{split}_accuracy": score_trials(accuracy, true, predicted, n_max_lags),
                 f"{split}_ll": score_trials(categorical_log_likelihood, true, predicted, n_max_lags),
@@ -433,7 +434,7 @@ register_family(Family(
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
     machinery=LOCATION_KEYS | {"export_predictions", "export_train_plots", "ae_experiment_name", "ae_version",
                                "arhmm_experiment_name", "arhmm_version"},
-    trivial=trivial.constant_prediction,
+    trivial=trivial.against_constant,
 ))
 
 

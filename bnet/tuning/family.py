@@ -11,10 +11,10 @@ and the summaries all read these declarations; adding a family is one module tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from bnet.config import Dimension, ProjectConfig

@@ -61,7 +61,7 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None:
+def against_mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None:
     """An AE run against the training split's mean frame (``val_var_explained``)."""
     explained = metrics.get("val_var_explained")
     if explained is None:
@@ -81,7 +81,7 @@ def mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None:
         "head-fixed video train longer (`max_n_epochs`) or at a higher learning rate"), caveat)
 
 
-def one_state(metrics: Mapping[str, float]) -> TrivialComparison | None:
+def against_one_state(metrics: Mapping[str, float]) -> TrivialComparison | None:
     """An ARHMM run against one state with the same lags and noise (a single AR model)."""
     gain = metrics.get("val_ll_gain_per_step")
     if gain is None:
@@ -94,7 +94,7 @@ def one_state(metrics: Mapping[str, float]) -> TrivialComparison | None:
         "transitions, more EM iterations, or latents that carry the behaviour (check the AE's variance explained)"))
 
 
-def constant_prediction(metrics: Mapping[str, float]) -> TrivialComparison | None:
+def against_constant(metrics: Mapping[str, float]) -> TrivialComparison | None:
     """A decoder run against the constant prediction: R² 0 for continuous targets, the
     training frequencies (states) or mean rates (spike counts) for log-likelihoods."""
     advice = ("the neural activity predicts this target no better than a constant here: check the target and "
