@@ -15,6 +15,7 @@ Unknown keys are errors naming the key and the section. CLI options override the
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 from dataclasses import dataclass, field, fields
@@ -124,14 +125,30 @@ class Range:
 Dimension = Union[Categorical, Range]
 
 
+SAMPLERS = ("tpe", "gp", "cmaes", "qmc", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+DEFAULT_N_TRIALS = 10
+
+
 @dataclass
 class TuningConfig:
     """The search itself.
 
     Attributes:
         n_trials: finished (complete or pruned) trials the study should hold; re-running
-            a command tops the study up to this number, so a killed study resumes.
-        sampler: ``tpe`` (Bayesian, default), ``random`` or ``grid``.
+            a command tops the study up to this number, so a killed study resumes. Default
+            10, or no limit where ``budget_steps`` or ``timeout`` bounds the study.
+        budget_steps: the compute the study may spend, in steps trained over all its trials
+            (epochs; EM iterations for ARHMMs): trials start while fewer have been spent, so
+            the last one may overshoot by at most its own steps. With pruning, more trials
+            fit in the same budget. Shared by every worker; a larger budget resumes a study.
+        timeout: seconds after which this command starts no further trial (the running one
+            finishes), as Optuna's ``timeout``.
+        sampler: one of :data:`SAMPLERS`: ``tpe`` (Bayesian, default; conditional and
+            categorical spaces), ``gp`` (a Gaussian process; small budgets of mostly
+            continuous dimensions), ``cmaes`` (CMA-ES; ranges only, categorical dimensions
+            are sampled at random beside it), ``qmc`` (a scrambled Sobol sequence: even
+            coverage without a model), ``random`` or ``grid``.
         pruner: ``median``, ``hyperband`` or ``none``; prunes on the family's per-step
             objective (per-epoch val loss, per-epoch val R², per-iteration val ll).
         metric: the run metric that ranks trials; default (None) the family's objective
@@ -149,7 +166,9 @@ class TuningConfig:
             Queued when the study is created; a resumed study does not queue them again.
     """
 
-    n_trials: int = 10
+    n_trials: int | None = None
+    budget_steps: int | None = None
+    timeout: float | None = None
     sampler: str = "tpe"
     pruner: str = "median"
     metric: str | list | None = None
@@ -158,13 +177,23 @@ class TuningConfig:
     study: str | None = None
     enqueue: list | None = None
 
+    @property
+    def trial_limit(self) -> int | float:
+        """The finished trials the study should hold (infinite: a budget or timeout decides)."""
+        if self.n_trials is not None:
+            return self.n_trials
+        return math.inf if self.budget_steps or self.timeout else DEFAULT_N_TRIALS
+
     def validate(self) -> None:
-        if self.n_trials < 1:
-            raise ConfigError(f"n_trials must be at least 1, got {self.n_trials}")
+        for name in ("n_trials", "budget_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"tuning.{name} must be at least 1, got {value}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"tuning.timeout must be a positive number of seconds, got {self.timeout}")
         if self.enqueue is not None and not all(isinstance(point, dict) and point for point in self.enqueue):
             raise ConfigError(f"tuning.enqueue must be a list of mappings of hyperparameters, got {self.enqueue!r}")
-        choices = {"sampler": ("tpe", "random", "grid"),
-                   "pruner": ("median", "hyperband", "none")}
+        choices = {"sampler": SAMPLERS, "pruner": PRUNERS}
         directions = self.direction if isinstance(self.direction, list) else [self.direction]
         for direction in directions:
             if direction not in ("minimize", "maximize", None):

@@ -356,7 +356,7 @@ def test_resuming_on_other_data_or_other_fixed_values_is_refused(tmp_path, tiny_
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                     "--store", store, "--n-trials", 2, "--max-epochs", 3, code=2)
     assert "fixed hyperparameters differ: max_n_epochs 8 -> 3" in output
-    assert "1 to go" in invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
+    assert "1 trial to go" in invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                                "--store", store, "--n-trials", 2)
 
 
@@ -612,7 +612,7 @@ def test_ui_stopped_with_sigterm_ends_its_server_and_workers(tmp_path):
 
 
 def test_typed_config_values_are_clear_errors(tmp_path, tiny_session):
-    for text, message in (("tuning: {n_trials: '5'}", "'n_trials' must be an integer, got '5'"),
+    for text, message in (("tuning: {n_trials: '5'}", "'n_trials' must be an integer or null, got '5'"),
                           ("training: {learning_rate: fast}", "'learning_rate' must be a number, got 'fast'"),
                           ("model: {n_ae_latents: [2, three]}", "'n_ae_latents' must be an integer, got 'three'")):
         config = write(tmp_path / "bad.yaml", text)

@@ -155,7 +155,7 @@ def test_registered_model_loaded_by_alias_reproduces_val_loss(study):
 def test_rerunning_tops_up_the_same_study(study):
     output = invoke("tune", "ae", "--data", study["data"], "--config", study["config"], "--n-trials", 4,
                     "--store", study["store"])
-    assert "resumes with 3 finished trials; 1 to go" in output
+    assert "resumes with 3 finished trials; 1 trial to go" in output
     client, resolved = client_for(study["store"])
     optuna_study = optuna.load_study(study_name="ae-test", storage=resolved.optuna_storage)
     assert len([t for t in optuna_study.trials if t.state.name == "COMPLETE"]) == 4
@@ -164,7 +164,7 @@ def test_rerunning_tops_up_the_same_study(study):
     assert len(parents) == 1
     again = invoke("tune", "ae", "--data", study["data"], "--config", study["config"], "--n-trials", 4,
                    "--store", study["store"])
-    assert "0 to go" in again
+    assert "0 trials to go" in again
 
 
 def test_killed_study_resumes_without_losing_finished_trials(tmp_path, tiny_session):
@@ -191,7 +191,7 @@ def test_killed_study_resumes_without_losing_finished_trials(tmp_path, tiny_sess
 
     output = invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store,
                     "--n-trials", 3)
-    assert "resumes with 1 finished trials; 2 to go" in output
+    assert "resumes with 1 finished trials; 2 trials to go" in output
     after = optuna.load_study(study_name="ae-test", storage=resolved.optuna_storage)
     complete = {t.number: t.value for t in after.trials if t.state.name == "COMPLETE"}
     assert len(complete) == 3 and complete[0] == finished_before[0]

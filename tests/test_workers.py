@@ -32,7 +32,7 @@ def test_a_worker_joins_a_study_from_what_it_recorded(tmp_path, tiny_session):
     store = tmp_path / "store"
     invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config, "--store", store)
     output = invoke("worker", "--study", "joined", "--store", store, "--n-trials", 4)
-    assert "resumes with 2 finished trials; 2 to go" in output
+    assert "resumes with 2 finished trials; 2 trials to go" in output
     study = optuna.load_study(study_name="joined", storage=resolve_store(store).optuna_storage)
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
     runs = bnet.best_runs("joined", "decoder", 4, store=resolve_store(store))

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import click
 
+from bnet.config import PRUNERS, SAMPLERS
 from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
 from bnet.cli.workers import n_workers_option, refuse_sqlite_for_many, run_workers
 
 
-def study_options(command):
-    """The options every `bnet tune` command shares: where the study lives and how it samples."""
+def study_options(step: str):
+    """The options every `bnet tune` command shares: where the study lives, how it samples and
+    how much it may spend (in ``step``s: epochs, EM iterations)."""
+    return lambda command: _with_study_options(command, step)
+
+
+def _with_study_options(command, step: str):
     for option in reversed([
         store_option,
         click.option("--storage", default=None,
                      help="Optuna storage URL (SQLAlchemy, e.g. postgresql://...) [default the store's optuna.db]."),
         tracking_uri_option,
-        click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None, help="[default tpe]"),
-        click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None,
-                     help="[default median]"),
+        click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+                     help="tpe (Bayesian; conditional and categorical spaces), gp (Gaussian process; small budgets "
+                          "of continuous ranges), cmaes (ranges), qmc (Sobol), random or grid [default tpe]."),
+        click.option("--pruner", type=click.Choice(PRUNERS), default=None, help="[default median]"),
+        click.option(f"--budget-{step}", "budget_steps", type=int, default=None,
+                     help=f"The study's compute: start trials until their {step} add up to this (the last may "
+                          f"overshoot by its own), instead of a trial count [default: --n-trials]."),
+        click.option("--timeout", type=float, default=None,
+                     help="Seconds after which no further trial starts (the running one finishes)."),
         click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
         click.option("--seed", type=int, default=None, help="Sampler seed."),
         n_workers_option,
@@ -43,24 +55,24 @@ def tune():
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet model JSON.")
 @click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
 @click.option("--compute-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet compute JSON.")
-@study_options
+@study_options("epochs")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_config, model_config,
-            training_config, compute_config, store, storage, tracking_uri, sampler, pruner, study,
-            seed, n_workers, device):
+            training_config, compute_config, store, storage, tracking_uri, sampler, pruner, budget_steps, timeout,
+            study, seed, n_workers, device):
     """Tune convolutional (or linear) autoencoders on one session."""
     from bnet.config import load_project_config
     from bnet.tuning.ae import tune_ae as run
 
-    _check_counts(n_trials=n_trials, max_epochs=max_epochs)
+    _check_counts(n_trials=n_trials, max_epochs=max_epochs, budget_epochs=budget_steps)
     config = load_project_config(config_path, {"data": data_config, "model": model_config,
                                                "training": training_config, "compute": compute_config})
     resolved = resolve(store, tracking_uri, storage)
     if many_workers(n_workers, resolved):
         return
     outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
-                  max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device,
-                  study=study, store=resolved, echo=click.echo)
+                  budget_steps=budget_steps, timeout=timeout, max_epochs=max_epochs, sampler=sampler,
+                  pruner=pruner, seed=seed, device=device, study=study, store=resolved, echo=click.echo)
     summary(outcome, resolved)
 
 
@@ -77,26 +89,27 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Project YAML.")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm model JSON.")
 @click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm training JSON.")
-@study_options
+@study_options("iters")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default cpu, float64]")
 @click.option("--engine", type=click.Choice(["bnet", "ssm"]), default=None,
               help="Fit with bnet's engine or with ssm where it is importable [default bnet].")
 def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, max_iters, config_path,
-               model_config, training_config, store, storage, tracking_uri, sampler, pruner, study, seed, n_workers,
-               device, engine):
+               model_config, training_config, store, storage, tracking_uri, sampler, pruner, budget_steps, timeout,
+               study, seed, n_workers, device, engine):
     """Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels."""
     from bnet.config import load_project_config
     from bnet.tuning.arhmm import tune_arhmm as run
 
-    _check_counts(n_trials=n_trials, max_iters=max_iters)
+    _check_counts(n_trials=n_trials, max_iters=max_iters, budget_iters=budget_steps)
     config = load_project_config(config_path, {"model": model_config, "training": training_config})
     config.override(engine=engine)
     resolved = resolve(store, tracking_uri, storage)
     if many_workers(n_workers, resolved):
         return
     outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
-                  config=config, n_trials=n_trials, max_iters=max_iters, sampler=sampler, pruner=pruner,
-                  seed=seed, device=device, study=study, store=resolved, echo=click.echo)
+                  config=config, n_trials=n_trials, budget_steps=budget_steps, timeout=timeout, max_iters=max_iters,
+                  sampler=sampler, pruner=pruner, seed=seed, device=device, study=study, store=resolved,
+                  echo=click.echo)
     summary(outcome, resolved)
 
 
@@ -115,16 +128,16 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
 @click.option("--data-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding data JSON.")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding model JSON.")
 @click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
-@study_options
+@study_options("epochs")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arhmm_ref, experiment, n_trials,
                  max_epochs, config_path, data_config, model_config, training_config, store, storage, tracking_uri,
-                 sampler, pruner, study, seed, n_workers, device):
+                 sampler, pruner, budget_steps, timeout, study, seed, n_workers, device):
     """Tune neural decoders of AE latents, their motion energy, ARHMM states or labels."""
     from bnet.config import load_project_config
     from bnet.tuning.decoder import tune_decoder as run
 
-    _check_counts(n_trials=n_trials, max_epochs=max_epochs)
+    _check_counts(n_trials=n_trials, max_epochs=max_epochs, budget_epochs=budget_steps)
     config = load_project_config(config_path, {"data": data_config, "model": model_config,
                                                "training": training_config})
     resolved = resolve(store, tracking_uri, storage)
@@ -132,7 +145,7 @@ def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arh
         return
     outcomes = run(data=data_path, target=target, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment,
                    arhmm=arhmm_ref, arhmm_experiment=arhmm_experiment, config=config, n_trials=n_trials,
-                   max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device, study=study,
+                   budget_steps=budget_steps, timeout=timeout, max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device, study=study,
                    store=resolved, echo=click.echo)
     for outcome in outcomes:
         summary(outcome, resolved)
@@ -175,6 +188,7 @@ def summary(outcome, resolved) -> None:
                        f"{outcome.metric} {outcome.best_value:.6g} ({outcome.direction})")
         if outcome.trivial is not None:
             click.echo(outcome.trivial.sentence("the best model"))
+    click.echo(f"spent:  {outcome.spent()}")
     click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     click.echo(f"study:  {outcome.optuna_storage}")
     if resolved.artifact_root:

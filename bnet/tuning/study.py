@@ -34,7 +34,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from bnet.config import TuningConfig
+from bnet.config import Range, TuningConfig
 from bnet.data.session import Session
 from bnet.data.sessions import SessionGroup, members
 from bnet.errors import BnetError, ConfigError
@@ -59,6 +59,7 @@ RECIPE_ATTR = "bnet_recipe"  # what `bnet worker --study` needs to join from ano
 DUPLICATE_ATTR = "bnet_same_config_as_run"
 MAX_CONSECUTIVE_FAILURES = 3
 SURPLUS_ATTR = "bnet_surplus"
+STEPS_ATTR = "bnet_steps"  # steps (epochs, EM iterations) a trial trained: what it cost
 POLL_SECONDS = 5.0
 
 Echo = Callable[[str], None]
@@ -168,15 +169,42 @@ class StudyOutcome:
     pareto: list[ParetoPoint] = field(default_factory=list)
     trivial: TrivialComparison | None = None
     """How the best run compares with the family's trivial answer (None: no such metrics)."""
+    steps_spent: int = 0
+    """Steps trained by all the study's trials (``step_name``s: epochs, EM iterations)."""
+    step_name: str = "step"
+    budget_steps: int | None = None
+
+    def spent(self) -> str:
+        """What the study spent, in words (and of which budget)."""
+        budget = f" of a budget of {self.budget_steps:,}" if self.budget_steps else ""
+        return f"{self.steps_spent:,} {self.step_name}s trained{budget}"
 
 
-def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None):
+def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None, n_objectives: int = 1):
+    """The study's sampler. Model-based ones sample their first trials at random (a third of
+    a small study, ten at most) before their model has data to learn from."""
+    startup = min(10, max(2, tuning.trial_limit // 3)) if math.isfinite(tuning.trial_limit) else 10
     if tuning.sampler == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if tuning.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                      n_startup_trials=min(10, max(2, tuning.n_trials // 3)))
+    if tuning.sampler == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+    if tuning.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if tuning.sampler == "cmaes":
+        if n_objectives > 1:
+            raise ConfigError("--sampler cmaes optimises one objective; a multi-objective study needs tpe, gp, "
+                              "qmc, random or grid")
+        if not any(isinstance(dim, Range) for dim in space.dimensions.values()):
+            raise ConfigError("--sampler cmaes searches ranges, and this study searches only lists "
+                              f"({', '.join(space.dimensions) or 'nothing'}); use tpe, gp or grid")
+        # a pruned trial's last value still tells CMA-ES where not to go
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=startup, warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+            consider_pruned_trials=tuning.pruner != "none")
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
 
 
 def make_pruner(tuning: TuningConfig, budget: int | None = None):
@@ -217,16 +245,19 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
     try:
         study = optuna.create_study(
             study_name=spec.study_name, storage=storage, directions=list(spec.objective.directions),
-            sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed),
+            sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed, len(spec.objective.metrics)),
             pruner=make_pruner(spec.tuning, _budget(spec)))
         for point in spec.tuning.enqueue or ():
             study.enqueue_trial(point)
     except optuna.exceptions.DuplicatedStudyError:
         # a worker joining (or resuming) a study samples with a seed of its own: workers that
-        # share one seed propose the very same hyperparameters at the same time
-        seed = None if spec.tuning.seed is None else zlib.crc32(f"{spec.tuning.seed}/{this_worker()}".encode())
+        # share one seed propose the very same hyperparameters at the same time (but a Sobol
+        # sequence is one sequence: its workers share its seed and take its points in turn)
+        seed = spec.tuning.seed
+        if seed is not None and spec.tuning.sampler != "qmc":
+            seed = zlib.crc32(f"{seed}/{this_worker()}".encode())
         study = optuna.load_study(study_name=spec.study_name, storage=storage,
-                                  sampler=make_sampler(spec.tuning, spec.space, seed),
+                                  sampler=make_sampler(spec.tuning, spec.space, seed, len(spec.objective.metrics)),
                                   pruner=make_pruner(spec.tuning, _budget(spec)))
     recorded_directions = tuple(d.name.lower() for d in study.directions)
     if recorded_directions != spec.objective.directions:
@@ -309,12 +340,13 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         run.log_params({**spec.fixed,
                         **{f"search.{k}": v for k, v in spec.space.describe().items()},
                         "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
+                        **({"tuning.budget_steps": spec.tuning.budget_steps} if spec.tuning.budget_steps else {}),
                         "tuning.metric": ",".join(objective.metrics),
                         "tuning.direction": ",".join(objective.directions)})
         return run.run_id
 
     parent = tracker.reopen(parent_run_id(study, storage, create_parent))
-    loop = TrialLoop(spec, study, storage, tracker, experiment_id, parent, *_wanted(spec, study, echo), echo)
+    loop = TrialLoop(spec, study, storage, tracker, experiment_id, parent, _wanted(spec, study, echo), echo)
     interrupted = None
     with loop.stops.installed():
         try:
@@ -347,36 +379,51 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         parent_run_id=parent.run_id, n_complete=counts["COMPLETE"], n_pruned=counts["PRUNED"],
         n_failed=counts["FAIL"], best_trial=best.number if best else None, best_value=best.values[0] if best else None,
         best_run_id=best.user_attrs.get(MLFLOW_RUN_ATTR) if best else None, tracking_uri=spec.store.tracking_uri,
-        optuna_storage=spec.store.optuna_storage, ran_now=loop.to_run, metric=objective.metric,
+        optuna_storage=spec.store.optuna_storage, ran_now=loop.ran, metric=objective.metric,
         direction=objective.direction, failures=loop.failures,
         pareto=[ParetoPoint(t.number, t.user_attrs.get(MLFLOW_RUN_ATTR, ""), dict(zip(objective.metrics, t.values)))
                 for t in front] if objective.is_multi else [],
-        trivial=comparison,
+        trivial=comparison, steps_spent=steps_spent(study), step_name=spec.family.step_name,
+        budget_steps=spec.tuning.budget_steps,
     )
 
 
-def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> tuple[int, int]:
-    """How many finished trials the study should hold and how many are left to run (said)."""
-    wanted = spec.tuning.n_trials
+def steps_spent(study: optuna.Study) -> int:
+    """Steps trained by every trial of the study, finished or not (a budget's account)."""
+    return sum(int(t.user_attrs.get(STEPS_ATTR, 0)) for t in study.get_trials(deepcopy=False))
+
+
+def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> int | float:
+    """How many finished trials the study should hold (infinite: its budget or timeout
+    decides), said with what is left to run."""
+    tuning = spec.tuning
+    wanted = tuning.trial_limit
     if not spec.space:
         wanted = min(wanted, 1)
-        if spec.tuning.n_trials > 1:
+        if wanted < tuning.trial_limit:
             echo("note: nothing is searched (every hyperparameter is fixed): one fit; ask for repeats on "
                  "purpose with a list of seeds, e.g. rng_seed_model: [0, 1, 2]")
-    if spec.tuning.sampler == "grid":
+    if tuning.sampler == "grid":
         wanted = min(wanted, spec.space.grid_size())
-        if spec.space.grid_size() < spec.tuning.n_trials:
+        if spec.space.grid_size() < tuning.trial_limit:
             echo(f"note: the grid has {spec.space.grid_size()} points; the study stops there")
     counts = _count(study)
     done = counts["COMPLETE"] + counts["PRUNED"]
-    to_run = max(wanted - done, 0)
+    left = max(wanted - done, 0)
+    limits = [f"{left} trial{'' if left == 1 else 's'}"] if math.isfinite(wanted) else []
+    if tuning.budget_steps:
+        limits.append(f"until {tuning.budget_steps:,} {spec.family.step_name}s are spent "
+                      f"({steps_spent(study):,} so far)")
+    if tuning.timeout:
+        limits.append(f"for {tuning.timeout:g} s")
+    limits = ", ".join(limits)
     if done:
-        echo(f"study '{spec.study_name}' resumes with {done} finished trials; {to_run} to go")
+        echo(f"study '{spec.study_name}' resumes with {done} finished trials; {limits} to go")
     else:
-        pruner = "none (multi-objective)" if spec.objective.is_multi else spec.tuning.pruner
-        echo(f"study '{spec.study_name}': {to_run} trials, sampler {spec.tuning.sampler}, "
+        pruner = "none (multi-objective)" if spec.objective.is_multi else tuning.pruner
+        echo(f"study '{spec.study_name}': {limits}, sampler {tuning.sampler}, "
              f"pruner {pruner}, objective {spec.objective.describe()}")
-    return wanted, to_run
+    return wanted
 
 
 class TrialLoop:
@@ -384,10 +431,12 @@ class TrialLoop:
     Optuna how it ended, and decide whether to go on. Each step is one method."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, storage, tracker: Tracker, experiment_id: str,
-                 parent: RunLogger, wanted: int, to_run: int, echo: Echo):
+                 parent: RunLogger, wanted: int | float, echo: Echo):
         self.spec, self.study, self.storage, self.tracker = spec, study, storage, tracker
         self.experiment_id, self.parent, self.echo = experiment_id, parent, echo
-        self.wanted, self.to_run = wanted, to_run
+        self.wanted = wanted
+        self.ran = 0
+        self.started = time.monotonic()
         self.stops = _StopRequests(echo)
         self.failures: list[str] = []
         self.failed_in_a_row = 0
@@ -415,6 +464,8 @@ class TrialLoop:
                 recover_dead_trials(self.study, self.storage, self.tracker, self.echo)
 
     def _next_step(self) -> str:
+        if self._out_of_budget():
+            return "stop"
         counts = _count(self.study)
         finished = counts["COMPLETE"] + counts["PRUNED"]
         if finished >= self.wanted or (self.spec.tuning.sampler == "grid" and finished + counts["FAIL"] >= self.wanted
@@ -426,6 +477,18 @@ class TrialLoop:
                 self._waiting_said = True
             return "wait"
         return "trial"
+
+    def _out_of_budget(self) -> bool:
+        tuning, step_name = self.spec.tuning, self.spec.family.step_name
+        if tuning.timeout and time.monotonic() - self.started >= tuning.timeout:
+            self.echo(f"the study's timeout of {tuning.timeout:g} s has passed: no further trial starts")
+            return True
+        if tuning.budget_steps:
+            spent = steps_spent(self.study)
+            if spent >= tuning.budget_steps:
+                self.echo(f"the study's budget of {tuning.budget_steps:,} {step_name}s is spent ({spent:,} trained)")
+                return True
+        return False
 
     # ------------------------------------------------------------------ one trial
     def one_trial(self) -> None:
@@ -462,6 +525,7 @@ class TrialLoop:
                       f"it (its heartbeat lapsed); it stays {held.name}, its run as it ended here")
         if asked.get("surplus"):
             return
+        self.ran += 1
         self.failed_in_a_row = self.failed_in_a_row + 1 if held == TrialState.FAIL else 0
         if held == TrialState.COMPLETE:
             _log_answer(self.study, self.parent, self.spec, self.tracker)
@@ -533,8 +597,10 @@ class TrialLoop:
         spec, objective, echo = self.spec, self.spec.objective, self.echo
         started = time.perf_counter()
         progress: list[Progress] = []
+        steps = [0]
 
         def report(step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
+            steps[0] += 1
             run.log_metrics(metrics, step=step)
             if not progress:
                 progress.append(Progress(total, f"  trial {trial.number} {spec.family.name} {spec.family.step_name}",
@@ -555,6 +621,7 @@ class TrialLoop:
             try:
                 result = spec.prepared.fitter.fit(context)
             finally:
+                trial.set_user_attr(STEPS_ATTR, steps[0])
                 for bar in progress:
                     bar.close()
             value = self._answer(result.metrics)
@@ -616,7 +683,8 @@ def _log_answer(study: optuna.Study, parent: RunLogger, spec: StudySpec,
     Returns how the best run compares with the family's trivial answer."""
     objective = spec.objective
     counts = _count(study)
-    metrics = {"n_complete": counts["COMPLETE"], "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"]}
+    metrics = {"n_complete": counts["COMPLETE"], "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"],
+               "steps_spent": steps_spent(study)}
     comparison = None
     if counts["COMPLETE"]:
         front = pareto_front(study, objective)

@@ -26,6 +26,8 @@ def tune(
     target: str | None = None,
     labels: bool = False,
     n_trials: int | None = None,
+    budget_steps: int | None = None,
+    timeout: float | None = None,
     max_steps: int | None = None,
     sampler: str | None = None,
     pruner: str | None = None,
@@ -49,8 +51,8 @@ def tune(
         ae, arhmm: the upstream run: ``best`` (the best one fitted to this file), a run id or
             ``models:/NAME@ALIAS``; ae_experiment, arhmm_experiment: where ``best`` looks.
         target: a decoder's behaviour target; labels: segment labels (ARHMM).
-        n_trials, sampler, pruner, seed, study, metric, direction: the search (``tuning`` in
-            the config; a list of metrics makes a multi-objective study).
+        n_trials, budget_steps, timeout, sampler, pruner, seed, study, metric, direction: the
+            search (``tuning`` in the config; a list of metrics makes a multi-objective study).
         max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
         device: ``cpu``, ``cuda`` or ``auto``.
     """
@@ -59,7 +61,8 @@ def tune(
     store = store or resolve_store()
     config.override(**{declared.budget_key: max_steps, "device": device})
     tuning = config.tuning
-    for name, value in (("n_trials", n_trials), ("sampler", sampler), ("pruner", pruner), ("seed", seed),
+    for name, value in (("n_trials", n_trials), ("budget_steps", budget_steps), ("timeout", timeout),
+                        ("sampler", sampler), ("pruner", pruner), ("seed", seed),
                         ("study", study), ("metric", metric), ("direction", direction)):
         if value is not None:
             setattr(tuning, name, value)
@@ -96,7 +99,8 @@ def tune(
                          for key, run_id in study.run_tags.items() if key.startswith(tags.UPSTREAM_TAG_PREFIX)}
         recipe = {"family": family, "experiment": experiment, "data": str(study.session.path),
                   "values": {k: plain_value(v) for k, v in values.items()}, "study": tuning.study or experiment,
-                  "tuning": {"n_trials": tuning.n_trials, "sampler": tuning.sampler, "pruner": tuning.pruner,
+                  "tuning": {"n_trials": tuning.n_trials, "budget_steps": tuning.budget_steps,
+                             "timeout": tuning.timeout, "sampler": tuning.sampler, "pruner": tuning.pruner,
                              "seed": tuning.seed, "metric": tuning.metric, "direction": tuning.direction},
                   "target": target, "labels": labels, "upstream": upstream_runs}
         outcomes.append(run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe), echo))

@@ -1,0 +1,166 @@
+"""Search that spends compute well (issue: search that beats BehaveNet's grid): the samplers
+beside TPE, studies bounded by the steps they train or by time, warm starts.
+
+Real SQLite MLflow stores and Optuna storages; engine-level tests drive `run_study` with a
+fitter whose answer is a known function of its hyperparameters.
+"""
+
+import math
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+import bnet
+from bnet.config import Categorical, Range, TuningConfig
+from bnet.data import open_session
+from bnet.errors import ConfigError
+from bnet.models.decoders import DecoderConfig
+from bnet.tracking import resolve_store
+from bnet.tuning.family import Objective, PreparedStudy, TrialResult
+from bnet.tuning.space import SearchSpace
+from bnet.tuning.study import STEPS_ATTR, StudySpec, run_study
+from test_study_engine import STUB, invoke, storage_of, write
+
+
+class BowlFitter:
+    """A trial's loss is (x - 0.3)² + (log10 lr + 3)², reported over ``steps`` steps that
+    each cost ``seconds``: the samplers have a known optimum to move towards."""
+
+    def __init__(self, steps=3, seconds=0.0):
+        self.steps, self.seconds = steps, seconds
+
+    def check(self, hparams):
+        pass
+
+    def resolve(self, hparams):
+        return dict(hparams), {"bnet.model_class": "stub"}
+
+    def fit(self, context):
+        hp = context.hparams
+        loss = (hp["x"] - 0.3) ** 2 + (math.log10(hp["lr"]) + 3) ** 2 + hp.get("c", 0)
+        for step in range(self.steps):
+            time.sleep(self.seconds)
+            context.report(step, {"val_loss": loss * (1 + 1 / (step + 1))}, self.steps)
+        return TrialResult({"best_val_loss": loss},
+                           bnet.build_model(DecoderConfig(model_class="neural-labels")))
+
+
+SPACE = {"x": Range(0.0, 1.0), "lr": Range(1e-5, 1e-1, log=True)}
+
+
+def bowl_spec(store, session, study, objective=None, dims=None, **tuning):
+    fitter = BowlFitter(tuning.pop("steps", 3), tuning.pop("seconds", 0.0))
+    return StudySpec("bowl", STUB, PreparedStudy(session, fitter,
+                                                 objective or Objective("best_val_loss", "minimize", "val_loss")),
+                     TuningConfig(study=study, pruner=tuning.pop("pruner", "none"), **tuning),
+                     SearchSpace(dims or SPACE), {"rng_seed_model": 0}, resolve_store(store))
+
+
+@pytest.mark.parametrize("sampler", ["gp", "cmaes", "qmc"])
+def test_each_sampler_runs_a_study_and_learns(tmp_path, tiny_session, sampler):
+    """GP, CMA-ES and Sobol points stay in the space and the model-based samplers end nearer
+    the optimum than their own random start."""
+    session = open_session(tiny_session)
+    outcome = run_study(bowl_spec(tmp_path / "store", session, sampler, sampler=sampler, n_trials=14, seed=1),
+                        echo=lambda line: None)
+    assert outcome.n_complete == 14
+    study = optuna.load_study(study_name=sampler, storage=storage_of(tmp_path / "store"))
+    for trial in study.trials:
+        assert 0 <= trial.params["x"] <= 1 and 1e-5 <= trial.params["lr"] <= 1e-1
+    if sampler == "qmc":
+        # a Sobol sequence covers the space evenly: every quarter of x holds some of its points
+        assert {int(t.params["x"] * 4) for t in study.trials} == {0, 1, 2, 3}
+    else:
+        values = [t.value for t in study.trials]
+        assert min(values[-4:]) < min(values[:4]), values
+
+
+def test_cmaes_refuses_a_space_it_cannot_search(tmp_path, tiny_session):
+    session = open_session(tiny_session)
+    with pytest.raises(ConfigError, match="cmaes searches ranges"):
+        run_study(bowl_spec(tmp_path / "store", session, "lists", sampler="cmaes", n_trials=2,
+                            dims={"c": Categorical((0, 1))}), echo=lambda line: None)
+    both = Objective("best_val_loss", "minimize", "", (("n_epochs", "minimize"),))
+    with pytest.raises(ConfigError, match="cmaes optimises one objective"):
+        run_study(bowl_spec(tmp_path / "store", session, "multi", objective=both, sampler="cmaes", n_trials=2),
+                  echo=lambda line: None)
+
+
+def test_a_step_budget_is_spent_and_never_overrun_by_more_than_one_trial(tmp_path, tiny_session):
+    """A budget of 10 steps with 3-step trials: trials start while fewer than 10 are spent,
+    so four run (12 steps), and a resumed study with a larger budget tops it up."""
+    session = open_session(tiny_session)
+    lines = []
+    outcome = run_study(bowl_spec(tmp_path / "store", session, "budget", budget_steps=10), echo=lines.append)
+    assert outcome.n_complete == 4 and outcome.steps_spent == 12
+    assert "until 10 steps are spent (0 so far)" in lines[0]
+    assert any("budget of 10 steps is spent (12 trained)" in line for line in lines)
+    assert outcome.spent() == "12 steps trained of a budget of 10"
+    study = optuna.load_study(study_name="budget", storage=storage_of(tmp_path / "store"))
+    assert [t.user_attrs[STEPS_ATTR] for t in study.trials] == [3, 3, 3, 3]
+    more = run_study(bowl_spec(tmp_path / "store", session, "budget", budget_steps=16), echo=lines.append)
+    assert more.n_complete == 6 and more.steps_spent == 18
+    # n_trials bounds a budgeted study too, whichever comes first (another seed: the same points
+    # would be answered by the runs already fitted, at no cost)
+    capped = run_study(bowl_spec(tmp_path / "store", session, "capped", budget_steps=100, n_trials=2, seed=7),
+                       echo=lambda line: None)
+    assert capped.n_complete == 2 and capped.steps_spent == 6
+
+
+def test_pruned_trials_spend_only_the_steps_they_trained(tmp_path, tiny_session):
+    """With pruning, a cut trial costs the epochs before its cut: more trials fit a budget."""
+    session = open_session(tiny_session)
+    spec = bowl_spec(tmp_path / "store", session, "pruned", budget_steps=60, steps=10, pruner="median")
+    outcome = run_study(spec, echo=lambda line: None)
+    study = optuna.load_study(study_name="pruned", storage=storage_of(tmp_path / "store"))
+    steps = [t.user_attrs[STEPS_ATTR] for t in study.trials]
+    assert outcome.n_pruned > 0 and outcome.n_complete + outcome.n_pruned > 6
+    assert [len(t.intermediate_values) for t in study.trials] == steps
+    assert 60 <= sum(steps) < 70 and outcome.steps_spent == sum(steps)
+
+
+def test_a_timeout_stops_starting_trials(tmp_path, tiny_session):
+    session = open_session(tiny_session)
+    lines = []
+    outcome = run_study(bowl_spec(tmp_path / "store", session, "timed", timeout=0.5, seconds=0.25),
+                        echo=lines.append)
+    assert outcome.n_complete == 1  # started at once, it outlasts the timeout and ends the study
+    assert any("timeout of 0.5 s has passed" in line for line in lines)
+
+
+def test_tuning_rejects_a_budget_below_one(tmp_path):
+    with pytest.raises(ConfigError, match="tuning.budget_steps must be at least 1"):
+        TuningConfig(budget_steps=0).validate()
+    with pytest.raises(ConfigError, match="tuning.timeout must be a positive"):
+        TuningConfig(timeout=-1).validate()
+
+
+DECODER = """
+experiment: dec-budget
+model: {model_class: neural-labels, n_lags: 0, n_hid_layers: 0}
+training:
+  learning_rate: {low: 1.0e-3, high: 3.0e-2, log: true}
+  max_n_epochs: 3
+  min_n_epochs: 3
+tuning: {pruner: none, seed: 0}
+"""
+
+
+def test_budget_epochs_from_the_cli(tmp_path, tiny_session):
+    """`--budget-epochs 7` over 3-epoch trials: three trials, 9 epochs, said in the summary
+    and on the parent run."""
+    store = tmp_path / "store"
+    config = write(tmp_path / "d.yaml", DECODER)
+    output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
+                    "--budget-epochs", 7, "--sampler", "gp", "--store", store)
+    assert "3 complete, 0 pruned, 0 failed" in output
+    assert "spent:  9 epochs trained of a budget of 7" in output
+    client = MlflowClient(resolve_store(store).tracking_uri)
+    experiment = client.get_experiment_by_name("dec-budget").experiment_id
+    study_run = client.search_runs([experiment], "tags.`bnet.role` = 'study'")[0]
+    assert study_run.data.metrics["steps_spent"] == 9 and study_run.data.params["tuning.budget_steps"] == "7"
+    assert study_run.data.params["tuning.sampler"] == "gp"
+    invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
+           "--budget-epochs", 0, "--store", store, code=2)
