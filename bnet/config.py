@@ -160,6 +160,12 @@ class TuningConfig:
             metric's natural direction.
         seed: sampler seed.
         study: Optuna study name (default: the experiment name).
+        warm_start: ``EXPERIMENT[:STUDY]``: begin a new study from the finished runs of
+            earlier ones of the same model class (:mod:`bnet.tuning.warm_start`): their best
+            configurations are fitted first, and where they were fitted to the same data the
+            sampler learns from their results.
+        warm_start_any_data: warm-start from runs fitted to any data (their configurations
+            are queued; their results, which answer another question, are not used).
         enqueue: points of the search space to fit first, in order (a list of mappings of
             searched hyperparameters, as Optuna's ``enqueue_trial``: a value a point leaves
             out is sampled): known good settings, or a comparison you want in the study.
@@ -176,6 +182,8 @@ class TuningConfig:
     seed: int | None = 0
     study: str | None = None
     enqueue: list | None = None
+    warm_start: str | None = None
+    warm_start_any_data: bool = False
 
     @property
     def trial_limit(self) -> int | float:

@@ -164,3 +164,70 @@ def test_budget_epochs_from_the_cli(tmp_path, tiny_session):
     assert study_run.data.params["tuning.sampler"] == "gp"
     invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
            "--budget-epochs", 0, "--store", store, code=2)
+    # a new experiment's study begins from this one's best configurations, refitted there
+    warm = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
+                  "--experiment", "dec-warm", "--n-trials", 2, "--warm-start", "dec-budget", "--store", store)
+    assert "warm start from dec-budget: 2 of its best configurations queued first, 3 of its trials on this " \
+           "data given to the sampler" in warm
+    best_earlier = sorted(optuna.load_study(study_name="dec-budget", storage=storage_of(store)).trials,
+                          key=lambda t: -t.value)[0]
+    first_own = [t for t in optuna.load_study(study_name="dec-warm", storage=storage_of(store)).trials
+                 if "bnet_prior_run" not in t.user_attrs][0]
+    assert first_own.params == best_earlier.params and first_own.value == pytest.approx(best_earlier.value)
+
+
+def test_a_warm_start_fits_the_earlier_best_first_and_learns_from_the_same_data(tmp_path, tiny_session):
+    session = open_session(tiny_session)
+    store = tmp_path / "store"
+    first = run_study(bowl_spec(store, session, "first", n_trials=8, seed=3), echo=lambda line: None)
+    earlier = optuna.load_study(study_name="first", storage=storage_of(store))
+    ranked = sorted(earlier.trials, key=lambda t: t.value)
+    lines = []
+    second = run_study(bowl_spec(store, session, "second", n_trials=3, seed=4, warm_start="bowl:first"),
+                       echo=lines.append)
+    assert "warm start from bowl:first: 3 of its best configurations queued first, 8 of its trials on this " \
+           "data given to the sampler" in "\n".join(lines)
+    study = optuna.load_study(study_name="second", storage=storage_of(store))
+    priors = [t for t in study.trials if "bnet_prior_run" in t.user_attrs]
+    own = [t for t in study.trials if "bnet_prior_run" not in t.user_attrs]
+    assert len(priors) == 8 and sorted(t.value for t in priors) == [t.value for t in ranked]
+    # its first trials are the earlier best configurations, best first (answered by their runs)
+    assert [t.params for t in own] == [t.params for t in ranked[:3]]
+    assert second.n_complete == 3 and second.best_value == first.best_value
+    assert second.best_run_id in {t.user_attrs["mlflow_run_id"] for t in own}
+
+
+def test_a_warm_start_from_other_data_queues_configurations_only(tmp_path, tiny_session):
+    from bnet.data import SynthConfig, synthesize
+    from conftest import TINY
+
+    store = tmp_path / "store"
+    run_study(bowl_spec(store, open_session(tiny_session), "first", n_trials=6, seed=3), echo=lambda line: None)
+    other = open_session(synthesize(tmp_path / "other.hdf5", SynthConfig(**{**TINY.__dict__, "seed": 9})))
+    lines = []
+    run_study(bowl_spec(store, other, "cold", n_trials=2, warm_start="bowl:first"), echo=lines.append)
+    assert "warm start from bowl:first: no finished runs in scope; the study starts cold" in lines
+    run_study(bowl_spec(store, other, "any", n_trials=5, warm_start="bowl:first", warm_start_any_data=True),
+              echo=lines.append)
+    assert "warm start from bowl:first: 5 of its best configurations queued first" in lines
+    study = optuna.load_study(study_name="any", storage=storage_of(store))
+    assert not [t for t in study.trials if "bnet_prior_run" in t.user_attrs]
+    with pytest.raises(ConfigError, match="--warm-start nowhere: no MLflow experiment named 'nowhere'"):
+        run_study(bowl_spec(store, other, "bad", n_trials=1, warm_start="nowhere"), echo=lambda line: None)
+
+
+def test_a_run_is_placed_in_the_new_space_only_where_it_fits():
+    from bnet.tuning.space import Condition
+    from bnet.tuning.warm_start import point_of
+
+    space = SearchSpace({"n_hid_layers": Categorical((0, 1)), "n_hid_units": Categorical((32, 64)),
+                         "learning_rate": Range(1e-4, 1e-2, log=True)},
+                        {"n_hid_units": Condition("n_hid_layers", lambda v: int(v) > 0, 0, "n_hid_layers > 0")})
+    assert point_of({"n_hid_layers": "1", "n_hid_units": "64", "learning_rate": "0.001"}, space) == \
+        {"n_hid_layers": 1, "n_hid_units": 64, "learning_rate": 0.001}
+    # an inactive conditional value is not part of the point
+    assert point_of({"n_hid_layers": "0", "n_hid_units": "0", "learning_rate": "0.001"}, space) == \
+        {"n_hid_layers": 0, "learning_rate": 0.001}
+    assert point_of({"n_hid_layers": "1", "n_hid_units": "64", "learning_rate": "0.1"}, space) is None
+    assert point_of({"n_hid_layers": "2", "n_hid_units": "64", "learning_rate": "0.001"}, space) is None
+    assert point_of({"n_hid_layers": "1", "learning_rate": "0.001"}, space) is None

@@ -30,6 +30,11 @@ def _with_study_options(command, step: str):
                           f"overshoot by its own), instead of a trial count [default: --n-trials]."),
         click.option("--timeout", type=float, default=None,
                      help="Seconds after which no further trial starts (the running one finishes)."),
+        click.option("--warm-start", default=None, metavar="EXPERIMENT[:STUDY]",
+                     help="Begin a new study from earlier studies' finished runs of this model class: their best "
+                          "configurations first, their results on this same data for the sampler."),
+        click.option("--warm-start-any-data", is_flag=True, default=None,
+                     help="Warm-start from runs fitted to any data (their configurations only)."),
         click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
         click.option("--seed", type=int, default=None, help="Sampler seed."),
         n_workers_option,
@@ -59,6 +64,7 @@ def tune():
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_config, model_config,
             training_config, compute_config, store, storage, tracking_uri, sampler, pruner, budget_steps, timeout,
+            warm_start, warm_start_any_data,
             study, seed, n_workers, device):
     """Tune convolutional (or linear) autoencoders on one session."""
     from bnet.config import load_project_config
@@ -71,7 +77,8 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
     if many_workers(n_workers, resolved):
         return
     outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
-                  budget_steps=budget_steps, timeout=timeout, max_epochs=max_epochs, sampler=sampler,
+                  budget_steps=budget_steps, timeout=timeout, warm_start=warm_start,
+                  warm_start_any_data=warm_start_any_data, max_epochs=max_epochs, sampler=sampler,
                   pruner=pruner, seed=seed, device=device, study=study, store=resolved, echo=click.echo)
     summary(outcome, resolved)
 
@@ -95,6 +102,7 @@ def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_confi
               help="Fit with bnet's engine or with ssm where it is importable [default bnet].")
 def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, max_iters, config_path,
                model_config, training_config, store, storage, tracking_uri, sampler, pruner, budget_steps, timeout,
+               warm_start, warm_start_any_data,
                study, seed, n_workers, device, engine):
     """Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels."""
     from bnet.config import load_project_config
@@ -107,7 +115,8 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
     if many_workers(n_workers, resolved):
         return
     outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
-                  config=config, n_trials=n_trials, budget_steps=budget_steps, timeout=timeout, max_iters=max_iters,
+                  config=config, n_trials=n_trials, budget_steps=budget_steps, timeout=timeout,
+                  warm_start=warm_start, warm_start_any_data=warm_start_any_data, max_iters=max_iters,
                   sampler=sampler, pruner=pruner, seed=seed, device=device, study=study, store=resolved,
                   echo=click.echo)
     summary(outcome, resolved)
@@ -132,7 +141,8 @@ def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, m
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
 def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arhmm_ref, experiment, n_trials,
                  max_epochs, config_path, data_config, model_config, training_config, store, storage, tracking_uri,
-                 sampler, pruner, budget_steps, timeout, study, seed, n_workers, device):
+                 sampler, pruner, budget_steps, timeout, warm_start, warm_start_any_data, study, seed, n_workers,
+                 device):
     """Tune neural decoders of AE latents, their motion energy, ARHMM states or labels."""
     from bnet.config import load_project_config
     from bnet.tuning.decoder import tune_decoder as run
@@ -145,7 +155,9 @@ def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arh
         return
     outcomes = run(data=data_path, target=target, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment,
                    arhmm=arhmm_ref, arhmm_experiment=arhmm_experiment, config=config, n_trials=n_trials,
-                   budget_steps=budget_steps, timeout=timeout, max_epochs=max_epochs, sampler=sampler, pruner=pruner, seed=seed, device=device, study=study,
+                   budget_steps=budget_steps, timeout=timeout, warm_start=warm_start,
+                   warm_start_any_data=warm_start_any_data, max_epochs=max_epochs, sampler=sampler, pruner=pruner,
+                   seed=seed, device=device, study=study,
                    store=resolved, echo=click.echo)
     for outcome in outcomes:
         summary(outcome, resolved)

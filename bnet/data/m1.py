@@ -55,11 +55,13 @@ def load_m1_recording(mat_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return spikes.T.astype(np.float32), velocity[:2].T.astype(np.float32)
 
 
-def build_m1_session(mat_path: str | Path, out_path: str | Path, trial_frames: int = 100) -> Path:
+def build_m1_session(mat_path: str | Path, out_path: str | Path, trial_frames: int = 100,
+                     max_trials: int | None = None) -> Path:
     """Write the M1 recording as a session: ``neural`` spikes and ``labels`` hand velocity.
 
     Consecutive pseudo-trials of ``trial_frames`` bins (the remainder is dropped): 15536
-    bins give 155 trials of 100.
+    bins give 155 trials of 100; ``max_trials`` keeps the first ones only (a smaller
+    problem for benchmarks and tests).
 
     Returns:
         ``out_path``.
@@ -67,7 +69,7 @@ def build_m1_session(mat_path: str | Path, out_path: str | Path, trial_frames: i
     if trial_frames < 1:
         raise ConfigError(f"trial_frames must be at least 1, got {trial_frames}")
     spikes, velocity = load_m1_recording(mat_path)
-    n_trials = len(spikes) // trial_frames
+    n_trials = min(len(spikes) // trial_frames, max_trials or len(spikes))
     if n_trials == 0:
         raise DataError(f"{mat_path}: {len(spikes)} bins are fewer than one trial of {trial_frames}")
     out_path = Path(out_path)

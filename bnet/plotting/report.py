@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bnet.errors import ConfigError  # noqa: E402
 from bnet.tracking import conventions as tags  # noqa: E402
 from bnet.tracking.store import Store, connect  # noqa: E402
+from bnet.tuning.warm_start import own_trials  # noqa: E402
 
 if TYPE_CHECKING:
     from bnet.tuning.trivial import TrivialComparison
@@ -60,7 +61,7 @@ def summary_figure(study, metric: str, direction: str):
     """Every finished trial's value in order and the best so far (the study at a glance)."""
     from optuna.trial import TrialState
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    trials = own_trials(study, (TrialState.COMPLETE,))
     figure, ax = plt.subplots(figsize=(6, 3.5))
     if trials:
         values = [t.values[0] for t in trials]
@@ -69,7 +70,7 @@ def summary_figure(study, metric: str, direction: str):
         ax.plot(numbers, values, "o", label="trial", alpha=0.7)
         ax.plot(numbers, best, "-", label="best so far")
         ax.legend(frameon=False)
-    pruned = sum(t.state == TrialState.PRUNED for t in study.get_trials(deepcopy=False))
+    pruned = len(own_trials(study, (TrialState.PRUNED,)))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="trial", ylabel=metric, title=f"study '{study.study_name}': {len(trials)} complete, {pruned} pruned "
                                                 f"({direction} {metric})")
@@ -156,7 +157,7 @@ def write_report(study_name: str, store: Store, out: str | Path | None = None, l
     notes: list[str] = []
     comparison = None
     summary = _png(summary_figure(study, metric, direction))
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    complete = own_trials(study, (TrialState.COMPLETE,))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         out.write_bytes(summary)

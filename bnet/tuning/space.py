@@ -54,7 +54,7 @@ class SearchSpace:
     def __bool__(self) -> bool:
         return bool(self.dimensions)
 
-    def _ordered(self) -> list[str]:
+    def ordered(self) -> list[str]:
         # parents before the dimensions that depend on them
         return sorted(self.dimensions, key=lambda name: name in self.conditions)
 
@@ -72,7 +72,7 @@ class SearchSpace:
     def suggest(self, trial) -> dict[str, Any]:
         """One value per active dimension, asked of an Optuna trial (define-by-run)."""
         chosen: dict[str, Any] = {}
-        for name in self._ordered():
+        for name in self.ordered():
             condition = self.conditions.get(name)
             if condition is not None and condition.parent in self.dimensions and \
                     not condition.active(chosen.get(condition.parent)):
@@ -118,12 +118,25 @@ class SearchSpace:
         return described
 
 
-def _suggest_one(trial, name: str, dim: Dimension) -> Any:
+def distribution(dim: Dimension):
+    """The Optuna distribution a dimension is suggested from (and prior trials are recorded in)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
     if isinstance(dim, Categorical):
-        return trial.suggest_categorical(name, list(dim.choices))
+        return CategoricalDistribution(list(dim.choices))
     if dim.is_int:
-        return trial.suggest_int(name, dim.low, dim.high, step=int(dim.step or 1), log=dim.log)
-    return trial.suggest_float(name, float(dim.low), float(dim.high), step=dim.step, log=dim.log)
+        return IntDistribution(dim.low, dim.high, step=int(dim.step or 1), log=dim.log)
+    return FloatDistribution(float(dim.low), float(dim.high), step=dim.step, log=dim.log)
+
+
+def _suggest_one(trial, name: str, dim: Dimension) -> Any:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    wanted = distribution(dim)
+    if isinstance(wanted, CategoricalDistribution):
+        return trial.suggest_categorical(name, wanted.choices)
+    suggest = trial.suggest_int if isinstance(wanted, IntDistribution) else trial.suggest_float
+    return suggest(name, wanted.low, wanted.high, step=wanted.step, log=wanted.log)
 
 
 def _first(dim: Dimension) -> Any:

@@ -52,6 +52,7 @@ from bnet.tuning.recovery import (
 )
 from bnet.tuning.space import SearchSpace
 from bnet.tuning.trivial import TrivialComparison
+from bnet.tuning.warm_start import gather, own_trials
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "bnet_fingerprint"
@@ -239,16 +240,25 @@ def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
         ))
 
 
-def open_study(spec: StudySpec, storage) -> optuna.Study:
+def open_study(spec: StudySpec, storage, echo: Echo = print) -> optuna.Study:
     """Create or load the Optuna study; refuse one that optimises something else or was
-    started on other data, other upstream runs or other fixed hyperparameters."""
+    started on other data, other upstream runs or other fixed hyperparameters. A new study
+    queues the config's points first, then a warm start's (:mod:`bnet.tuning.warm_start`)."""
+    warm = None
+    if spec.tuning.warm_start and not _exists(spec.study_name, storage):
+        warm = gather(spec.tuning.warm_start, spec.tuning.warm_start_any_data, spec.family.name, spec.fixed,
+                      spec.space, spec.objective, spec.session.data_hash, spec.store, spec.tuning.trial_limit)
     try:
         study = optuna.create_study(
             study_name=spec.study_name, storage=storage, directions=list(spec.objective.directions),
             sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed, len(spec.objective.metrics)),
             pruner=make_pruner(spec.tuning, _budget(spec)))
-        for point in spec.tuning.enqueue or ():
+        for prior in warm.priors if warm else ():
+            study.add_trial(prior)
+        for point in [*(spec.tuning.enqueue or ()), *(warm.queued if warm else ())]:
             study.enqueue_trial(point)
+        if warm:
+            echo(warm.describe())
     except optuna.exceptions.DuplicatedStudyError:
         # a worker joining (or resuming) a study samples with a seed of its own: workers that
         # share one seed propose the very same hyperparameters at the same time (but a Sobol
@@ -275,6 +285,10 @@ def open_study(spec: StudySpec, storage) -> optuna.Study:
                               f"{differing}; use another --study name (or the original settings)")
         study.set_user_attr(FINGERPRINT_ATTR, wanted)  # recorded by an older bnet: now in full
     return study
+
+
+def _exists(name: str, storage) -> bool:
+    return any(summary.study_name == name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
 class _StopRequests:
@@ -308,9 +322,9 @@ class _StopRequests:
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
-    """Trials by state; surplus trials (never fitted) are not failures."""
+    """The study's own trials by state; surplus trials (never fitted) are not failures."""
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
-    for trial in study.get_trials(deepcopy=False):
+    for trial in own_trials(study):
         if not trial.user_attrs.get(SURPLUS_ATTR):
             counts[trial.state.name] += 1
     return counts
@@ -328,7 +342,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     tracker = Tracker(spec.store)
     experiment_id = tracker.experiment(spec.experiment)
     storage = _storage(spec, tracker, echo)
-    study = open_study(spec, storage)
+    study = open_study(spec, storage, echo)
     recover_dead_trials(study, storage, tracker, echo)
     close_orphaned_runs(study, tracker)
     objective = spec.objective
@@ -538,8 +552,7 @@ class TrialLoop:
         # straight from the database: the study's cache may hold a queued trial without the
         # attributes it was queued with (seen when this process queued it itself)
         retry_of_run = self.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF_RUN_ATTR)
-        ahead = [t for t in self.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
-                 if t.number < trial.number]
+        ahead = [t for t in own_trials(self.study, (*FINISHED_STATES, TrialState.RUNNING)) if t.number < trial.number]
         if len(ahead) >= self.wanted:
             # another worker started the last needed trial at the same moment: this one is not fitted
             trial.set_user_attr(SURPLUS_ATTR, True)
@@ -671,10 +684,15 @@ class _HeartbeatStorage(optuna.storages.RDBStorage):
 def pareto_front(study: optuna.Study, objective: Objective) -> list[optuna.trial.FrozenTrial]:
     """The study's answer: its best trial, or for a multi-objective study the Pareto front,
     ordered by the first objective."""
+    # signs that make every objective a minimisation
+    signs = [1 if direction == "minimize" else -1 for direction in objective.directions]
+    complete = own_trials(study, (TrialState.COMPLETE,))
     if not objective.is_multi:
-        return [study.best_trial]
-    reverse = objective.direction == "maximize"
-    return sorted(study.best_trials, key=lambda t: t.values[0], reverse=reverse)
+        return [min(complete, key=lambda t: signs[0] * t.value)]
+    scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in complete]
+    front = [t for t, mine in scored
+             if not any(all(o <= m for o, m in zip(other, mine)) and other != mine for _, other in scored)]
+    return sorted(front, key=lambda t: signs[0] * t.values[0])
 
 
 def _log_answer(study: optuna.Study, parent: RunLogger, spec: StudySpec,

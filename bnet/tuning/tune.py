@@ -28,6 +28,8 @@ def tune(
     n_trials: int | None = None,
     budget_steps: int | None = None,
     timeout: float | None = None,
+    warm_start: str | None = None,
+    warm_start_any_data: bool | None = None,
     max_steps: int | None = None,
     sampler: str | None = None,
     pruner: str | None = None,
@@ -51,8 +53,9 @@ def tune(
         ae, arhmm: the upstream run: ``best`` (the best one fitted to this file), a run id or
             ``models:/NAME@ALIAS``; ae_experiment, arhmm_experiment: where ``best`` looks.
         target: a decoder's behaviour target; labels: segment labels (ARHMM).
-        n_trials, budget_steps, timeout, sampler, pruner, seed, study, metric, direction: the
-            search (``tuning`` in the config; a list of metrics makes a multi-objective study).
+        n_trials, budget_steps, timeout, sampler, pruner, seed, study, metric, direction,
+            warm_start, warm_start_any_data: the search (``tuning`` in the config; a list of
+            metrics makes a multi-objective study).
         max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
         device: ``cpu``, ``cuda`` or ``auto``.
     """
@@ -61,7 +64,8 @@ def tune(
     store = store or resolve_store()
     config.override(**{declared.budget_key: max_steps, "device": device})
     tuning = config.tuning
-    for name, value in (("n_trials", n_trials), ("budget_steps", budget_steps), ("timeout", timeout),
+    for name, value in (("n_trials", n_trials), ("budget_steps", budget_steps), ("timeout", timeout), ("warm_start", warm_start),
+                        ("warm_start_any_data", warm_start_any_data),
                         ("sampler", sampler), ("pruner", pruner), ("seed", seed),
                         ("study", study), ("metric", metric), ("direction", direction)):
         if value is not None:

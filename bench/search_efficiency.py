@@ -1,0 +1,432 @@
+"""Search efficiency: how many training epochs each search method needs to find a model as
+good as BehaveNet's full grid, and whether the model it picks is as good on held-out data.
+
+Budget is counted in **epochs trained** (what compute costs), not trials: a pruned trial
+costs the epochs before its cut, an early-stopped one the epochs it ran.
+
+Two fixed problems, each a search space and a grid over a discretisation of it (what a
+BehaveNet user writes in its JSON lists):
+
+* ``ae``: a synthetic session with known latents (``bnet.data.synthesize``); searched:
+  ``n_ae_latents`` in {4, 8, 12, 16}, ``learning_rate`` and ``l2_reg`` on log scales, and
+  the architecture (``ae_n_conv_layers``). Objective: validation MSE (minimised).
+* ``decoder``: the real macaque M1 recording in ``../shared/data/spykesml_m1_s1`` (spikes to
+  hand velocity); searched: ``n_lags``, ``n_hid_layers``, ``n_hid_units`` (with hidden
+  layers only), ``learning_rate``, ``l2_reg``. Objective: validation R² (maximised).
+
+BehaveNet's way runs first: every grid point to its full epoch budget; its best validation
+value is the reference, the epochs it took the denominator. Then, for each seed, each method
+runs until it has spent half the grid's epochs, with the samplers and pruners exactly as
+``bnet tune`` builds them (``make_sampler``, ``make_pruner``):
+
+* ``grid`` - the grid's own fits in a random order (no refitting: it is the same compute);
+* ``random``, ``tpe``, ``tpe+median``, ``tpe+hyperband``, ``gp``, ``cmaes`` (ranges by CMA-ES,
+  categorical dimensions at random); on request ``qmc`` and ``tpe-independent``
+  (univariate TPE, to measure what multivariate TPE buys).
+
+Every fit uses the same model seed, batch order and data, so one configuration gives one
+answer whichever method asks for it. Printed per method: the epochs to come within 1% of
+the grid's best (median over seeds, and in how many seeds at all), the best validation
+value after 10%, 25% and 50% of the grid's epochs (median [quartiles]), and the test value
+of the model each method would pick at 25% and 50% beside the grid's pick. A convergence
+plot (best value vs epochs, median and quartiles) is saved as a PNG.
+
+    python bench/search_efficiency.py [--problems ae decoder] [--seeds 5] [--epochs N]
+        [--methods ...] [--out bench/out]
+
+The small setting (the defaults) finishes in minutes on 2 cores; ``--size large`` doubles
+the data and the epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np
+import optuna
+import torch
+
+from bnet.config import Categorical, Range, TuningConfig
+from bnet.data import SynthConfig, open_session, synthesize
+from bnet.data.m1 import build_m1_session
+from bnet.models import build_model
+from bnet.models.frame_metrics import MeanFrame
+from bnet.training import EpochRecord, evaluate_terms, fit
+from bnet.tracking.store import resolve_store
+from bnet.tuning.family import StudyRequest, get_family, merged_values
+from bnet.tuning.space import Condition, SearchSpace
+from bnet.tuning.study import make_pruner, make_sampler
+from bnet.config import ProjectConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arhmm_science import cpu_description  # noqa: E402  (CPU model, instruction sets, GEMM rate)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+M1 = SHARED / "data" / "spykesml_m1_s1" / "m1_stevenson_2011.mat"
+METHODS = ("grid", "random", "tpe", "tpe+median", "tpe+hyperband", "gp", "cmaes")
+OPTIONAL_METHODS = ("qmc", "tpe-independent")
+CHECKPOINTS = (0.10, 0.25, 0.50)
+WITHIN = 0.01
+
+
+@dataclass
+class Fit:
+    """One configuration's training: its validation value per epoch, its final (best
+    epoch's) validation and test values, and the epochs it trained."""
+
+    curve: list[float]
+    val: float
+    test: float
+
+    @property
+    def epochs(self) -> int:
+        return len(self.curve)
+
+
+class Pruned(Exception):
+    pass
+
+
+@dataclass
+class Problem:
+    """A search space, its grid and a way to fit one point of it."""
+
+    name: str
+    direction: str
+    metric: str
+    space: SearchSpace
+    grid: list[dict]
+    fixed: dict
+    fitter: object
+    epochs: int
+    cache: dict = field(default_factory=dict)
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.direction == "maximize" else a < b
+
+    def close_enough(self, value: float, best: float) -> bool:
+        """Within 1% of the grid's best, on the objective's own scale."""
+        slack = WITHIN * abs(best)
+        return value >= best - slack if self.direction == "maximize" else value <= best + slack
+
+    def fit(self, hparams: dict, on_epoch=None) -> Fit:
+        """The fit of one point; ``on_epoch(epoch, value)`` may raise :class:`Pruned`.
+
+        Unpruned fits are remembered: a method that asks for a point already fitted pays its
+        epochs again (the compute a real study spends) without this process redoing them.
+        A pruned fit's epochs are replayed from a remembered full fit where there is one."""
+        key = tuple(sorted((k, round(v, 12) if isinstance(v, float) else v) for k, v in hparams.items()))
+        if key in self.cache:
+            known = self.cache[key]
+            for epoch, value in enumerate(known.curve):
+                if on_epoch:
+                    on_epoch(epoch, value)
+            return known
+        done = self.fitter(self.space.resolve(hparams, self.fixed), on_epoch)
+        self.cache[key] = done
+        return done
+
+
+# ----------------------------------------------------------------------------- problems
+
+def ae_problem(root: Path, size: str, epochs: int | None) -> Problem:
+    large = size == "large"
+    pixels = 32 if large else 24
+    data = synthesize(root / "ae.hdf5", SynthConfig(n_trials=40 if large else 20, n_frames=40, y_pixels=pixels,
+                                                    x_pixels=pixels, n_latents=8, n_neurons=0, seed=11))
+    epochs = epochs or (40 if large else 20)
+    dims = {"n_ae_latents": Categorical((4, 8, 12, 16)),
+            "learning_rate": Range(1e-4, 1e-2, log=True),
+            "l2_reg": Range(1e-6, 1e-2, log=True),
+            "ae_n_conv_layers": Categorical((2, 3))}
+    grid_values = {"n_ae_latents": [4, 8, 12, 16], "learning_rate": [1e-4, 1e-3, 1e-2],
+                   "l2_reg": [1e-6, 1e-4, 1e-2], "ae_n_conv_layers": [2, 3]}
+    fixed = {"model_class": "ae", "model_type": "conv", "ae_first_channels": 8, "ae_kernel_size": 5,
+             "max_n_epochs": epochs, "min_n_epochs": epochs // 2, "early_stop_history": 5, "batch_size": 40,
+             "rng_seed_model": 0, "rng_seed_train": 0, "precision": "fp32", "device": "cpu"}
+    trials, space, fixed = _prepared("ae", data, fixed | dims, {})
+    session_count = len(trials.sessions)
+
+    def fit_ae(hparams, on_epoch):
+        model_config, training, _ = trials.configs(hparams)
+        _, batches = trials.batches(hparams, model_config, training.batch_size)
+        torch.manual_seed(0)
+        model = build_model(model_config)
+        model.start_at_mean_frame(torch.from_numpy(MeanFrame.of(batches["train"], session_count).mean))
+        curve = []
+
+        class Report:
+            def on_epoch_end(self, record: EpochRecord):
+                curve.append(record.val_loss)
+                if on_epoch:
+                    on_epoch(record.epoch, record.val_loss)
+
+        result = fit(model, batches["train"], batches["val"], training, weight_decay=model_config.l2_reg,
+                     precision="fp32", callbacks=[Report()])
+        return Fit(curve, result.best_val_loss, evaluate_terms(model, batches["test"], torch.device("cpu"))["loss"])
+
+    return Problem("ae", "minimize", "val MSE", space, _grid(grid_values), fixed, fit_ae, epochs)
+
+
+def decoder_problem(root: Path, size: str, epochs: int | None) -> Problem:
+    if not M1.is_file():
+        raise SystemExit(f"{M1}: the M1 recording is not there (../shared/data beside the project)")
+    large = size == "large"
+    data = build_m1_session(M1, root / "m1.hdf5", trial_frames=100, max_trials=None if large else 40)
+    epochs = epochs or (40 if large else 20)
+    dims = {"n_lags": Categorical((0, 2, 4)), "n_hid_layers": Categorical((0, 1, 2)),
+            "n_hid_units": Categorical((32, 128)),
+            "learning_rate": Range(1e-4, 1e-2, log=True), "l2_reg": Range(1e-6, 1e-1, log=True)}
+    conditions = {"n_hid_units": Condition("n_hid_layers", lambda v: int(v) > 0, 0, "n_hid_layers > 0")}
+    grid_values = {"n_lags": [0, 2, 4], "n_hid_layers": [0, 1, 2], "n_hid_units": [32, 128],
+                   "learning_rate": [1e-4, 1e-3, 1e-2], "l2_reg": [1e-5, 1e-3]}
+    fixed = {"model_class": "neural-labels", "max_n_epochs": epochs, "min_n_epochs": epochs // 2,
+             "early_stop_history": 5, "rng_seed_model": 0, "rng_seed_train": 0, "device": "cpu",
+             "trial_splits": "8;1;1;0"}
+    trials, space, fixed = _prepared("decoder", data, fixed | dims, conditions, target="labels")
+
+    def fit_decoder(hparams, on_epoch):
+        model_config, training, _ = trials.configs(hparams)
+        torch.manual_seed(0)
+        model = build_model(model_config)
+        if model_config.standardize_inputs:
+            model.set_input_statistics(torch.cat([batch["inputs"] for batch in trials.batches["train"]]))
+        curve = []
+
+        class Report:
+            def on_epoch_end(self, record: EpochRecord):
+                curve.append(trials.score(model, "val"))
+                if on_epoch:
+                    on_epoch(record.epoch, curve[-1])
+
+        fit(model, trials.batches["train"], trials.batches["val"], training, weight_decay=model_config.l2_reg,
+            precision="fp32", callbacks=[Report()])
+        return Fit(curve, trials.score(model, "val"), trials.score(model, "test"))
+
+    grid = [point for point in _grid(grid_values) if point["n_hid_layers"] or point["n_hid_units"] == 32]
+    for point in grid:
+        if not point["n_hid_layers"]:
+            del point["n_hid_units"]
+    return Problem("decoder", "maximize", "val R²", space, grid, fixed, fit_decoder, epochs)
+
+
+def _prepared(family: str, data: Path, values: dict, conditions: dict, target: str | None = None):
+    """The family's own trials over ``data`` (its configs, batches and scores) as ``bnet tune``
+    prepares them, the space and the fixed values (the family's defaults filled in)."""
+    declared = get_family(family)
+    merged, _ = merged_values(declared, ProjectConfig(values=values))
+    store = resolve_store(data.parent / "store")
+    space, fixed = SearchSpace.split(merged, conditions)
+    return declared.prepare(StudyRequest(data, merged, {}, target, False), store)[0].fitter, space, fixed
+
+
+def _grid(values: dict[str, list]) -> list[dict]:
+    names = list(values)
+    return [dict(zip(names, point)) for point in itertools.product(*values.values())]
+
+
+# ----------------------------------------------------------------------------- methods
+
+@dataclass
+class Trace:
+    """One method's run: after each trial, the epochs spent so far and the best
+    validation value so far with its model's test value (None before any finished fit)."""
+
+    epochs: list[int] = field(default_factory=list)
+    best: list[float | None] = field(default_factory=list)
+    test: list[float | None] = field(default_factory=list)
+
+    def record(self, spent: int, best: float | None, test: float | None) -> None:
+        self.epochs.append(spent)
+        self.best.append(best)
+        self.test.append(test)
+
+    def at(self, epochs: float) -> tuple[float | None, float | None]:
+        """The best value and its test value once ``epochs`` had been spent."""
+        best = test = None
+        for spent, value, held_out in zip(self.epochs, self.best, self.test):
+            if spent > epochs:
+                break
+            best, test = value, held_out
+        return best, test
+
+    def epochs_to(self, problem: Problem, target: float) -> int | None:
+        for spent, value in zip(self.epochs, self.best):
+            if value is not None and problem.close_enough(value, target):
+                return spent
+        return None
+
+
+def grid_in_random_order(problem: Problem, grid_fits: list[Fit], seed: int) -> Trace:
+    trace, spent, best, test = Trace(), 0, None, None
+    for index in np.random.default_rng(seed).permutation(len(grid_fits)):
+        done = grid_fits[index]
+        spent += done.epochs
+        if best is None or problem.better(done.val, best):
+            best, test = done.val, done.test
+        trace.record(spent, best, test)
+    return trace
+
+
+def search(problem: Problem, method: str, seed: int, budget: int) -> Trace:
+    """One Optuna study of ``method`` (bnet's own sampler and pruner) until it has spent
+    ``budget`` epochs."""
+    sampler_name, _, pruner_name = method.partition("+")
+    tuning = TuningConfig(sampler="tpe" if sampler_name == "tpe-independent" else sampler_name,
+                          pruner=pruner_name or "none", budget_steps=budget, seed=seed)
+    sampler = make_sampler(tuning, problem.space, seed)
+    if sampler_name == "tpe-independent":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+    study = optuna.create_study(direction=problem.direction, sampler=sampler,
+                                pruner=make_pruner(tuning, problem.epochs))
+    trace, spent, best, test = Trace(), 0, None, None
+    while spent < budget:
+        trial = study.ask()
+        chosen = problem.space.suggest(trial)
+        trained = [0]
+
+        def on_epoch(epoch, value):
+            trained[0] = epoch + 1
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise Pruned
+
+        try:
+            done = problem.fit(chosen, on_epoch)
+        except Pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            spent += trained[0]
+            trace.record(spent, best, test)
+            continue
+        study.tell(trial, done.val)
+        spent += done.epochs
+        if best is None or problem.better(done.val, best):
+            best, test = done.val, done.test
+        trace.record(spent, best, test)
+    return trace
+
+
+# ----------------------------------------------------------------------------- report
+
+def quartiles(values: list[float]) -> str:
+    if not values:
+        return "-"
+    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+    return f"{q2:.4g} [{q1:.4g}, {q3:.4g}]"
+
+
+def report(problem: Problem, grid_fits: list[Fit], traces: dict[str, list[Trace]], seconds: float) -> list[str]:
+    grid_epochs = sum(f.epochs for f in grid_fits)
+    best_fit = (max if problem.direction == "maximize" else min)(grid_fits, key=lambda f: f.val)
+    lines = [f"## {problem.name}: {problem.metric} ({problem.direction}), {len(grid_fits)} grid points, "
+             f"{grid_epochs:,} grid epochs, {len(next(iter(traces.values())))} seeds",
+             f"grid (BehaveNet): best {problem.metric} {best_fit.val:.4g}, its test value {best_fit.test:.4g} "
+             f"({seconds:.0f} s to fit the grid)",
+             "",
+             "| method | epochs to within 1% of the grid's best (median; seeds that got there) | "
+             + " | ".join(f"best at {int(c * 100)}% of the grid's epochs" for c in CHECKPOINTS)
+             + " | test of the pick at 25% | test of the pick at 50% |",
+             "| --- | --- | " + " | ".join("---" for _ in CHECKPOINTS) + " | --- | --- |"]
+    for method, runs in traces.items():
+        reached = [t.epochs_to(problem, best_fit.val) for t in runs]
+        hits = [r for r in reached if r is not None]
+        to_target = (f"{np.median(hits) / grid_epochs:.0%} ({int(np.median(hits)):,}); {len(hits)}/{len(runs)}"
+                     if len(hits) * 2 > len(runs) else f"not reached; {len(hits)}/{len(runs)}")
+        at = [[t.at(c * grid_epochs) for t in runs] for c in CHECKPOINTS]
+        bests = [quartiles([b for b, _ in row if b is not None]) for row in at]
+        tests = [quartiles([t for _, t in row if t is not None]) for row in at[1:]]
+        lines.append(f"| {method} | {to_target} | " + " | ".join(bests) + " | " + " | ".join(tests) + " |")
+    return lines
+
+
+def plot(problems: list[Problem], grid: dict[str, list[Fit]], traces: dict[str, dict[str, list[Trace]]],
+         path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 4.5), squeeze=False)
+    for ax, problem in zip(axes[0], problems):
+        grid_epochs = sum(f.epochs for f in grid[problem.name])
+        best = (max if problem.direction == "maximize" else min)(f.val for f in grid[problem.name])
+        xs = np.linspace(0, 0.5, 101)
+        for method, runs in traces[problem.name].items():
+            ys = np.array([[np.nan if (v := t.at(x * grid_epochs)[0]) is None else v for x in xs] for t in runs])
+            median = np.nanmedian(ys, axis=0)
+            line, = ax.plot(xs * 100, median, label=method)
+            ax.fill_between(xs * 100, np.nanpercentile(ys, 25, axis=0), np.nanpercentile(ys, 75, axis=0),
+                            color=line.get_color(), alpha=0.15)
+        ax.axhline(best, color="k", lw=1, ls="--", label="grid's best")
+        ax.axhspan(best - WITHIN * abs(best), best + WITHIN * abs(best), color="k", alpha=0.08)
+        ax.set_xlabel("epochs spent, % of the full grid's")
+        ax.set_ylabel(f"best {problem.metric} so far")
+        ax.set_title(f"{problem.name}: median and quartiles over seeds")
+        finite = [v for f in grid[problem.name] for v in (f.val,) if math.isfinite(v)]
+        spread = np.percentile(finite, [10, 90])
+        if problem.direction == "minimize":
+            ax.set_ylim(best - 0.05 * abs(best), spread[0] if spread[0] > best else best * 1.5)
+        else:
+            ax.set_ylim(spread[0] if spread[0] < best else best - 0.2, best + 0.05 * abs(best))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", nargs="+", choices=("ae", "decoder"), default=["ae", "decoder"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per fit [20; 40 with --size large]")
+    parser.add_argument("--size", choices=("small", "large"), default="small")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + OPTIONAL_METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    print(cpu_description(), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    makers = {"ae": ae_problem, "decoder": decoder_problem}
+    problems, grids, traces, lines = [], {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.problems:
+            problem = makers[name](Path(tmp), args.size, args.epochs)
+            started = time.perf_counter()
+            grid_fits = []
+            for i, point in enumerate(problem.grid):
+                grid_fits.append(problem.fit(point))
+                print(f"\r{name} grid {i + 1}/{len(problem.grid)}", end="", flush=True)
+            grid_seconds = time.perf_counter() - started
+            grid_epochs = sum(f.epochs for f in grid_fits)
+            print(f"\r{name} grid: {len(grid_fits)} points, {grid_epochs} epochs in {grid_seconds:.0f} s", flush=True)
+            traces[name] = {}
+            for method in args.methods:
+                started = time.perf_counter()
+                traces[name][method] = [
+                    grid_in_random_order(problem, grid_fits, seed) if method == "grid"
+                    else search(problem, method, seed, grid_epochs // 2) for seed in range(args.seeds)]
+                print(f"  {method}: {args.seeds} seeds in {time.perf_counter() - started:.0f} s", flush=True)
+            problems.append(problem)
+            grids[name] = grid_fits
+            lines += report(problem, grid_fits, traces[name], grid_seconds) + [""]
+    print("\n" + "\n".join(lines))
+    figure = args.out / "search_efficiency.png"
+    plot(problems, grids, traces, figure)
+    print(f"convergence plot: {figure}")
+
+
+if __name__ == "__main__":
+    main()
