@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
@@ -57,7 +58,7 @@ import optuna
 import torch
 
 from bnet.config import Categorical, Range, TuningConfig
-from bnet.data import SynthConfig, open_session, synthesize
+from bnet.data import SynthConfig, synthesize
 from bnet.data.m1 import build_m1_session
 from bnet.models import build_model
 from bnet.models.frame_metrics import MeanFrame
@@ -139,18 +140,18 @@ class Problem:
 
 # ----------------------------------------------------------------------------- problems
 
-def ae_problem(root: Path, size: str, epochs: int | None) -> Problem:
+def ae_problem(root: Path, size: str, epochs: int | None, session_seed: int = 11) -> Problem:
     large = size == "large"
     pixels = 32 if large else 24
-    data = synthesize(root / "ae.hdf5", SynthConfig(n_trials=40 if large else 20, n_frames=40, y_pixels=pixels,
-                                                    x_pixels=pixels, n_latents=8, n_neurons=0, seed=11))
+    data = synthesize(root / f"ae{session_seed}.hdf5", SynthConfig(n_trials=40 if large else 12, n_frames=40, y_pixels=pixels,
+                                                    x_pixels=pixels, n_latents=8, n_neurons=0, seed=session_seed))
     epochs = epochs or (40 if large else 20)
     dims = {"n_ae_latents": Categorical((4, 8, 12, 16)),
             "learning_rate": Range(1e-4, 1e-2, log=True),
             "l2_reg": Range(1e-6, 1e-2, log=True),
             "ae_n_conv_layers": Categorical((2, 3))}
     grid_values = {"n_ae_latents": [4, 8, 12, 16], "learning_rate": [1e-4, 1e-3, 1e-2],
-                   "l2_reg": [1e-6, 1e-4, 1e-2], "ae_n_conv_layers": [2, 3]}
+                   "l2_reg": [1e-6, 1e-3], "ae_n_conv_layers": [2, 3]}
     fixed = {"model_class": "ae", "model_type": "conv", "ae_first_channels": 8, "ae_kernel_size": 5,
              "max_n_epochs": epochs, "min_n_epochs": epochs // 2, "early_stop_history": 5, "batch_size": 40,
              "rng_seed_model": 0, "rng_seed_train": 0, "precision": "fp32", "device": "cpu"}
@@ -184,11 +185,11 @@ def decoder_problem(root: Path, size: str, epochs: int | None) -> Problem:
     large = size == "large"
     data = build_m1_session(M1, root / "m1.hdf5", trial_frames=100, max_trials=None if large else 40)
     epochs = epochs or (40 if large else 20)
-    dims = {"n_lags": Categorical((0, 2, 4)), "n_hid_layers": Categorical((0, 1, 2)),
+    dims = {"n_lags": Categorical((0, 4)), "n_hid_layers": Categorical((0, 1, 2)),
             "n_hid_units": Categorical((32, 128)),
             "learning_rate": Range(1e-4, 1e-2, log=True), "l2_reg": Range(1e-6, 1e-1, log=True)}
     conditions = {"n_hid_units": Condition("n_hid_layers", lambda v: int(v) > 0, 0, "n_hid_layers > 0")}
-    grid_values = {"n_lags": [0, 2, 4], "n_hid_layers": [0, 1, 2], "n_hid_units": [32, 128],
+    grid_values = {"n_lags": [0, 4], "n_hid_layers": [0, 1, 2], "n_hid_units": [32, 128],
                    "learning_rate": [1e-4, 1e-3, 1e-2], "l2_reg": [1e-5, 1e-3]}
     fixed = {"model_class": "neural-labels", "max_n_epochs": epochs, "min_n_epochs": epochs // 2,
              "early_stop_history": 5, "rng_seed_model": 0, "rng_seed_train": 0, "device": "cpu",
@@ -225,7 +226,7 @@ def _prepared(family: str, data: Path, values: dict, conditions: dict, target: s
     prepares them, the space and the fixed values (the family's defaults filled in)."""
     declared = get_family(family)
     merged, _ = merged_values(declared, ProjectConfig(values=values))
-    store = resolve_store(data.parent / "store")
+    store = resolve_store(data.parent / f"store-{data.stem}")
     space, fixed = SearchSpace.split(merged, conditions)
     return declared.prepare(StudyRequest(data, merged, {}, target, False), store)[0].fitter, space, fixed
 
@@ -278,17 +279,22 @@ def grid_in_random_order(problem: Problem, grid_fits: list[Fit], seed: int) -> T
     return trace
 
 
-def search(problem: Problem, method: str, seed: int, budget: int) -> Trace:
+def search(problem: Problem, method: str, seed: int, budget: int,
+           queued: list[dict] = ()) -> tuple[Trace, optuna.Study]:
     """One Optuna study of ``method`` (bnet's own sampler and pruner) until it has spent
-    ``budget`` epochs."""
+    ``budget`` epochs, fitting the ``queued`` points first (a warm start from other data)."""
     sampler_name, _, pruner_name = method.partition("+")
     tuning = TuningConfig(sampler="tpe" if sampler_name == "tpe-independent" else sampler_name,
                           pruner=pruner_name or "none", budget_steps=budget, seed=seed)
     sampler = make_sampler(tuning, problem.space, seed)
     if sampler_name == "tpe-independent":
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
-    study = optuna.create_study(direction=problem.direction, sampler=sampler,
+    # a fixed name: Hyperband assigns trials to its brackets by a hash of the study's name
+    study = optuna.create_study(study_name=f"{problem.name}-{method}-{seed}", direction=problem.direction,
+                                sampler=sampler,
                                 pruner=make_pruner(tuning, problem.epochs))
+    for point in queued:
+        study.enqueue_trial(point)
     trace, spent, best, test = Trace(), 0, None, None
     while spent < budget:
         trial = study.ask()
@@ -313,7 +319,38 @@ def search(problem: Problem, method: str, seed: int, budget: int) -> Trace:
         if best is None or problem.better(done.val, best):
             best, test = done.val, done.test
         trace.record(spent, best, test)
-    return trace
+    return trace, study
+
+
+def top_points(study: optuna.Study, problem: Problem, n: int = 5) -> list[dict]:
+    """A study's best configurations, best first: what ``--warm-start`` queues."""
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return [t.params for t in sorted(complete, key=lambda t: t.value, reverse=problem.direction == "maximize")[:n]]
+
+
+def warm_start_gain(root: Path, args, method: str, sources: list[optuna.Study], grid_epochs: int) -> list[str]:
+    """A study of ``method`` on a second synthetic session (another seed of the generator),
+    cold and warm-started with the best configurations of the same method's study on the
+    first (configurations only: the data differ), for each seed."""
+    second = ae_problem(root, args.size, args.epochs, session_seed=12)
+    budget = grid_epochs // 4
+    cold = [search(second, method, seed, budget)[0] for seed in range(args.seeds)]
+    warm = [search(second, method, seed, budget, top_points(source, second))[0]
+            for seed, source in zip(range(args.seeds), sources)]
+    lines = [f"## warm start: {method} on a second synthetic session (generator seed 12), cold vs warm-started "
+             f"from its study on the first ({args.seeds} seeds, budget {budget:,} epochs)", "",
+             "| start | best at 5% of the first grid's epochs | at 10% | at 25% | epochs to the cold start's final "
+             "best (median over seeds; seeds that got there) |", "| --- | --- | --- | --- | --- |"]
+    targets = [c.best[-1] for c in cold]
+    for name, runs in (("cold", cold), ("warm", warm)):
+        at = [quartiles([v for t in runs if (v := t.at(share * grid_epochs)[0]) is not None])
+              for share in (0.05, 0.10, 0.25)]
+        reach = [next((e for e, v in zip(t.epochs, t.best) if v is not None and not second.better(target, v)), None)
+                 for t, target in zip(runs, targets)]
+        median = np.median([math.inf if r is None else r for r in reach])
+        lines.append(f"| {name} | " + " | ".join(at) + f" | {int(median) if math.isfinite(median) else 'not reached'} "
+                     f"({sum(r is not None for r in reach)}/{len(runs)}) |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- report
@@ -333,15 +370,17 @@ def report(problem: Problem, grid_fits: list[Fit], traces: dict[str, list[Trace]
              f"grid (BehaveNet): best {problem.metric} {best_fit.val:.4g}, its test value {best_fit.test:.4g} "
              f"({seconds:.0f} s to fit the grid)",
              "",
-             "| method | epochs to within 1% of the grid's best (median; seeds that got there) | "
+             "| method | epochs to within 1% of the grid's best (median over seeds; seeds that got there) | "
              + " | ".join(f"best at {int(c * 100)}% of the grid's epochs" for c in CHECKPOINTS)
              + " | test of the pick at 25% | test of the pick at 50% |",
              "| --- | --- | " + " | ".join("---" for _ in CHECKPOINTS) + " | --- | --- |"]
     for method, runs in traces.items():
+        # the median over every seed, a seed that never got there counting as never
         reached = [t.epochs_to(problem, best_fit.val) for t in runs]
-        hits = [r for r in reached if r is not None]
-        to_target = (f"{np.median(hits) / grid_epochs:.0%} ({int(np.median(hits)):,}); {len(hits)}/{len(runs)}"
-                     if len(hits) * 2 > len(runs) else f"not reached; {len(hits)}/{len(runs)}")
+        hits = sum(r is not None for r in reached)
+        median = np.median([math.inf if r is None else r for r in reached])
+        to_target = (f"{median / grid_epochs:.0%} ({int(median):,}); {hits}/{len(runs)}" if math.isfinite(median)
+                     else f"not reached; {hits}/{len(runs)}")
         at = [[t.at(c * grid_epochs) for t in runs] for c in CHECKPOINTS]
         bests = [quartiles([b for b, _ in row if b is not None]) for row in at]
         tests = [quartiles([t for _, t in row if t is not None]) for row in at[1:]]
@@ -351,33 +390,33 @@ def report(problem: Problem, grid_fits: list[Fit], traces: dict[str, list[Trace]
 
 def plot(problems: list[Problem], grid: dict[str, list[Fit]], traces: dict[str, dict[str, list[Trace]]],
          path: Path) -> None:
+    """Per problem, the best value so far as its gap to the grid's best (relative, log
+    scale; at or beyond the grid's best it is drawn at the floor), median and quartiles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    floor = 1e-4
     fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 4.5), squeeze=False)
     for ax, problem in zip(axes[0], problems):
         grid_epochs = sum(f.epochs for f in grid[problem.name])
         best = (max if problem.direction == "maximize" else min)(f.val for f in grid[problem.name])
-        xs = np.linspace(0, 0.5, 101)
+        sign = -1 if problem.direction == "maximize" else 1
+        xs = np.linspace(0, 0.5, 101)[1:]
         for method, runs in traces[problem.name].items():
-            ys = np.array([[np.nan if (v := t.at(x * grid_epochs)[0]) is None else v for x in xs] for t in runs])
-            median = np.nanmedian(ys, axis=0)
-            line, = ax.plot(xs * 100, median, label=method)
-            ax.fill_between(xs * 100, np.nanpercentile(ys, 25, axis=0), np.nanpercentile(ys, 75, axis=0),
-                            color=line.get_color(), alpha=0.15)
-        ax.axhline(best, color="k", lw=1, ls="--", label="grid's best")
-        ax.axhspan(best - WITHIN * abs(best), best + WITHIN * abs(best), color="k", alpha=0.08)
+            gaps = np.array([[np.nan if (v := t.at(x * grid_epochs)[0]) is None
+                              else max(sign * (v - best) / abs(best), floor) for x in xs] for t in runs])
+            shown = ~np.all(np.isnan(gaps), axis=0)
+            with np.errstate(all="ignore"):
+                quarters = np.nanpercentile(gaps[:, shown], [25, 50, 75], axis=0)
+            line, = ax.plot(xs[shown] * 100, quarters[1], label=method)
+            ax.fill_between(xs[shown] * 100, quarters[0], quarters[2], color=line.get_color(), alpha=0.12)
+        ax.axhline(WITHIN, color="k", lw=1, ls="--", label="within 1% of the grid's best")
+        ax.set_yscale("log")
         ax.set_xlabel("epochs spent, % of the full grid's")
-        ax.set_ylabel(f"best {problem.metric} so far")
+        ax.set_ylabel(f"gap of the best {problem.metric} to the grid's best")
         ax.set_title(f"{problem.name}: median and quartiles over seeds")
-        finite = [v for f in grid[problem.name] for v in (f.val,) if math.isfinite(v)]
-        spread = np.percentile(finite, [10, 90])
-        if problem.direction == "minimize":
-            ax.set_ylim(best - 0.05 * abs(best), spread[0] if spread[0] > best else best * 1.5)
-        else:
-            ax.set_ylim(spread[0] if spread[0] < best else best - 0.2, best + 0.05 * abs(best))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -392,12 +431,15 @@ def main() -> None:
     parser.add_argument("--size", choices=("small", "large"), default="small")
     parser.add_argument("--methods", nargs="+", choices=METHODS + OPTIONAL_METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--warm-start", default="tpe+median", metavar="METHOD",
+                        help="the method whose warm start the AE problem measures (one of --methods; 'none' skips)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     import warnings
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    print(cpu_description(), flush=True)
+    machine = cpu_description()
+    print(machine, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     makers = {"ae": ae_problem, "decoder": decoder_problem}
     problems, grids, traces, lines = [], {}, {}, []
@@ -408,21 +450,32 @@ def main() -> None:
             grid_fits = []
             for i, point in enumerate(problem.grid):
                 grid_fits.append(problem.fit(point))
-                print(f"\r{name} grid {i + 1}/{len(problem.grid)}", end="", flush=True)
+                if (i + 1) % 12 == 0:
+                    print(f"{name} grid {i + 1}/{len(problem.grid)} ({time.perf_counter() - started:.0f} s)", flush=True)
             grid_seconds = time.perf_counter() - started
             grid_epochs = sum(f.epochs for f in grid_fits)
-            print(f"\r{name} grid: {len(grid_fits)} points, {grid_epochs} epochs in {grid_seconds:.0f} s", flush=True)
-            traces[name] = {}
+            print(f"{name} grid: {len(grid_fits)} points, {grid_epochs} epochs in {grid_seconds:.0f} s", flush=True)
+            traces[name], studies = {}, {}
             for method in args.methods:
                 started = time.perf_counter()
-                traces[name][method] = [
-                    grid_in_random_order(problem, grid_fits, seed) if method == "grid"
-                    else search(problem, method, seed, grid_epochs // 2) for seed in range(args.seeds)]
+                if method == "grid":
+                    traces[name][method] = [grid_in_random_order(problem, grid_fits, seed) for seed in range(args.seeds)]
+                else:
+                    runs = [search(problem, method, seed, grid_epochs // 2) for seed in range(args.seeds)]
+                    traces[name][method], studies[method] = [r[0] for r in runs], [r[1] for r in runs]
                 print(f"  {method}: {args.seeds} seeds in {time.perf_counter() - started:.0f} s", flush=True)
             problems.append(problem)
             grids[name] = grid_fits
             lines += report(problem, grid_fits, traces[name], grid_seconds) + [""]
+            if name == "ae" and args.warm_start in studies:
+                started = time.perf_counter()
+                lines += warm_start_gain(Path(tmp), args, args.warm_start, studies[args.warm_start], grid_epochs)
+                lines += [f"({time.perf_counter() - started:.0f} s)", ""]
     print("\n" + "\n".join(lines))
+    (args.out / "search_efficiency.json").write_text(json.dumps(
+        {problem: {method: [vars(t) for t in runs] for method, runs in by_method.items()}
+         for problem, by_method in traces.items()}))
+    (args.out / "search_efficiency.md").write_text(machine + "\n\n" + "\n".join(lines))
     figure = args.out / "search_efficiency.png"
     plot(problems, grids, traces, figure)
     print(f"convergence plot: {figure}")

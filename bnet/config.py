@@ -126,7 +126,7 @@ Dimension = Union[Categorical, Range]
 
 
 SAMPLERS = ("tpe", "gp", "cmaes", "qmc", "random", "grid")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("auto", "median", "hyperband", "none")
 DEFAULT_N_TRIALS = 10
 
 
@@ -149,7 +149,8 @@ class TuningConfig:
             continuous dimensions), ``cmaes`` (CMA-ES; ranges only, categorical dimensions
             are sampled at random beside it), ``qmc`` (a scrambled Sobol sequence: even
             coverage without a model), ``random`` or ``grid``.
-        pruner: ``median``, ``hyperband`` or ``none``; prunes on the family's per-step
+        pruner: ``auto`` (default: ``hyperband`` where ``budget_steps`` bounds the study,
+            else ``median``), ``median``, ``hyperband`` or ``none``; prunes on the family's per-step
             objective (per-epoch val loss, per-epoch val R², per-iteration val ll).
         metric: the run metric that ranks trials; default (None) the family's objective
             (``best_val_loss``, ``val_ll_per_step``, ``val_r2`` or ``val_ll``). AE studies
@@ -176,7 +177,7 @@ class TuningConfig:
     budget_steps: int | None = None
     timeout: float | None = None
     sampler: str = "tpe"
-    pruner: str = "median"
+    pruner: str = "auto"
     metric: str | list | None = None
     direction: str | list | None = None
     seed: int | None = 0
@@ -184,6 +185,16 @@ class TuningConfig:
     enqueue: list | None = None
     warm_start: str | None = None
     warm_start_any_data: bool = False
+
+    @property
+    def pruner_name(self) -> str:
+        """The pruner ``auto`` stands for: Hyperband where a step budget bounds the study (a
+        cut trial then frees its steps for more trials; ``bench/search_efficiency.py`` found
+        TPE + Hyperband nearest the grid's best soonest), the median pruner where a trial
+        count does (a cut trial still takes one of the trials, so it cuts only clear losers)."""
+        if self.pruner != "auto":
+            return self.pruner
+        return "hyperband" if self.budget_steps else "median"
 
     @property
     def trial_limit(self) -> int | float:

@@ -231,3 +231,12 @@ def test_a_run_is_placed_in_the_new_space_only_where_it_fits():
     assert point_of({"n_hid_layers": "1", "n_hid_units": "64", "learning_rate": "0.1"}, space) is None
     assert point_of({"n_hid_layers": "2", "n_hid_units": "64", "learning_rate": "0.001"}, space) is None
     assert point_of({"n_hid_layers": "1", "learning_rate": "0.001"}, space) is None
+
+
+def test_auto_prunes_with_hyperband_where_a_budget_bounds_the_study():
+    """A cut trial frees its epochs under a budget (Hyperband, the benchmark's winner there);
+    under a trial count it still takes a trial, so only clear losers are cut (median)."""
+    assert TuningConfig(budget_steps=100).pruner_name == "hyperband"
+    assert TuningConfig(n_trials=10).pruner_name == "median"
+    assert TuningConfig(budget_steps=100, pruner="median").pruner_name == "median"
+    assert TuningConfig(pruner="none").pruner_name == "none"

@@ -469,7 +469,7 @@ def test_a_users_noise_dist_is_used_or_refused(aes, tiny_session, noise, expecte
 def test_zero_config_ae_study_searches_the_default_space(tmp_path, tiny_session):
     output = invoke("tune", "ae", "--data", tiny_session, "--experiment", "zero", "--n-trials", 2,
                     "--max-epochs", 2, "--pruner", "none", "--store", tmp_path / "store")
-    assert "the ae default space is searched: n_ae_latents (4, 8, 12, 16), learning_rate" in output
+    assert "the ae default space is searched: n_ae_latents (8, 16, 32), learning_rate" in output
     runs = bnet.best_runs("zero", "ae", 2, store=resolve_store(tmp_path / "store"))
     assert len({(r.params["n_ae_latents"], r.params["learning_rate"]) for r in runs}) == 2
     assert {r.params["early_stop_history"] for r in runs} == {"10"}  # the family's budget

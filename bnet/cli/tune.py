@@ -24,7 +24,8 @@ def _with_study_options(command, step: str):
         click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
                      help="tpe (Bayesian; conditional and categorical spaces), gp (Gaussian process; small budgets "
                           "of continuous ranges), cmaes (ranges), qmc (Sobol), random or grid [default tpe]."),
-        click.option("--pruner", type=click.Choice(PRUNERS), default=None, help="[default median]"),
+        click.option("--pruner", type=click.Choice(PRUNERS), default=None,
+                     help="[default auto: hyperband with a --budget-epochs/--budget-iters, else median]"),
         click.option(f"--budget-{step}", "budget_steps", type=int, default=None,
                      help=f"The study's compute: start trials until their {step} add up to this (the last may "
                           f"overshoot by its own), instead of a trial count [default: --n-trials]."),

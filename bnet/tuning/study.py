@@ -204,7 +204,7 @@ def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None, n_o
         return optuna.samplers.CmaEsSampler(
             seed=seed, n_startup_trials=startup, warn_independent_sampling=False,
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
-            consider_pruned_trials=tuning.pruner != "none")
+            consider_pruned_trials=tuning.pruner_name != "none")
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
 
 
@@ -216,10 +216,10 @@ def make_pruner(tuning: TuningConfig, budget: int | None = None):
     trials of the open-field AE study at epoch 5, learning rates 1e-4 to 1e-3 among them, on
     the two finished trials' epoch-5 losses.
     """
-    if tuning.pruner == "median":
+    if tuning.pruner_name == "median":
         warmup = max(5, budget // 5) if budget else 5
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
-    if tuning.pruner == "hyperband":
+    if tuning.pruner_name == "hyperband":
         return optuna.pruners.HyperbandPruner(max_resource=budget or "auto")
     return optuna.pruners.NopPruner()
 
@@ -287,8 +287,18 @@ def open_study(spec: StudySpec, storage, echo: Echo = print) -> optuna.Study:
     return study
 
 
+def _record_steps(trial: optuna.Trial, steps: int) -> None:
+    """What the trial cost, for the study's budget; a trial another worker has finished
+    meanwhile (its heartbeat lapsed) keeps the state that worker gave it, unrecorded."""
+    try:
+        trial.set_user_attr(STEPS_ATTR, steps)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
 def _exists(name: str, storage) -> bool:
-    return any(summary.study_name == name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    return any(summary.study_name == name for summary in summaries)
 
 
 class _StopRequests:
@@ -353,7 +363,7 @@ def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
         spec.log_dataset(run)
         run.log_params({**spec.fixed,
                         **{f"search.{k}": v for k, v in spec.space.describe().items()},
-                        "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner,
+                        "tuning.sampler": spec.tuning.sampler, "tuning.pruner": spec.tuning.pruner_name,
                         **({"tuning.budget_steps": spec.tuning.budget_steps} if spec.tuning.budget_steps else {}),
                         "tuning.metric": ",".join(objective.metrics),
                         "tuning.direction": ",".join(objective.directions)})
@@ -434,7 +444,7 @@ def _wanted(spec: StudySpec, study: optuna.Study, echo: Echo) -> int | float:
     if done:
         echo(f"study '{spec.study_name}' resumes with {done} finished trials; {limits} to go")
     else:
-        pruner = "none (multi-objective)" if spec.objective.is_multi else tuning.pruner
+        pruner = "none (multi-objective)" if spec.objective.is_multi else tuning.pruner_name
         echo(f"study '{spec.study_name}': {limits}, sampler {tuning.sampler}, "
              f"pruner {pruner}, objective {spec.objective.describe()}")
     return wanted
@@ -634,7 +644,7 @@ class TrialLoop:
             try:
                 result = spec.prepared.fitter.fit(context)
             finally:
-                trial.set_user_attr(STEPS_ATTR, steps[0])
+                _record_steps(trial, steps[0])
                 for bar in progress:
                     bar.close()
             value = self._answer(result.metrics)
