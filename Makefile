@@ -43,8 +43,9 @@ demo-mouse: install
 		--experiment arhmm-mouse
 	$(BIN)/bnet report ae-mouse --out demo-data/report-ae-mouse.html
 
+# the slowest tests listed at the end: CI's time limit is watched from its log
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The tests where the training precision matters, again with bf16 autocast forced wherever
 # `compute.precision` is auto (BNET_PRECISION): any CPU runs it, natively or emulated.
