@@ -288,7 +288,8 @@ def search(problem: Problem, method: str, seed: int, budget: int,
                           pruner=pruner_name or "none", budget_steps=budget, seed=seed)
     sampler = make_sampler(tuning, problem.space, seed)
     if sampler_name == "tpe-independent":
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+        # Optuna 5's TPE is multivariate unless told otherwise
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=False)
     # a fixed name: Hyperband assigns trials to its brackets by a hash of the study's name
     study = optuna.create_study(study_name=f"{problem.name}-{method}-{seed}", direction=problem.direction,
                                 sampler=sampler,
