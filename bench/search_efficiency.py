@@ -49,6 +49,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +62,6 @@ import torch
 from bnet.config import Categorical, ProjectConfig, Range, TuningConfig
 from bnet.data import SynthConfig, synthesize
 from bnet.data.m1 import build_m1_session
-from bnet.models import build_model
-from bnet.models.frame_metrics import MeanFrame
 from bnet.training import EpochRecord, evaluate_terms, fit
 from bnet.tracking.store import resolve_store
 from bnet.tuning.family import StudyRequest, get_family, merged_values
@@ -156,14 +155,11 @@ def ae_problem(root: Path, size: str, epochs: int | None, session_seed: int = 11
              "max_n_epochs": epochs, "min_n_epochs": epochs // 2, "early_stop_history": 5, "batch_size": 40,
              "rng_seed_model": 0, "rng_seed_train": 0, "precision": "fp32", "device": "cpu"}
     trials, space, fixed = _prepared("ae", data, fixed | dims, {})
-    session_count = len(trials.sessions)
 
     def fit_ae(hparams, on_epoch):
         model_config, training, _ = trials.configs(hparams)
         _, batches = trials.batches(hparams, model_config, training.batch_size)
-        torch.manual_seed(0)
-        model = build_model(model_config)
-        model.start_at_mean_frame(torch.from_numpy(MeanFrame.of(batches["train"], session_count).mean))
+        model, _ = trials.initial_model(model_config, batches)
         curve = []
 
         class Report:
@@ -198,10 +194,7 @@ def decoder_problem(root: Path, size: str, epochs: int | None) -> Problem:
 
     def fit_decoder(hparams, on_epoch):
         model_config, training, _ = trials.configs(hparams)
-        torch.manual_seed(0)
-        model = build_model(model_config)
-        if model_config.standardize_inputs:
-            model.set_input_statistics(torch.cat([batch["inputs"] for batch in trials.batches["train"]]))
+        model = trials.initial_model(model_config)
         curve = []
 
         class Report:
@@ -436,8 +429,6 @@ def main() -> None:
                         help="the method whose warm start the AE problem measures (one of --methods; 'none' skips)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    import warnings
-
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     machine = cpu_description()
     print(machine, flush=True)

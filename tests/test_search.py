@@ -130,7 +130,7 @@ def test_a_timeout_stops_starting_trials(tmp_path, tiny_session):
     assert any("timeout of 0.5 s has passed" in line for line in lines)
 
 
-def test_tuning_rejects_a_budget_below_one(tmp_path):
+def test_tuning_rejects_a_budget_below_one():
     with pytest.raises(ConfigError, match="tuning.budget_steps must be at least 1"):
         TuningConfig(budget_steps=0).validate()
     with pytest.raises(ConfigError, match="tuning.timeout must be a positive"):

@@ -198,16 +198,7 @@ class AETrials:
         splits, batches = self.batches(hparams, model_config, training.batch_size)
         device = resolve_device(compute.device)
         context.run.set_tags({"bnet.device": str(device), "bnet.precision": resolve_precision(compute.precision, device)})
-        model = build_model(model_config)
-        if hasattr(model, "initialize_label_readout"):
-            train = [batches["train"][i] for i in range(len(batches["train"]))]
-            labels = torch.cat([b["labels"] for b in train])
-            model.initialize_label_readout(labels, torch.cat([label_mask(b["labels"], b.get("labels_masks"))
-                                                              for b in train]))
-        # the trivial answer: each session's mean training frame (bnet.models.frame_metrics),
-        # also where the decoder starts
-        baseline = MeanFrame.of(batches["train"], len(self.sessions))
-        model.start_at_mean_frame(torch.from_numpy(baseline.mean))
+        model, baseline = self.initial_model(model_config, batches)
         max_epochs = training.max_n_epochs
 
         class Progress:
@@ -238,6 +229,20 @@ class AETrials:
             metrics.update(self._selection_metrics(model, outputs))
         self._log_artifacts(context, model, model_config, training, result, splits, device, metrics, outputs)
         return TrialResult(metrics, model, {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss})
+
+    def initial_model(self, model_config: AEConfig, batches: dict[str, SessionBatches]) -> tuple[Any, MeanFrame]:
+        """A new model ready to train (label readout fitted to the training labels, decoder
+        at the mean frame) and the trivial answer: each session's mean training frame
+        (bnet.models.frame_metrics)."""
+        model = build_model(model_config)
+        if hasattr(model, "initialize_label_readout"):
+            train = [batches["train"][i] for i in range(len(batches["train"]))]
+            labels = torch.cat([b["labels"] for b in train])
+            model.initialize_label_readout(labels, torch.cat([label_mask(b["labels"], b.get("labels_masks"))
+                                                              for b in train]))
+        baseline = MeanFrame.of(batches["train"], len(self.sessions))
+        model.start_at_mean_frame(torch.from_numpy(baseline.mean))
+        return model, baseline
 
     @torch.no_grad()
     def _outputs(self, model, batches: SessionBatches, device) -> dict[str, np.ndarray]:

@@ -359,12 +359,17 @@ class DecoderTrials:
         return score_predictions(self.data, predictions, split, self.n_max_lags)[
             self.objective.metric.replace("val", split, 1)]
 
-    def fit(self, context: TrialContext) -> TrialResult:
-        model_config, training, compute = self.configs(context.hparams)
-        device = resolve_device(compute.device)
+    def initial_model(self, model_config: DecoderConfig):
+        """A new model ready to train (inputs standardised by the training trials' statistics)."""
         model = build_model(model_config)
         if model_config.standardize_inputs:
             model.set_input_statistics(torch.cat([batch["inputs"] for batch in self.batches["train"]]))
+        return model
+
+    def fit(self, context: TrialContext) -> TrialResult:
+        model_config, training, compute = self.configs(context.hparams)
+        device = resolve_device(compute.device)
+        model = self.initial_model(model_config)
         trials, max_epochs = self, training.max_n_epochs
 
         class Progress:
