@@ -26,8 +26,8 @@ from bnet.config import load_project_config
 from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials, synthesize
 from bnet.data.m1 import build_m1_session, lag_window
 from bnet.ensemble import build_ensemble
-from bnet.tuning.arhmm import tune_arhmm
-from bnet.tuning.decoder import tune_decoder
+from bnet.tuning.families.arhmm import tune_arhmm
+from bnet.tuning.families.decoder import tune_decoder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CONFIG = """

@@ -66,7 +66,7 @@ from bnet.training import EpochRecord, evaluate_terms, fit
 from bnet.tracking.store import resolve_store
 from bnet.tuning.family import StudyRequest, get_family, merged_values
 from bnet.tuning.space import Condition, SearchSpace
-from bnet.tuning.study import make_pruner, make_sampler
+from bnet.tuning.samplers import make_pruner, make_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arhmm_science import cpu_description  # noqa: E402  (CPU model, instruction sets, GEMM rate)
@@ -221,7 +221,7 @@ def _prepared(family: str, data: Path, values: dict, conditions: dict, target: s
     merged, _ = merged_values(declared, ProjectConfig(values=values))
     store = resolve_store(data.parent / f"store-{data.stem}")
     space, fixed = SearchSpace.split(merged, conditions)
-    return declared.prepare(StudyRequest(data, merged, {}, target, False), store)[0].fitter, space, fixed
+    return declared.prepare(StudyRequest(data, merged, {}, {"target": target} if target else {}), store)[0].fitter, space, fixed
 
 
 def _grid(values: dict[str, list]) -> list[dict]:

@@ -9,7 +9,9 @@ The notebook API mirrors the CLI::
     best = bnet.best_runs("ae-demo", family="ae")[0]
     model = bnet.load_model(best.run_id)            # or "models:/ae-demo@champion"
 
-Names are imported on first use so ``import bnet`` stays light.
+Names are imported on first use so ``import bnet`` stays light. ``tune_<family>`` is the
+Python face a family's module defines beside its declaration (``tune_ae``, ``tune_arhmm``,
+``tune_decoder``), found through the family registry.
 """
 
 from importlib import import_module
@@ -23,9 +25,6 @@ _API = {
     "register_run": "bnet.tracking.registry",
     "resolve_store": "bnet.tracking.store",
     "tune": "bnet.tuning.tune",
-    "tune_ae": "bnet.tuning.ae",
-    "tune_arhmm": "bnet.tuning.arhmm",
-    "tune_decoder": "bnet.tuning.decoder",
     "build_ensemble": "bnet.ensemble.build",
     "load_project_config": "bnet.config",
     "open_session": "bnet.data.session",
@@ -42,4 +41,12 @@ __all__ = sorted(_API)
 def __getattr__(name):
     if name in _API:
         return getattr(import_module(_API[name]), name)
+    if name.startswith("tune_"):
+        from bnet.tuning.family import family_names, get_family
+
+        family = name.removeprefix("tune_").replace("_", "-")
+        if family in family_names():
+            function = getattr(import_module(get_family(family).prepare.__module__), name, None)
+            if function is not None:
+                return function
     raise AttributeError(f"module 'bnet' has no attribute '{name}'")

@@ -125,8 +125,6 @@ class Range:
 Dimension = Union[Categorical, Range]
 
 
-SAMPLERS = ("tpe", "gp", "cmaes", "qmc", "random", "grid")
-PRUNERS = ("auto", "median", "hyperband", "none")
 DEFAULT_N_TRIALS = 10
 
 
@@ -144,7 +142,7 @@ class TuningConfig:
             fit in the same budget. Shared by every worker; a larger budget resumes a study.
         timeout: seconds after which this command starts no further trial (the running one
             finishes), as Optuna's ``timeout``.
-        sampler: one of :data:`SAMPLERS`: ``tpe`` (Bayesian, default; conditional and
+        sampler: one of :data:`bnet.tuning.samplers.SAMPLERS`: ``tpe`` (Bayesian, default; conditional and
             categorical spaces), ``gp`` (a Gaussian process; small budgets of mostly
             continuous dimensions), ``cmaes`` (CMA-ES; ranges only, categorical dimensions
             are sampled at random beside it), ``qmc`` (a scrambled Sobol sequence: even
@@ -212,7 +210,9 @@ class TuningConfig:
             raise ConfigError(f"tuning.timeout must be a positive number of seconds, got {self.timeout}")
         if self.enqueue is not None and not all(isinstance(point, dict) and point for point in self.enqueue):
             raise ConfigError(f"tuning.enqueue must be a list of mappings of hyperparameters, got {self.enqueue!r}")
-        choices = {"sampler": SAMPLERS, "pruner": PRUNERS}
+        from bnet.tuning.samplers import AUTO_PRUNER, PRUNERS, SAMPLERS
+
+        choices = {"sampler": tuple(SAMPLERS), "pruner": (AUTO_PRUNER, *PRUNERS)}
         directions = self.direction if isinstance(self.direction, list) else [self.direction]
         for direction in directions:
             if direction not in ("minimize", "maximize", None):

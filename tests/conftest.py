@@ -15,6 +15,37 @@ TINY = SynthConfig(n_trials=12, n_frames=20, y_pixels=16, x_pixels=16, n_channel
                    n_states=3, seed=3)
 
 
+def run_cli(*args):
+    """``bnet ARGS`` run in this process; its click Result, whatever the exit code."""
+    from click.testing import CliRunner
+
+    from bnet.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def invoke(*args, code: int = 0) -> str:
+    """``bnet ARGS`` run in this process: its output, once it exited with ``code`` and
+    printed no traceback."""
+    result = run_cli(*args)
+    assert result.exit_code == code, result.output + repr(result.exception)
+    assert "Traceback" not in result.output, result.output
+    return result.output
+
+
+def assert_clean_failure(result, *fragments, store=None, code=1):
+    """A command that failed as bnet promises: exit ``code`` (1 for bad data or a failed
+    run, 2 for a usage error), a message holding every fragment, no traceback, nothing
+    written to ``store``."""
+    assert result.exit_code == code, result.output + repr(result.exception)
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    if store is not None:
+        assert not store.exists(), "a failed command wrote to the store"
+
+
 @pytest.fixture(scope="session")
 def tiny_session(tmp_path_factory) -> Path:
     """A 12-trial, 16x16 synthetic session shared by the tests (read-only)."""

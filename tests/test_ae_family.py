@@ -9,10 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from bnet.cli.main import cli
 from bnet.config import dataclass_from_values
 from bnet.data import SynthConfig, TrialBatches, open_session, synthesize
 from bnet.data.datasets import SessionBatches
@@ -24,6 +22,7 @@ from bnet.models.ae import AEConfig
 from bnet.tracking import resolve_store
 from bnet.tracking.registry import load_model
 from bnet.training import TrainingConfig, evaluate, fit
+from conftest import invoke
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +37,6 @@ TERMS = {
     "cond-vae": ["kl"], "cond-ae-msp": ["label_mse", "msp_subspace"],
     "ps-vae": ["label_nll", "label_mse", "kl_supervised", "mi", "tc", "dwkl"], "labels-images": ["pixel_mse"],
 }
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result.output
 
 
 def write_config(path, model, tuning="n_trials: 1", data=""):
@@ -173,7 +166,7 @@ def test_architectures_from_json_and_the_memory_guard(tmp_path, tiny_session):
                                "ae_encoding_stride_size": [2], "ae_network_type": "max_pooling"}))
     config = write_config(tmp_path / "b.yaml", {"ae_arch_json": str(bad)})
     output = invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store, "--experiment", "b",
-                    code=2)
+                    code=1)
     assert "bad.json" in output and "ae_network_type" in output
 
 
@@ -193,7 +186,7 @@ def test_a_study_optimises_a_chosen_metric_or_a_pareto_front(tmp_path, tiny_sess
     assert front and all({"best_val_pixel_mse", "best_val_label_mse", "run_id"} <= set(p) for p in front)
     config = write_config(tmp_path / "u.yaml", {"n_ae_latents": 3}, tuning="n_trials: 1, metric: val_label_r2")
     output = invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store, "--experiment", "u",
-                    code=2)
+                    code=1)
     assert "not a metric every trial of this study logs" in output
 
 

@@ -15,21 +15,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-from click.testing import CliRunner
 from mlflow.server.security_utils import get_default_allowed_hosts
 
-from bnet.cli.main import cli
 from bnet.errors import ConfigError
 from bnet.tracking.local_postgres import LocalPostgres, free_port, postgres_binaries, wait_for_port
+from conftest import invoke
 
 PG = "postgresql+psycopg://bnet@db.example:5432/optuna"
 SECRET_PG = "postgresql+psycopg://bnet:hunter2@db.example:5432/optuna"
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result.output
 
 
 # -------------------------------------------------- bnet server: allowed Host headers

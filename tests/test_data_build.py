@@ -14,8 +14,7 @@ from bnet.data import open_session
 from bnet.data.build import TOLERATED_EXTRA_FRAMES, FrameGeometry, neural_per_frame, resampled
 from bnet.data.pose import flat_labels, read_pose
 from bnet.errors import DataError
-from conftest import SHARED
-from test_cli_bad_input import assert_clean_failure
+from conftest import SHARED, assert_clean_failure, invoke
 
 MOUSE = SHARED / "data" / "lp_mirror_mouse"
 MOUSE_VIDEO = MOUSE / "videos" / "test_vid.mp4"
@@ -26,12 +25,6 @@ VAME = SHARED / "data" / "vame_openfield"
 VAME_VIDEO, VAME_LABELS = VAME / "cropped_video.mp4", VAME / "cropped_video.csv"
 needs_vame = pytest.mark.skipif(not (VAME_VIDEO.is_file() and VAME_LABELS.is_file()),
                                 reason="../shared/data/vame_openfield is absent")
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
 
 
 def write_video(path, n_frames: int, size: int = 32, fps: int = 25):
@@ -118,7 +111,7 @@ def test_label_formats_read_to_the_same_positions(tmp_path):
 def test_the_mouse_video_becomes_a_session_and_tunes(tmp_path):
     out = tmp_path / "mouse" / "data.hdf5"
     output = invoke("data", "build", "--video", MOUSE_VIDEO, "--out", out, "--y-pixels", 32, "--x-pixels", 32,
-                    "--trial-length", 50).output
+                    "--trial-length", 50)
     assert "19 trials x 50 frames of 1x32x32 at 250 fps" in output and "the last 44 frames" in output
     session = open_session(out)
     assert session.n_trials == 19 and session.image_shape == (1, 32, 32)
@@ -137,7 +130,7 @@ def test_the_mouse_video_becomes_a_session_and_tunes(tmp_path):
     (tmp_path / "ae.yaml").write_text("experiment: mouse\nmodel: {model_type: linear, n_ae_latents: 4}\n"
                                       "training: {max_n_epochs: 2, batch_size: 50}\ntuning: {n_trials: 1}\n")
     output = invoke("tune", "ae", "--data-config", out.with_suffix(".json"), "--config", tmp_path / "ae.yaml",
-                    "--store", tmp_path / "store").output
+                    "--store", tmp_path / "store")
     assert "1 complete" in output
 
 
@@ -242,14 +235,14 @@ def test_data_add_records_a_session_that_configs_then_name(tmp_path, monkeypatch
     invoke("data", "build", "--video", MOUSE_VIDEO, "--out", session_dir, "--y-pixels", 16, "--x-pixels", 16,
            "--trial-length", 50)
     output = invoke("data", "add", "--lab", "lab1", "--expt", "run", "--animal", "m1", "--session", "s1",
-                    "--data-dir", tmp_path / "data").output
+                    "--data-dir", tmp_path / "data")
     assert "1x16x16 at 250 fps, neural none" in output
     catalog = json.loads((tmp_path / "home" / "datasets.json").read_text())
     assert catalog["lab1/run/m1/s1"]["frame_rate"] == 250.0
     (tmp_path / "ae.yaml").write_text("experiment: named\ndata: {lab: lab1, expt: run, animal: m1, session: s1}\n"
                                       "model: {model_type: linear, n_ae_latents: 2}\n"
                                       "training: {max_n_epochs: 1, batch_size: 50}\ntuning: {n_trials: 1}\n")
-    assert "1 complete" in invoke("tune", "ae", "--config", tmp_path / "ae.yaml", "--store", tmp_path / "store").output
+    assert "1 complete" in invoke("tune", "ae", "--config", tmp_path / "ae.yaml", "--store", tmp_path / "store")
     # values that cannot be read from a file are needed as options when no terminal can ask
     result = CliRunner().invoke(cli, ["data", "add", "--lab", "x", "--expt", "y", "--animal", "z", "--session", "w"])
     assert_clean_failure(result, "--n-input-channels is needed")
@@ -287,7 +280,7 @@ def test_the_vame_sample_builds_its_extra_label_row_dropped_and_said(tmp_path, m
     out = tmp_path / "vame.hdf5"
     limit = [] if max_frames is None else ["--max-frames", max_frames]
     output = invoke("data", "build", "--video", VAME_VIDEO, "--labels", VAME_LABELS, "--out", out, "--y-pixels", 32,
-                    "--x-pixels", 32, "--trial-length", 50, *limit).output
+                    "--x-pixels", 32, "--trial-length", 50, *limit)
     note = (f"note: {VAME_LABELS} has 750 labelled frames but {VAME_VIDEO} has 749 frames: its last row, past the "
             f"video's end, was dropped (--trim-extra-frames allows {TOLERATED_EXTRA_FRAMES}; recorded in the file as "
             f"labels_rows_trimmed = 1)")
@@ -314,7 +307,7 @@ def test_the_vame_sample_builds_its_extra_label_row_dropped_and_said(tmp_path, m
 ])
 def test_a_label_table_longer_than_the_video_is_refused_unless_trimming_is_asked_for(tmp_path, n_rows, trim,
                                                                                        fragments):
-    assert f"[default: {TOLERATED_EXTRA_FRAMES}," in " ".join(invoke("data", "build", "--help").output.split())
+    assert f"[default: {TOLERATED_EXTRA_FRAMES}," in " ".join(invoke("data", "build", "--help").split())
     video, table = write_video(tmp_path / "video.mp4", 60), write_label_table(tmp_path / "labels.csv", n_rows)
     out = tmp_path / "out.hdf5"
     args = ["data", "build", "--video", video, "--labels", table, "--out", out, "--y-pixels", 32, "--x-pixels", 32,
@@ -322,7 +315,7 @@ def test_a_label_table_longer_than_the_video_is_refused_unless_trimming_is_asked
     assert_clean_failure(CliRunner().invoke(cli, [str(a) for a in args + trim]), *fragments)
     assert not out.exists() and not list(tmp_path.glob(".out.hdf5.partial*"))
     n_extra = n_rows - 60
-    output = invoke(*args, "--trim-extra-frames", n_extra).output
+    output = invoke(*args, "--trim-extra-frames", n_extra)
     dropped = "row, past the video's end, was" if n_extra == 1 else f"{n_extra} rows, past the video's end, were"
     assert (f"note: {table} has {n_rows} labelled frames but {video} has 60 frames: its last {dropped} dropped "
             f"(--trim-extra-frames allows {n_extra}; recorded in the file as labels_rows_trimmed = {n_extra})") in output
@@ -353,14 +346,14 @@ def test_neural_rows_past_the_video_are_dropped_and_said_and_max_frames_takes_th
     np.save(tmp_path / "spikes.npy", counts[:61])
     args = ["data", "build", "--video", video, "--neural", tmp_path / "spikes.npy", "--y-pixels", 16, "--x-pixels",
             16, "--trial-length", 20]
-    output = invoke(*args, "--out", tmp_path / "one.hdf5").output
+    output = invoke(*args, "--out", tmp_path / "one.hdf5")
     assert "spikes.npy has 61 rows (2.440 s at 25 Hz) but" in output
     assert "its last row, past the video's end, was dropped" in output and "neural_rows_trimmed = 1" in output
     with h5py.File(tmp_path / "one.hdf5") as f:
         assert (f.attrs["neural_rows_in_file"], f.attrs["neural_rows_trimmed"]) == (61, 1)
     assert np.array_equal(trial_rows(tmp_path / "one.hdf5", "neural"), counts[:60])
     # the first 40 frames take the first 40 rows
-    output = invoke(*args, "--max-frames", 40, "--out", tmp_path / "forty.hdf5").output
+    output = invoke(*args, "--max-frames", 40, "--out", tmp_path / "forty.hdf5")
     assert "note:" not in output
     assert np.array_equal(trial_rows(tmp_path / "forty.hdf5", "neural"), counts[:40])
     np.save(tmp_path / "spikes.npy", counts)

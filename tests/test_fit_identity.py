@@ -14,11 +14,9 @@ import sys
 import numpy as np
 import optuna
 import pytest
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import bnet
-from bnet.cli.main import cli
 from bnet.config import Range, TuningConfig
 from bnet.data import open_session, synthesize
 from bnet.tracking import resolve_store
@@ -26,16 +24,9 @@ from bnet.tuning import recovery
 from bnet.tuning.family import PreparedStudy
 from bnet.tuning.space import SearchSpace
 from bnet.tuning.study import StudySpec, TrialsKeepFailing, run_study
-from conftest import TINY
+from conftest import TINY, invoke
 
 pytestmark = pytest.mark.slow
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    assert "Traceback" not in result.output
-    return result.output
 
 
 def write(path, text):
@@ -81,7 +72,7 @@ def test_a_named_metric_ranks_and_registers_in_its_studys_direction(tmp_path, ti
     assert invoke("best", "decoder", "--experiment", "dir", "--metric", "test_r2", "--store", store).startswith(
         f"1. run {best_test.info.run_id}")
     # a metric no study optimised has no known direction: refused, or ranked as the user says
-    refused = invoke("best", "decoder", "--experiment", "dir", "--metric", "n_epochs", "--store", store, code=2)
+    refused = invoke("best", "decoder", "--experiment", "dir", "--metric", "n_epochs", "--store", store, code=1)
     assert "say --direction" in refused
     fewest = min(runs, key=lambda r: (r.data.metrics["n_epochs"], r.info.start_time))
     assert invoke("register", "decoder", "--experiment", "dir", "--name", "dir", "--metric", "n_epochs",
@@ -104,7 +95,7 @@ def test_an_ensemble_never_mixes_decoders_with_encoders_or_other_splits(tmp_path
     invoke("tune", "decoder", "--data", gaussian_session, "--target", "labels", "--experiment", "mix",
            "--study", "encoders", "--config", decoder_config(tmp_path, "enc", "labels-neural", lr="[3.0e-3, 3.0e-2]",
                                                               n=2), "--store", store)
-    output = invoke("ensemble", "--experiment", "mix", "--max-members", 4, "--store", store, code=2)
+    output = invoke("ensemble", "--experiment", "mix", "--max-members", 4, "--store", store, code=1)
     assert "different model classes" in output and "--study" in output
     # the same decoders fitted on other splits: their val and test trials are not these
     invoke("tune", "decoder", "--data", gaussian_session, "--target", "labels", "--experiment", "splits",
@@ -113,7 +104,7 @@ def test_an_ensemble_never_mixes_decoders_with_encoders_or_other_splits(tmp_path
     invoke("tune", "decoder", "--data", gaussian_session, "--target", "labels", "--experiment", "splits",
            "--study", "seed-1", "--config", decoder_config(tmp_path, "s1", seed=1, lr="[3.0e-3, 3.0e-2]", n=2),
            "--store", store)
-    output = invoke("ensemble", "--experiment", "splits", "--max-members", 4, "--store", store, code=2)
+    output = invoke("ensemble", "--experiment", "splits", "--max-members", 4, "--store", store, code=1)
     assert "different splits (rng_seed_data)" in output
     invoke("ensemble", "--experiment", "splits", "--study", "seed-1", "--max-members", 2, "--store", store)
 
@@ -123,7 +114,7 @@ def test_an_ensemble_by_a_metric_it_cannot_score_is_a_clear_error(tmp_path, tiny
     store = tmp_path / "store"
     invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "ens-metric",
            "--config", decoder_config(tmp_path, "m", lr="[3.0e-3, 3.0e-2]", n=2), "--store", store)
-    output = invoke("ensemble", "--experiment", "ens-metric", "--metric", "best_val_loss", "--store", store, code=2)
+    output = invoke("ensemble", "--experiment", "ens-metric", "--metric", "best_val_loss", "--store", store, code=1)
     assert "--metric best_val_loss" in output and "val_r2" in output
 
 
@@ -190,12 +181,12 @@ def test_resuming_with_another_architecture_or_search_space_is_refused(tmp_path,
     invoke(*args)
     arch.write_text(json.dumps({"ae_encoding_n_channels": [4, 16], "ae_encoding_kernel_size": [3, 3],
                                 "ae_encoding_stride_size": [2, 2]}))
-    output = invoke(*args, "--n-trials", 2, code=2)
+    output = invoke(*args, "--n-trials", 2, code=1)
     assert "cannot resume" in output and "conv_channels [4, 8] -> [4, 16]" in output
     arch.write_text(json.dumps({"ae_encoding_n_channels": [4, 8], "ae_encoding_kernel_size": [3, 3],
                                 "ae_encoding_stride_size": [2, 2]}))
     write(config, config.read_text().replace("n_ae_latents: [2, 3]", "n_ae_latents: [2, 4]"))
-    output = invoke(*args, "--n-trials", 2, code=2)
+    output = invoke(*args, "--n-trials", 2, code=1)
     assert "the search space differs: n_ae_latents (2, 3) -> (2, 4)" in output
     client, runs = trial_runs(store, "arch")
     parents = client.search_runs([runs[0].info.experiment_id], "tags.`bnet.role` = 'study'")
@@ -404,5 +395,5 @@ def test_enqueued_points_are_fitted_first_once(tmp_path, tiny_session):
     assert rates[:2] == [2.0e-2, 1.0e-3] and len(rates) == 3 and rates[2] not in rates[:2]
     bad = write(tmp_path / "bad.yaml", config.read_text().replace("{learning_rate: 1.0e-3}", "{n_lags: 2}"))
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "bad",
-                    "--config", bad, "--store", store, code=2)
+                    "--config", bad, "--store", store, code=1)
     assert "tuning.enqueue names n_lags, which the study does not search (it searches learning_rate)" in output

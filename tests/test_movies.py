@@ -9,15 +9,9 @@ from mlflow.tracking import MlflowClient
 import bnet
 from bnet.cli.main import cli
 from bnet.tracking import resolve_store
-from test_cli_bad_input import assert_clean_failure
+from conftest import assert_clean_failure, invoke
 
 pytestmark = pytest.mark.slow
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from bnet.tracking import resolve_store
 from bnet.tuning.family import Objective, PreparedStudy, TrialResult
 from bnet.tuning.space import SearchSpace
 from bnet.tuning.study import STEPS_ATTR, StudySpec, run_study
-from test_study_engine import STUB, invoke, storage_of, write
+from conftest import invoke
+from test_study_engine import STUB, storage_of, write
 
 
 class BowlFitter:

@@ -15,27 +15,20 @@ import time
 
 import optuna
 import pytest
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import bnet
-from bnet.cli.main import cli
 from bnet.config import Categorical, Range, TuningConfig, load_project_config
 from bnet.data import open_session, synthesize
 from bnet.models.decoders import DecoderConfig
 from bnet.tracking import resolve_store
 from bnet.tuning.family import Family, Objective, PreparedStudy, TrialResult
 from bnet.tuning.space import Condition, SearchSpace
-from bnet.tuning.study import StudySpec, make_pruner, run_study
-from conftest import TINY
+from bnet.tuning.samplers import make_pruner
+from bnet.tuning.study import StudySpec, run_study
+from conftest import TINY, invoke
 
 pytestmark = pytest.mark.slow
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result.output
 
 
 def write(path, text):
@@ -351,10 +344,10 @@ def test_resuming_on_other_data_or_other_fixed_values_is_refused(tmp_path, tiny_
                    .replace("n_trials: 3", "n_trials: 1"))
     invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config, "--store", store)
     output = invoke("tune", "decoder", "--data", other_session, "--target", "labels", "--config", config,
-                    "--store", store, "--n-trials", 2, code=2)
+                    "--store", store, "--n-trials", 2, code=1)
     assert "study 'resume' cannot resume with this command: it was started on other data" in output
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
-                    "--store", store, "--n-trials", 2, "--max-epochs", 3, code=2)
+                    "--store", store, "--n-trials", 2, "--max-epochs", 3, code=1)
     assert "fixed hyperparameters differ: max_n_epochs 8 -> 3" in output
     assert "1 trial to go" in invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--config", config,
                                "--store", store, "--n-trials", 2)
@@ -436,7 +429,7 @@ tuning: {n_trials: 2, pruner: none, sampler: grid}
     for i, ae_run in enumerate(aes["tiny"]):
         invoke("tune", "decoder", "--data", tiny_session, "--target", "ae", "--ae", ae_run.run_id,
                "--experiment", "mixed", "--study", f"on-ae-{i}", "--config", config, "--store", store)
-    output = invoke("ensemble", "--experiment", "mixed", "--max-members", 4, "--store", store, code=2)
+    output = invoke("ensemble", "--experiment", "mixed", "--max-members", 4, "--store", store, code=1)
     assert "different upstream ae runs" in output and "--study" in output
     invoke("ensemble", "--experiment", "mixed", "--study", "on-ae-1", "--max-members", 2, "--store", store)
 
@@ -444,7 +437,7 @@ tuning: {n_trials: 2, pruner: none, sampler: grid}
 def test_decoder_splits_come_from_the_upstream_run(aes, tiny_session):
     config = write(aes["root"] / "splits.yaml", "data: {trial_splits: '6;2;2;0'}\nmodel: {n_lags: 0}\n")
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "ae", "--ae", aes["tiny"][0].run_id,
-                    "--experiment", "x", "--config", config, "--store", aes["store"], code=2)
+                    "--experiment", "x", "--config", config, "--store", aes["store"], code=1)
     assert "the splits come from ae run" in output and "trial_splits 6;2;2;0 (the run's 8;1;1;0)" in output
 
 
@@ -456,7 +449,7 @@ def test_a_users_noise_dist_is_used_or_refused(aes, tiny_session, noise, expecte
     args = ("tune", "decoder", "--data", tiny_session, "--target", "ae", "--ae", aes["tiny"][0].run_id,
             "--experiment", f"noise-{noise}", "--config", config, "--n-trials", 1, "--store", aes["store"])
     if expected is None:
-        assert "noise_dist 'categorical' does not suit counts targets" in invoke(*args, code=2)
+        assert "noise_dist 'categorical' does not suit counts targets" in invoke(*args, code=1)
         return
     # Gaussian means of counts may be negative, no Poisson rates: such a study maximises R²
     assert "objective maximize val_r2" in invoke(*args)
@@ -617,7 +610,7 @@ def test_typed_config_values_are_clear_errors(tmp_path, tiny_session):
                           ("model: {n_ae_latents: [2, three]}", "'n_ae_latents' must be an integer, got 'three'")):
         config = write(tmp_path / "bad.yaml", text)
         output = invoke("tune", "ae", "--data", tiny_session, "--experiment", "typed", "--config", config,
-                        "--store", tmp_path / "store", code=2)
+                        "--store", tmp_path / "store", code=1)
         assert message in output and "Traceback" not in output
     assert load_project_config(write(tmp_path / "e.yaml", "training: {learning_rate: 1e-4}")).values[
         "learning_rate"] == 1e-4

@@ -160,7 +160,7 @@ DECODERS = {  # every architecture and noise of the decoders: (model_class, mode
 
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_decoders_train_alike_in_bf16_and_float32(name):
-    """The decoder study trains in float32 always (``bnet.tuning.decoder``), but a decoder
+    """The decoder study trains in float32 always (``bnet.tuning.families.decoder``), but a decoder
     fitted in bf16 autocast must train as well: val losses within 1 % over 3 epochs
     (measured: within 0.05 %)."""
     model_class, model_type, noise = DECODERS[name]

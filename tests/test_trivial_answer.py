@@ -15,8 +15,8 @@ from bnet.models.arhmm.registered import SegmentationConfig
 from bnet.models.frame_metrics import MOVING_VARIANCE_SHARE, MeanFrame
 from bnet.tracking import resolve_store
 from bnet.tuning import trivial
-from bnet.tuning.arhmm import one_state_model
-from bnet.tuning.decoder import DecodingData, score_predictions
+from bnet.tuning.families.arhmm import one_state_model
+from bnet.tuning.families.decoder import DecodingData, score_predictions
 
 
 class Reconstructs(torch.nn.Module):

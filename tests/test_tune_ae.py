@@ -12,14 +12,13 @@ import mlflow
 import optuna
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import bnet
-from bnet.cli.main import cli
 from bnet.data import TrialBatches, open_session, split_trials
 from bnet.tracking import resolve_store
 from bnet.training import evaluate
+from conftest import invoke
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +34,6 @@ training:
   early_stop_history: 5
 tuning: {n_trials: 3, sampler: tpe, pruner: none, seed: 1}
 """
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 @pytest.fixture(scope="module")

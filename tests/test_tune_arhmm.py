@@ -17,9 +17,8 @@ from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials
 from bnet.errors import DataError
 from bnet.models.arhmm import ARHMM, ARHMMConfig
 from bnet.tracking import resolve_store
-from bnet.tuning.arhmm import Observations, check_observations
-from conftest import frames, write_session
-from test_cli_bad_input import assert_clean_failure
+from bnet.tuning.families.arhmm import Observations, check_observations
+from conftest import assert_clean_failure, frames, invoke, write_session
 
 AE_YAML = """
 experiment: ae-up
@@ -37,12 +36,6 @@ model:
 training: {n_iters: 8}
 tuning: {n_trials: 3, pruner: none, seed: 0}
 """
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 @pytest.fixture(scope="module")

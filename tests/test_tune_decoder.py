@@ -9,8 +9,7 @@ from bnet.cli.main import cli
 from bnet.data import open_session
 from bnet.data.m1 import build_m1_session, lag_window
 from bnet.tracking import resolve_store
-from conftest import SHARED, frames, write_session
-from test_cli_bad_input import assert_clean_failure
+from conftest import SHARED, assert_clean_failure, frames, invoke, write_session
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +30,6 @@ training:
   early_stop_history: 4
 tuning: {n_trials: 3, pruner: none, seed: 0}
 """
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 def ridge_on_split(session, splits, lags=3, alpha=1.0):

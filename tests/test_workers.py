@@ -3,11 +3,10 @@ needed here; tests/test_postgres.py runs the same against a real PostgreSQL)."""
 
 import optuna
 import pytest
-from click.testing import CliRunner
 
 import bnet
-from bnet.cli.main import cli
 from bnet.tracking import resolve_store
+from conftest import invoke
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +17,6 @@ training: {learning_rate: {low: 1.0e-3, high: 3.0e-2, log: true}, max_n_epochs: 
 tuning: {n_trials: 2, pruner: none, seed: 0}
 """
 PG = "postgresql+psycopg://bnet@db.example:5432/optuna"
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result.output
 
 
 def test_a_worker_joins_a_study_from_what_it_recorded(tmp_path, tiny_session):
@@ -37,12 +30,12 @@ def test_a_worker_joins_a_study_from_what_it_recorded(tmp_path, tiny_session):
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
     runs = bnet.best_runs("joined", "decoder", 4, store=resolve_store(store))
     assert {r.params["max_n_epochs"] for r in runs} == {"3"} and {r.params["n_lags"] for r in runs} == {"0"}
-    assert "no study 'nothing'" in invoke("worker", "--study", "nothing", "--store", store, code=2)
+    assert "no study 'nothing'" in invoke("worker", "--study", "nothing", "--store", store, code=1)
 
 
 def test_several_workers_need_a_database_server(tmp_path, tiny_session):
     output = invoke("tune", "decoder", "--data", tiny_session, "--target", "labels", "--experiment", "x",
-                    "--n-workers", 2, "--store", tmp_path / "store", code=2)
+                    "--n-workers", 2, "--store", tmp_path / "store", code=1)
     assert "embedded SQLite file, which serves one process" in output and "PostgreSQL --storage" in output
     assert not (tmp_path / "store" / "optuna.db").exists()
 
@@ -71,4 +64,4 @@ def test_slurm_script_starts_array_tasks_as_workers(tmp_path, tiny_session):
     (["tune", "ae", "--storage", PG, "--array", 2, "--submit"], "sbatch is not on this machine"),
 ])
 def test_slurm_refuses_what_cannot_run_on_a_cluster(args, message):
-    assert message in invoke("slurm", *args, code=2)
+    assert message in invoke("slurm", *args, code=1)

@@ -10,11 +10,7 @@ import json
 
 import click
 
-from bnet.cli.options import resolve, store_option, tracking_uri_option
-from bnet.tuning.family import FAMILY_MODULES, get_family
-
-SHOWN_PARAMS = ("model_type", "n_ae_latents", "learning_rate", "l2_reg", "n_arhmm_states", "n_arhmm_lags",
-                "noise_type", "transitions", "kappa", "n_lags", "n_hid_layers", "n_hid_units")
+from bnet.cli.options import FamilyCommands, resolve, store_option, tracking_uri_option
 
 data_option = click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None,
                            help="Only runs fitted to this session file (by its digest).")
@@ -23,16 +19,6 @@ metric_option = click.option("--metric", default=None,
 direction_option = click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None,
                                 help="Which way --metric is better [default the direction its studies optimised "
                                      "it, or its validation counterpart, in].")
-
-
-@click.group()
-def best():
-    """Show the best finished runs of an experiment."""
-
-
-@click.group()
-def register():
-    """Register the best run as a model version with an alias."""
 
 
 def _data_hash(data_path: str | None) -> str | None:
@@ -78,17 +64,19 @@ def _best_command(family: str) -> click.Command:
         if not runs:
             raise TrackingError(f"experiment '{experiment}' has no finished {family} runs with metric {metric}")
         test_metric = metric.replace("val", "test").replace("best_", "")
-        compare = get_family(family).trivial
+        from bnet.tuning.family import get_family
+
+        declared = get_family(family)
         for rank, run in enumerate(runs, 1):
-            shown = {k: run.params[k] for k in SHOWN_PARAMS if k in run.params}
+            shown = {k: run.params[k] for k in declared.shown_params if k in run.params}
             click.echo(f"{rank}. run {run.run_id}  {metric} {run.metrics.get(metric):.6g}  "
                        f"{test_metric} {run.metrics.get(test_metric, float('nan')):.6g}  "
                        f"trial {run.tags.get('bnet.trial')} of study {run.tags.get('bnet.study')}  {shown}")
-            comparison = compare(run.metrics)
+            comparison = declared.trivial(run.metrics)
             if comparison is not None:
                 click.echo(f"   {comparison.figure}")
             click.echo(f"   {run.artifact_uri}")
-        best_comparison = compare(runs[0].metrics)
+        best_comparison = declared.trivial(runs[0].metrics)
         if best_comparison is not None and best_comparison.warns:
             click.echo(best_comparison.sentence("the best run"))
 
@@ -128,6 +116,11 @@ def _register_command(family: str) -> click.Command:
     return command
 
 
-for _family in FAMILY_MODULES:
-    best.add_command(_best_command(_family))
-    register.add_command(_register_command(_family))
+@click.group(cls=FamilyCommands, make_command=_best_command)
+def best():
+    """Show the best finished runs of an experiment."""
+
+
+@click.group(cls=FamilyCommands, make_command=_register_command)
+def register():
+    """Register the best run as a model version with an alias."""

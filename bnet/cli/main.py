@@ -1,7 +1,8 @@
 """The ``bnet`` command: thin Click commands over the Python API.
 
 Heavy imports (torch, mlflow, optuna) happen inside commands so ``bnet --help`` is quick.
-Errors in the user's input (:class:`bnet.errors.BnetError`) print one line and exit 2.
+Errors of the data, the config or the run (:class:`bnet.errors.BnetError`) print one line and
+exit 1; usage errors (an unknown option, a bad option value) exit 2, as Click's own.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class BnetGroup(click.Group):
             return super().invoke(ctx)
         except BnetError as err:
             click.secho(f"error: {err}", fg="red", err=True)
-            sys.exit(2)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.secho("interrupted: finished trials are kept; re-run the same command to resume",
                         fg="yellow", err=True)

@@ -13,6 +13,36 @@ tracking_uri_option = click.option(
     help="MLflow tracking URI (a server or database) [env BNET_TRACKING_URI; default the store's mlflow.db].",
 )
 
+storage_option = click.option(
+    "--storage", default=None,
+    help="Optuna storage URL (SQLAlchemy, e.g. postgresql+psycopg://...) [env BNET_OPTUNA_STORAGE; default the "
+         "store's optuna.db].",
+)
+
+
+def device_option(default: str = "auto"):
+    """Where trials fit; ``default`` is what the command does without it, for ``--help``."""
+    return click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None,
+                        help=f"[default {default}]")
+
+
+class FamilyCommands(click.Group):
+    """A group with one command per model family, made when asked for from the family's
+    name (``make_command``): the families are found where they live
+    (:func:`bnet.tuning.family.family_names`), not listed here."""
+
+    def __init__(self, *args, make_command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.make_command = make_command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from bnet.tuning.family import family_names
+
+        return family_names()
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self.make_command(name) if name in self.list_commands(ctx) else None
+
 
 def resolve(store, tracking_uri, storage=None):
     from bnet.tracking.store import resolve_store

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bnet.cli.options import resolve, store_option, tracking_uri_option
-
-storage_option = click.option("--storage", default=None,
-                              help="Optuna storage URL [env BNET_OPTUNA_STORAGE; default the store's optuna.db].")
-
+from bnet.cli.options import resolve, storage_option, store_option, tracking_uri_option
 
 @click.command()
 @click.argument("study")

@@ -1,32 +1,34 @@
-"""``bnet tune``: Optuna studies whose trials are MLflow runs."""
+"""``bnet tune <family>``: Optuna studies whose trials are MLflow runs.
+
+One command per registered family, made from its declaration (:class:`bnet.tuning.family.Family`):
+the options every study takes, the upstream runs it reads (``--ae REF``), the family's own
+options, its BehaveNet JSON sections and how it names a trial's steps (``--max-epochs``).
+"""
 
 from __future__ import annotations
 
 import click
 
-from bnet.config import PRUNERS, SAMPLERS
-from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
+from bnet.cli.options import (
+    FamilyCommands, device_option, resolve, runs_link, storage_option, store_option, tracking_uri_option,
+)
 from bnet.cli.workers import n_workers_option, refuse_sqlite_for_many, run_workers
+from bnet.tuning.samplers import AUTO_PRUNER, PRUNERS, SAMPLERS, described
 
 
 def study_options(step: str):
     """The options every `bnet tune` command shares: where the study lives, how it samples and
     how much it may spend (in ``step``s: epochs, EM iterations)."""
-    return lambda command: _with_study_options(command, step)
-
-
-def _with_study_options(command, step: str):
-    for option in reversed([
+    return lambda command: _with_options(command, [
         store_option,
-        click.option("--storage", default=None,
-                     help="Optuna storage URL (SQLAlchemy, e.g. postgresql://...) [default the store's optuna.db]."),
+        storage_option,
         tracking_uri_option,
-        click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
-                     help="tpe (Bayesian; conditional and categorical spaces), gp (Gaussian process; small budgets "
-                          "of continuous ranges), cmaes (ranges), qmc (Sobol), random or grid [default tpe]."),
-        click.option("--pruner", type=click.Choice(PRUNERS), default=None,
-                     help="[default auto: hyperband with a --budget-epochs/--budget-iters, else median]"),
-        click.option(f"--budget-{step}", "budget_steps", type=int, default=None,
+        click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=None,
+                     help=f"{described(SAMPLERS)} [default tpe]."),
+        click.option("--pruner", type=click.Choice([AUTO_PRUNER, *PRUNERS]), default=None,
+                     help=f"{described(PRUNERS)} [default {AUTO_PRUNER}: hyperband with a --budget-{step}, "
+                          f"else median]."),
+        click.option(f"--budget-{step}", "budget_steps", type=click.IntRange(min=1), default=None,
                      help=f"The study's compute: start trials until their {step} add up to this (the last may "
                           f"overshoot by its own), instead of a trial count [default: --n-trials]."),
         click.option("--timeout", type=float, default=None,
@@ -39,129 +41,65 @@ def _with_study_options(command, step: str):
         click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
         click.option("--seed", type=int, default=None, help="Sampler seed."),
         n_workers_option,
-    ]):
+    ])
+
+
+def _with_options(command, options):
+    for option in reversed(options):
         command = option(command)
     return command
 
 
-@click.group()
+def tune_command(name: str) -> click.Command:
+    """``bnet tune NAME``, from the family's declaration."""
+    from bnet.tuning.family import get_family
+
+    family = get_family(name)
+
+    def run(data_path, experiment, n_trials, max_steps, config_path, store, storage, tracking_uri, device, n_workers,
+            **options):
+        from bnet.config import load_project_config
+        from bnet.tuning.tune import tune
+
+        sections = {section: options.pop(f"{section}_config") for section in family.behavenet_configs}
+        config = load_project_config(config_path, sections)
+        resolved = resolve(store, tracking_uri, storage)
+        if many_workers(n_workers, resolved):
+            return
+        for outcome in tune(family.name, data_path, experiment, config, n_trials=n_trials, max_steps=max_steps,
+                            device=device, store=resolved, echo=click.echo, **options):
+            summary(outcome, resolved)
+
+    upstream = [option for other in family.upstream for option in (
+        click.option(f"--{other}-experiment", default=None, help=f"The {other} experiment that --{other} best searches."),
+        click.option(f"--{other}", default=None,
+                     help=f"The {other} run to read: best, a run id or models:/NAME@ALIAS [default best]."))]
+    own = [click.option(f"--{option.name.replace('_', '-')}", option.name, is_flag=option.flag,
+                        default=None, required=option.required, help=option.help,
+                        type=click.Choice(option.choices) if option.choices else None)
+           for option in family.options]
+    sections = [click.option(f"--{section}-config", type=click.Path(dir_okay=False), default=None,
+                             help=f"BehaveNet {section} JSON.") for section in family.behavenet_configs]
+    return click.command(name, help=family.summary or f"Tune {name} models.")(_with_options(run, [
+        click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file."),
+        *upstream,
+        *own,
+        click.option("--experiment", default=None, help="MLflow experiment (default: the config's)."),
+        click.option("--n-trials", type=click.IntRange(min=1), default=None,
+                     help="Finished trials the study should hold; re-running tops it up (resume)."),
+        click.option(f"--max-{family.budget_flag}", "max_steps", type=click.IntRange(min=1), default=None,
+                     help=f"{family.budget_key} ({family.step_name}s) for every trial."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="Project YAML (sections data/model/training/compute/tuning)."),
+        *sections,
+        study_options(family.budget_flag),
+        device_option(family.default_device),
+    ]))
+
+
+@click.group(cls=FamilyCommands, make_command=tune_command)
 def tune():
     """Run (or resume) a hyperparameter study."""
-
-
-@tune.command("ae")
-@click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file.")
-@click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
-@click.option("--n-trials", type=int, default=None,
-              help="Finished trials the study should hold; re-running tops it up (resume).")
-@click.option("--max-epochs", type=int, default=None, help="max_n_epochs for every trial.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Project YAML (sections data/model/training/compute/tuning).")
-@click.option("--data-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet data JSON.")
-@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet model JSON.")
-@click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
-@click.option("--compute-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet compute JSON.")
-@study_options("epochs")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
-def tune_ae(data_path, experiment, n_trials, max_epochs, config_path, data_config, model_config,
-            training_config, compute_config, store, storage, tracking_uri, sampler, pruner, budget_steps, timeout,
-            warm_start, warm_start_any_data,
-            study, seed, n_workers, device):
-    """Tune convolutional (or linear) autoencoders on one session."""
-    from bnet.config import load_project_config
-    from bnet.tuning.ae import tune_ae as run
-
-    _check_counts(n_trials=n_trials, max_epochs=max_epochs, budget_epochs=budget_steps)
-    config = load_project_config(config_path, {"data": data_config, "model": model_config,
-                                               "training": training_config, "compute": compute_config})
-    resolved = resolve(store, tracking_uri, storage)
-    if many_workers(n_workers, resolved):
-        return
-    outcome = run(data=data_path, experiment=experiment, config=config, n_trials=n_trials,
-                  budget_steps=budget_steps, timeout=timeout, warm_start=warm_start,
-                  warm_start_any_data=warm_start_any_data, max_epochs=max_epochs, sampler=sampler,
-                  pruner=pruner, seed=seed, device=device, study=study, store=resolved, echo=click.echo)
-    summary(outcome, resolved)
-
-
-@tune.command("arhmm")
-@click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file.")
-@click.option("--ae-experiment", default=None, help="The AE experiment that --ae best searches.")
-@click.option("--ae", "ae_ref", default=None, help="AE to segment: best, a run id or models:/NAME@ALIAS [default best].")
-@click.option("--labels", is_flag=True, help="Segment the session's labels instead (arhmm-labels; a config's "
-              "model_class hmm-labels or arhmm-labels says the same).")
-@click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
-@click.option("--n-trials", type=int, default=None,
-              help="Finished trials the study should hold; re-running tops it up (resume).")
-@click.option("--max-iters", type=int, default=None, help="n_iters (EM iterations) for every trial.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Project YAML.")
-@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm model JSON.")
-@click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet arhmm training JSON.")
-@study_options("iters")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default cpu, float64]")
-@click.option("--engine", type=click.Choice(["bnet", "ssm"]), default=None,
-              help="Fit with bnet's engine or with ssm where it is importable [default bnet].")
-def tune_arhmm(data_path, ae_experiment, ae_ref, labels, experiment, n_trials, max_iters, config_path,
-               model_config, training_config, store, storage, tracking_uri, sampler, pruner, budget_steps, timeout,
-               warm_start, warm_start_any_data,
-               study, seed, n_workers, device, engine):
-    """Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels."""
-    from bnet.config import load_project_config
-    from bnet.tuning.arhmm import tune_arhmm as run
-
-    _check_counts(n_trials=n_trials, max_iters=max_iters, budget_iters=budget_steps)
-    config = load_project_config(config_path, {"model": model_config, "training": training_config})
-    config.override(engine=engine)
-    resolved = resolve(store, tracking_uri, storage)
-    if many_workers(n_workers, resolved):
-        return
-    outcome = run(data=data_path, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment, labels=labels,
-                  config=config, n_trials=n_trials, budget_steps=budget_steps, timeout=timeout,
-                  warm_start=warm_start, warm_start_any_data=warm_start_any_data, max_iters=max_iters,
-                  sampler=sampler, pruner=pruner, seed=seed, device=device, study=study, store=resolved,
-                  echo=click.echo)
-    summary(outcome, resolved)
-
-
-@tune.command("decoder")
-@click.option("--data", "data_path", type=click.Path(), default=None, help="Session HDF5 file (with neural).")
-@click.option("--target", type=click.Choice(["ae", "ae-me", "arhmm", "labels"]), required=True,
-              help="Behaviour to decode (or, with model_class ae-neural/arhmm-neural, to encode from).")
-@click.option("--ae-experiment", default=None, help="The AE experiment that --ae best searches.")
-@click.option("--ae", "ae_ref", default=None, help="AE: best, a run id or models:/NAME@ALIAS [default best].")
-@click.option("--arhmm-experiment", default=None, help="The ARHMM experiment that --arhmm best searches.")
-@click.option("--arhmm", "arhmm_ref", default=None, help="ARHMM: best, a run id or models:/NAME@ALIAS [default best].")
-@click.option("--experiment", default=None, help="MLflow experiment (default: the config's).")
-@click.option("--n-trials", type=int, default=None, help="Finished trials the study should hold (resume tops up).")
-@click.option("--max-epochs", type=int, default=None, help="max_n_epochs for every trial.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Project YAML.")
-@click.option("--data-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding data JSON.")
-@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet decoding model JSON.")
-@click.option("--training-config", type=click.Path(dir_okay=False), default=None, help="BehaveNet training JSON.")
-@study_options("epochs")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[default auto]")
-def tune_decoder(data_path, target, ae_experiment, ae_ref, arhmm_experiment, arhmm_ref, experiment, n_trials,
-                 max_epochs, config_path, data_config, model_config, training_config, store, storage, tracking_uri,
-                 sampler, pruner, budget_steps, timeout, warm_start, warm_start_any_data, study, seed, n_workers,
-                 device):
-    """Tune neural decoders of AE latents, their motion energy, ARHMM states or labels."""
-    from bnet.config import load_project_config
-    from bnet.tuning.decoder import tune_decoder as run
-
-    _check_counts(n_trials=n_trials, max_epochs=max_epochs, budget_epochs=budget_steps)
-    config = load_project_config(config_path, {"data": data_config, "model": model_config,
-                                               "training": training_config})
-    resolved = resolve(store, tracking_uri, storage)
-    if many_workers(n_workers, resolved):
-        return
-    outcomes = run(data=data_path, target=target, experiment=experiment, ae=ae_ref, ae_experiment=ae_experiment,
-                   arhmm=arhmm_ref, arhmm_experiment=arhmm_experiment, config=config, n_trials=n_trials,
-                   budget_steps=budget_steps, timeout=timeout, warm_start=warm_start,
-                   warm_start_any_data=warm_start_any_data, max_epochs=max_epochs, sampler=sampler, pruner=pruner,
-                   seed=seed, device=device, study=study,
-                   store=resolved, echo=click.echo)
-    for outcome in outcomes:
-        summary(outcome, resolved)
 
 
 def many_workers(n_workers: int, resolved) -> bool:
@@ -173,14 +111,6 @@ def many_workers(n_workers: int, resolved) -> bool:
 
     run_workers(n_workers, command_line(click.get_current_context()))
     return True
-
-
-def _check_counts(**counts):
-    from bnet.errors import ConfigError
-
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def summary(outcome, resolved) -> None:

@@ -15,7 +15,7 @@ import threading
 
 import click
 
-from bnet.cli.options import resolve, store_option, tracking_uri_option
+from bnet.cli.options import device_option, resolve, storage_option, store_option, tracking_uri_option
 
 SQLITE_FOR_ONE = (
     "the Optuna storage {url} is an embedded SQLite file, which serves one process (Optuna's FAQ "
@@ -117,13 +117,13 @@ n_workers_option = click.option(
 
 @click.command()
 @click.option("--study", required=True, help="The Optuna study to join (started by bnet tune).")
-@click.option("--storage", default=None, help="Its Optuna storage URL [default the store's optuna.db].")
+@storage_option
 @store_option
 @tracking_uri_option
 @click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None,
               help="The session file where this machine sees it [default the path the study recorded].")
 @click.option("--n-trials", type=click.IntRange(min=1), default=None, help="Top the study up to this many.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None)
+@device_option("the family's")
 @n_workers_option
 def worker(study, storage, store, tracking_uri, data_path, n_trials, device, n_workers):
     """Join a study from any machine: same family, data, config and upstream runs as recorded."""

@@ -28,7 +28,7 @@ from bnet.tracking.registry import download_artifact, load_model
 from bnet.tracking.tracker import Tracker
 from bnet.tracking.store import Store, resolve_store
 from bnet.tuning.common import SPLIT_KEYS
-from bnet.tuning.decoder import data_for_run, score_predictions
+from bnet.tuning.families.decoder import data_for_run, score_predictions
 
 FAMILY = "ensemble"
 MEMBERS_TAG = "bnet.ensemble.members"

@@ -2,7 +2,9 @@
 
 Each model file registers its classes with :func:`register`; everything else builds models
 with :func:`build_model` from a config whose ``model_class`` names the entry, and rebuilds
-them from checkpoints the same way. Adding a model is one file and one decorator.
+them from checkpoints the same way. Adding a model is one module under ``bnet/models/``
+(or a distribution's module named by a ``bnet.models`` entry point) with one decorator:
+every such module is imported before the registry is read (:mod:`bnet.extensions`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from bnet.errors import ConfigError
+from bnet.extensions import load_all
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,4 @@ def config_from_dict(values: dict[str, Any]):
 
 
 def _load_builtin_models() -> None:
-    # Importing the model modules runs their @register decorators.
-    from bnet.models import (  # noqa: F401
-        ae, beta_tcvae, conditional, decoders, ensemble, labels_images, msp, msps_vae, ps_vae, vae,
-    )
-    from bnet.models.arhmm import registered  # noqa: F401
+    load_all("bnet.models", "bnet.models")  # importing the modules runs their @register decorators

@@ -130,9 +130,9 @@ def _best_run_plots(client, run_id: str, notes: list[str]) -> list[tuple[str, by
 
 def _trivial_comparison(family: str | None, run):
     """How the best run compares with its family's trivial answer (None where unknown)."""
-    from bnet.tuning.family import FAMILY_MODULES, get_family
+    from bnet.tuning.family import family_names, get_family
 
-    return get_family(family).trivial(run.data.metrics) if family in FAMILY_MODULES else None
+    return get_family(family).trivial(run.data.metrics) if family in family_names() else None
 
 
 def write_report(study_name: str, store: Store, out: str | Path | None = None, log: bool = True) -> Report:

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from bnet.config import Dimension, ProjectConfig
 from bnet.errors import ConfigError
+from bnet.extensions import load_entry_point, package_modules
 
 if TYPE_CHECKING:
     from bnet.data.session import Session
@@ -96,6 +98,10 @@ class TrialFitter(Protocol):
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """Every hyperparameter the fit uses (defaults included) and the run's model tags."""
 
+    def metric_names(self, hparams: dict[str, Any]) -> dict[str, str]:
+        """The final metrics a trial at this point logs that a study may optimise
+        (``tuning.metric``), each with the direction that is better."""
+
     def fit(self, context: "TrialContext") -> TrialResult:
         """Fit, reporting each step through ``context.report``; log exports and figures."""
 
@@ -119,6 +125,29 @@ class PreparedStudy:
     study_suffix: str = ""
 
 
+@dataclass(frozen=True)
+class FamilyOption:
+    """An option a family's studies take beyond every family's (``bnet tune NAME --NAME``,
+    ``tune(NAME, ..., NAME=value)``), e.g. a decoder's behaviour target.
+
+    Attributes:
+        name: the keyword (``target``); the flag is ``--target`` (underscores as dashes).
+        help: one sentence for ``--help``.
+        choices: the values allowed, where there are few.
+        flag: a switch (True when given).
+        required: the command refuses to run without it.
+        config_key: the value overrides the config's value of the same name (e.g. the ARHMM
+            ``engine``) rather than reaching ``prepare`` through :attr:`StudyRequest.options`.
+    """
+
+    name: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    flag: bool = False
+    required: bool = False
+    config_key: bool = False
+
+
 @dataclass
 class StudyRequest:
     """What the user asked for, with the config's fixed values and space already merged
@@ -129,15 +158,13 @@ class StudyRequest:
             ``data_dir/lab/expt/animal/session``).
         values: fixed hyperparameters and search dimensions by name.
         upstream: ``{family: (reference, experiment)}`` for ``--ae``/``--arhmm``.
-        target: a decoder's behaviour target.
-        labels: segment labels instead of AE latents.
+        options: the family's own options (:attr:`Family.options`) the user gave.
     """
 
     data: str | Path | None
     values: dict[str, Any]
     upstream: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
-    target: str | None = None
-    labels: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,6 +191,13 @@ class Family:
         trivial: how a run's final metrics compare with the family's trivial answer (the
             mean frame, one state, a constant: :mod:`bnet.tuning.trivial`); None for runs
             without the metrics it needs.
+        summary: what the family tunes, in one sentence (``bnet tune NAME --help``).
+        upstream: the families whose runs a study reads (``--ae REF``, ``--ae-experiment``).
+        options: the family's own options (:class:`FamilyOption`).
+        behavenet_configs: the BehaveNet JSON sections it reads (``--model-config`` ...).
+        budget_flag: a trial's steps on the command line (``--max-epochs``, ``--budget-epochs``).
+        default_device: where trials fit when the user names no device, in ``--help``.
+        shown_params: the hyperparameters ``bnet best`` shows beside each run.
     """
 
     name: str
@@ -177,13 +211,40 @@ class Family:
     machinery: frozenset[str] = frozenset()
     expand_fixed: Callable[[dict[str, Any]], dict[str, Any]] = dict
     trivial: Callable[[Mapping[str, float]], "TrivialComparison | None"] = lambda metrics: None
+    summary: str = ""
+    upstream: tuple[str, ...] = ()
+    options: tuple[FamilyOption, ...] = ()
+    behavenet_configs: tuple[str, ...] = ("model", "training")
+    budget_flag: str = "epochs"
+    default_device: str = "auto"
+    shown_params: tuple[str, ...] = ()
+
+    def request_options(self, given: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
+        """Split keyword arguments of :func:`bnet.tuning.tune.tune` into upstream references
+        (``{family: (reference, experiment)}`` from ``ae=``, ``ae_experiment=``) and the
+        family's own options; an argument the family does not take is an error naming it."""
+        upstream = {name: (given.pop(name, None), given.pop(f"{name}_experiment", None)) for name in self.upstream}
+        known = {option.name for option in self.options}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            takes = [*(f"{n}, {n}_experiment" for n in self.upstream), *sorted(known)]
+            raise ConfigError(f"{self.name} studies take no option {', '.join(unknown)} "
+                              f"(they take {', '.join(takes) or 'only the options every family takes'})")
+        for option in self.options:
+            if option.required and given.get(option.name) is None:
+                raise ConfigError(f"{self.name} studies need {option.name} (--{option.name.replace('_', '-')})")
+            if option.choices and given.get(option.name) is not None and given[option.name] not in option.choices:
+                raise ConfigError(f"--{option.name.replace('_', '-')} must be one of {', '.join(option.choices)}, "
+                                  f"got '{given[option.name]}'")
+        return upstream, {k: v for k, v in given.items() if v is not None}
 
 
 # Where the session file lies and which device fits it: the same fit wherever (the data's
 # digest, not its path, is part of a fit's identity). Every family's machinery holds these.
 LOCATION_KEYS = frozenset({"data", "data_dir", "lab", "expt", "animal", "session", "device"})
 
-FAMILY_MODULES = {"ae": "bnet.tuning.ae", "arhmm": "bnet.tuning.arhmm", "decoder": "bnet.tuning.decoder"}
+BUILTIN_PACKAGE = "bnet.tuning.families"
+ENTRY_POINT_GROUP = "bnet.families"
 _FAMILIES: dict[str, Family] = {}
 
 
@@ -194,11 +255,23 @@ def register_family(family: Family) -> Family:
     return family
 
 
+def family_names() -> list[str]:
+    """Every family's name, without importing any (the CLI lists them as commands): the
+    modules of :data:`BUILTIN_PACKAGE` (``bayesian_decoder.py`` is ``bayesian-decoder``),
+    installed ``bnet.families`` entry points and families registered by a notebook or test."""
+    builtin = [name.rsplit(".", 1)[1].replace("_", "-") for name in package_modules(BUILTIN_PACKAGE)]
+    return sorted({*builtin, *(point.name for point in entry_points(group=ENTRY_POINT_GROUP)), *_FAMILIES})
+
+
 def get_family(name: str) -> Family:
-    if name not in FAMILY_MODULES:
-        raise ConfigError(f"unknown model family '{name}' (known: {', '.join(FAMILY_MODULES)})")
     if name not in _FAMILIES:
-        import_module(FAMILY_MODULES[name])
+        module = f"{BUILTIN_PACKAGE}.{name.replace('-', '_')}"
+        if module in package_modules(BUILTIN_PACKAGE):
+            import_module(module)
+        for point in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            load_entry_point(point)
+    if name not in _FAMILIES:
+        raise ConfigError(f"unknown model family '{name}' (known: {', '.join(family_names())})")
     return _FAMILIES[name]
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from bnet.config import Range, TuningConfig
+from bnet.config import TuningConfig
 from bnet.data.session import Session
 from bnet.data.sessions import SessionGroup, members
 from bnet.errors import BnetError, ConfigError
@@ -50,6 +50,7 @@ from bnet.tuning.recovery import (
     dead_trial_handler,
     parent_run_id, queue_retry, recover_dead_trials, this_worker,
 )
+from bnet.tuning.samplers import make_pruner, make_sampler
 from bnet.tuning.space import SearchSpace
 from bnet.tuning.trivial import TrivialComparison
 from bnet.tuning.warm_start import gather, own_trials
@@ -179,49 +180,6 @@ class StudyOutcome:
         """What the study spent, in words (and of which budget)."""
         budget = f" of a budget of {self.budget_steps:,}" if self.budget_steps else ""
         return f"{self.steps_spent:,} {self.step_name}s trained{budget}"
-
-
-def make_sampler(tuning: TuningConfig, space: SearchSpace, seed: int | None, n_objectives: int = 1):
-    """The study's sampler. Model-based ones sample their first trials at random (a third of
-    a small study, ten at most) before their model has data to learn from."""
-    startup = min(10, max(2, tuning.trial_limit // 3)) if math.isfinite(tuning.trial_limit) else 10
-    if tuning.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    if tuning.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if tuning.sampler == "qmc":
-        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
-    if tuning.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    if tuning.sampler == "cmaes":
-        if n_objectives > 1:
-            raise ConfigError("--sampler cmaes optimises one objective; a multi-objective study needs tpe, gp, "
-                              "qmc, random or grid")
-        if not any(isinstance(dim, Range) for dim in space.dimensions.values()):
-            raise ConfigError("--sampler cmaes searches ranges, and this study searches only lists "
-                              f"({', '.join(space.dimensions) or 'nothing'}); use tpe, gp or grid")
-        # a pruned trial's last value still tells CMA-ES where not to go
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=startup, warn_independent_sampling=False,
-            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
-            consider_pruned_trials=tuning.pruner_name != "none")
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
-
-
-def make_pruner(tuning: TuningConfig, budget: int | None = None):
-    """The study's pruner; ``budget`` is a trial's steps at most (epochs, EM iterations), where fixed.
-
-    The median pruner waits a fifth of the budget (at least five steps): a lower learning rate
-    starts slower without ending worse. With a 5-step wait on a 30-epoch budget it cut 8 of 10
-    trials of the open-field AE study at epoch 5, learning rates 1e-4 to 1e-3 among them, on
-    the two finished trials' epoch-5 losses.
-    """
-    if tuning.pruner_name == "median":
-        warmup = max(5, budget // 5) if budget else 5
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
-    if tuning.pruner_name == "hyperband":
-        return optuna.pruners.HyperbandPruner(max_resource=budget or "auto")
-    return optuna.pruners.NopPruner()
 
 
 def _budget(spec: StudySpec) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bnet.config import ProjectConfig, TuningConfig, parse_value, plain_value
 from bnet.errors import ConfigError
@@ -19,12 +20,6 @@ def tune(
     experiment: str | None = None,
     config: ProjectConfig | None = None,
     *,
-    ae: str | None = None,
-    ae_experiment: str | None = None,
-    arhmm: str | None = None,
-    arhmm_experiment: str | None = None,
-    target: str | None = None,
-    labels: bool = False,
     n_trials: int | None = None,
     budget_steps: int | None = None,
     timeout: float | None = None,
@@ -40,29 +35,33 @@ def tune(
     device: str | None = None,
     store: Store | None = None,
     echo: Echo = print,
+    **family_options: Any,
 ) -> list[StudyOutcome]:
     """Run (or resume) the studies a family prepares from a session (one, or one per
     neuron subset for decoders). Arguments left as None come from ``config``, then from the
     family's defaults (its default space when the config searches nothing, its budget).
 
     Args:
-        family: ``ae``, ``arhmm`` or ``decoder``.
+        family: a registered family's name (``ae``, ``arhmm``, ``decoder``, ...).
         data: the session file (default: the config's).
         experiment: MLflow experiment (default: the config's).
         config: the project config (fixed values, search space, tuning).
-        ae, arhmm: the upstream run: ``best`` (the best one fitted to this file), a run id or
-            ``models:/NAME@ALIAS``; ae_experiment, arhmm_experiment: where ``best`` looks.
-        target: a decoder's behaviour target; labels: segment labels (ARHMM).
         n_trials, budget_steps, timeout, sampler, pruner, seed, study, metric, direction,
             warm_start, warm_start_any_data: the search (``tuning`` in the config; a list of
             metrics makes a multi-objective study).
         max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
         device: ``cpu``, ``cuda`` or ``auto``.
+        family_options: for each family the study reads (:attr:`Family.upstream`), its run
+            as ``ae=`` (``best``: the best one fitted to this file, a run id or
+            ``models:/NAME@ALIAS``) and where ``best`` looks as ``ae_experiment=``; and the
+            family's own options (:attr:`Family.options`), e.g. a decoder's ``target=``.
     """
     declared = get_family(family)
     config = config or ProjectConfig()
     store = store or resolve_store()
-    config.override(**{declared.budget_key: max_steps, "device": device})
+    upstream, options = declared.request_options(dict(family_options))
+    config.override(**{declared.budget_key: max_steps, "device": device},
+                    **{o.name: options.pop(o.name, None) for o in declared.options if o.config_key})
     tuning = config.tuning
     for name, value in (("n_trials", n_trials), ("budget_steps", budget_steps), ("timeout", timeout), ("warm_start", warm_start),
                         ("warm_start_any_data", warm_start_any_data),
@@ -77,8 +76,7 @@ def tune(
     for note in config.notes:
         echo(f"note: {note}")
 
-    request = StudyRequest(data, {}, {"ae": (ae, ae_experiment), "arhmm": (arhmm, arhmm_experiment)},
-                           target, labels)
+    request = StudyRequest(data, {}, upstream, options)
     values, defaulted = merged_values(declared, config)
     values.setdefault("model_class", declared.default_model_class(request))
     request.values = values
@@ -106,7 +104,7 @@ def tune(
                   "tuning": {"n_trials": tuning.n_trials, "budget_steps": tuning.budget_steps,
                              "timeout": tuning.timeout, "sampler": tuning.sampler, "pruner": tuning.pruner,
                              "seed": tuning.seed, "metric": tuning.metric, "direction": tuning.direction},
-                  "target": target, "labels": labels, "upstream": upstream_runs}
+                  "options": options, "upstream": upstream_runs}
         outcomes.append(run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe), echo))
     return outcomes
 
@@ -118,13 +116,9 @@ def chosen_objective(family: str, study: PreparedStudy, tuning: TuningConfig, po
     directions = tuning.direction if isinstance(tuning.direction, list) else [tuning.direction] * len(metrics)
     if metrics == [default.metric] and directions[0] in (None, default.direction):
         return default
-    available = getattr(study.fitter, "metric_names", None)
-    if available is None:
-        raise ConfigError(f"{family} studies of this data optimise {default.direction} {default.metric}; "
-                          f"tuning.metric/direction cannot name another for this family")
     names: dict[str, str] = {}
     for i, point in enumerate(points):
-        found = available(point)
+        found = study.fitter.metric_names(point)
         names = found if i == 0 else {k: v for k, v in names.items() if k in found}
     unknown = [m for m in metrics if m not in names]
     if unknown:
@@ -155,8 +149,8 @@ def join_study(study: str, store: Store | None = None, data: str | Path | None =
         raise ConfigError(f"study '{study}' was not started by bnet tune (it records no recipe to join)")
     config = ProjectConfig(recipe["experiment"], {k: parse_value(k, v, f"study '{study}'")
                                                   for k, v in recipe["values"].items()})
-    options = recipe["tuning"] | ({"n_trials": n_trials} if n_trials else {})
-    upstream = recipe["upstream"]
-    return tune(recipe["family"], data or recipe["data"], recipe["experiment"], config,
-                ae=upstream.get("ae"), arhmm=upstream.get("arhmm"), target=recipe["target"],
-                labels=recipe["labels"], study=recipe["study"], device=device, store=store, echo=echo, **options)
+    tuning = recipe["tuning"] | ({"n_trials": n_trials} if n_trials else {})
+    # recipes of bnet 0.1 kept a decoder's target and an ARHMM's labels switch at the top
+    options = recipe.get("options", {k: recipe[k] for k in ("target", "labels") if recipe.get(k)})
+    return tune(recipe["family"], data or recipe["data"], recipe["experiment"], config, study=recipe["study"],
+                device=device, store=store, echo=echo, **tuning, **recipe["upstream"], **options)

@@ -40,7 +40,7 @@ from bnet.tuning.common import (
     upstream_run,
 )
 from bnet.tuning.family import (
-    LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
+    FamilyOption, LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
 from bnet.tuning.space import Condition
 from bnet.tuning.study import StudyOutcome, TrialContext
@@ -336,6 +336,13 @@ class DecoderTrials:
             raise DataError(f"{self.session.path}: n_lags={self.n_max_lags} leaves no frames to score in the "
                             f"shortest trial ({shortest} frames; 2 x n_lags are dropped)")
 
+    def metric_names(self, hparams: dict[str, Any]) -> dict[str, str]:
+        """The final metrics every trial logs that a study may optimise, with their better direction
+        (a counts decoder's log-likelihood is left out: a Gaussian fit's rates may be negative)."""
+        scores = {"categorical": ("accuracy", "ll")}.get(self.data.kind, ("r2",))
+        return {"best_val_loss": "minimize", "best_epoch": "minimize", "n_epochs": "minimize",
+                **{f"{split}_{score}": "maximize" for split in ("val", "test") for score in scores}}
+
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         model, training, compute = self.configs(hparams)
         params = {**asdict(model), **asdict(training), **asdict(compute), "precision": "fp32",
@@ -401,13 +408,12 @@ class DecoderTrials:
 
 
 def _model_class(request: StudyRequest) -> str:
-    return "neural-labels" if request.target == "labels" else f"neural-{request.target}"
+    target = request.options["target"]
+    return "neural-labels" if target == "labels" else f"neural-{target}"
 
 
 def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
-    target, values = request.target, request.values
-    if target not in TARGETS:
-        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    target, values = request.options["target"], request.values
     if isinstance(values["model_class"], (Categorical, Range)):
         raise ConfigError("model_class cannot be searched in a decoder study (each class has its own target)")
     model_class = str(values["model_class"])
@@ -440,6 +446,12 @@ register_family(Family(
     machinery=LOCATION_KEYS | {"export_predictions", "export_train_plots", "ae_experiment_name", "ae_version",
                                "arhmm_experiment_name", "arhmm_version"},
     trivial=trivial.against_constant,
+    summary="Tune neural decoders of AE latents, their motion energy, ARHMM states or labels.",
+    upstream=("ae", "arhmm"),
+    options=(FamilyOption("target", "Behaviour to decode (or, with model_class ae-neural/arhmm-neural, to encode "
+                                    "from).", choices=TARGETS, required=True),),
+    behavenet_configs=("data", "model", "training"),
+    shown_params=("model_type", "learning_rate", "l2_reg", "n_lags", "n_hid_layers", "n_hid_units"),
 ))
 
 

@@ -391,6 +391,9 @@ register_family(Family(
     # the architecture a file names is fitted (conv_* params), not the file's path
     machinery=LOCATION_KEYS | {"export_latents", "export_train_plots", "sessions_csv", "all_source", "ae_arch_json"},
     expand_fixed=_expanded_fixed, trivial=trivial.against_mean_frame,
+    summary="Tune convolutional (or linear) autoencoders on one session.",
+    behavenet_configs=("data", "model", "training", "compute"),
+    shown_params=("model_type", "n_ae_latents", "learning_rate", "l2_reg"),
 ))
 
 

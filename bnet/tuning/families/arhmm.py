@@ -35,7 +35,7 @@ from bnet.training import resolve_device
 from bnet.tuning import trivial
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, upstream_export, upstream_run
 from bnet.tuning.family import (
-    LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
+    FamilyOption, LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
 )
 from bnet.tuning.space import Condition
 from bnet.tuning.study import StudyOutcome, TrialContext
@@ -105,7 +105,7 @@ def ae_observations(session: Session, ae_run: RunSummary, store: Store) -> Obser
     if exported is not None:
         latents, splits = exported
     else:
-        from bnet.tuning.ae import encode_session
+        from bnet.tuning.families.ae import encode_session
 
         model = load_model(ae_run.run_id, store)
         latents = encode_session(model, session, torch.device("cpu"))
@@ -160,6 +160,12 @@ class ARHMMTrials:
         if model.n_arhmm_states > n_train:
             raise DataError(f"{self.source}: n_arhmm_states={model.n_arhmm_states} is more than the "
                             f"{n_train} training frames")
+
+    def metric_names(self, hparams: dict[str, Any]) -> dict[str, str]:
+        """The final metrics every trial logs that a study may optimise, with their better direction."""
+        return {**{f"{split}_ll_per_step": "maximize" for split in ("train", "val", "test")},
+                **{f"{split}_ll_gain_per_step": "maximize" for split in ("val", "test")},
+                "best_iteration": "minimize", "n_iters_run": "minimize"}
 
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         config, fit_config = self.configs(hparams)
@@ -280,7 +286,7 @@ def fits_labels(request: StudyRequest) -> bool:
         raise ConfigError(f"model_class searches {', '.join(classes)}: a study segments either labels "
                           f"({', '.join(LABEL_CLASSES)}) or AE latents, not both")
     labels = kinds.pop()
-    if request.labels and not labels:
+    if request.options.get("labels") and not labels:
         raise ConfigError(f"--labels segments labels, but model_class '{classes[0]}' fits AE latents "
                           f"(use {' or '.join(LABEL_CLASSES)})")
     return labels
@@ -312,9 +318,17 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
 register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="EM iteration", budget_key="n_iters", prepare=prepare,
-    default_model_class=lambda request: "arhmm-labels" if request.labels else "arhmm",
+    default_model_class=lambda request: "arhmm-labels" if request.options.get("labels") else "arhmm",
     machinery=LOCATION_KEYS | {"export_states", "export_train_plots", "ae_experiment_name", "ae_version"},
     trivial=trivial.against_one_state,
+    summary="Tune ARHMMs over an AE's latents (resolved by an MLflow query) or over labels.",
+    upstream=("ae",),
+    options=(FamilyOption("labels", "Segment the session's labels instead (arhmm-labels; a config's model_class "
+                                    "hmm-labels or arhmm-labels says the same).", flag=True),
+             FamilyOption("engine", "Fit with bnet's engine or with ssm where it is importable [default bnet].",
+                          choices=("bnet", "ssm"), config_key=True)),
+    budget_flag="iters", default_device="cpu, float64",
+    shown_params=("n_arhmm_states", "n_arhmm_lags", "noise_type", "transitions", "kappa"),
 ))
 
 
