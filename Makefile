@@ -8,11 +8,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: install demo demo-mouse test bench ui clean
 
-# torch first and pinned: 2.13.0 is the CPU wheel on disk; any other spec pulls GBs of CUDA.
-$(INSTALLED): pyproject.toml
+# torch first and pinned (constraints.txt: the versions CI tests): 2.13.0 is the CPU wheel on
+# disk; any other spec pulls GBs of CUDA.
+$(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(INSTALLED)

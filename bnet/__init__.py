@@ -15,8 +15,12 @@ Python face a family's module defines beside its declaration (``tune_ae``, ``tun
 """
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("bnet")  # one place: pyproject.toml
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _API = {
     "best_runs": "bnet.tracking.query",

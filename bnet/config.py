@@ -14,7 +14,6 @@ Unknown keys are errors naming the key and the section. CLI options override the
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import types
@@ -314,28 +313,26 @@ def _merge_section(config: ProjectConfig, section: str, content: Any, source: st
         config.experiment = str(content["experiment_name"])
 
 
+# a string literal (kept whole, whatever it holds) or a '#' that starts a comment
+_STRING_OR_HASH = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#""")
+
+
 def read_behavenet_json(path: str | Path) -> dict[str, Any]:
-    """Read a BehaveNet JSON config: ``#`` comments and trailing commas allowed."""
+    """Read a BehaveNet JSON config: ``#`` comments (BehaveNet's), ``//`` comments and
+    trailing commas allowed. JSON5 (a maintained parser, strict otherwise) reads it once each
+    ``#`` outside a string is its ``//``."""
+    import json5
+
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    lines = []
-    for line in text.splitlines():
-        in_string = False
-        for i, char in enumerate(line):
-            if char == '"' and (i == 0 or line[i - 1] != "\\"):
-                in_string = not in_string
-            elif char == "#" and not in_string:
-                line = line[:i]
-                break
-        lines.append(line)
-    cleaned = re.sub(r",(\s*[}\]])", r"\1", "\n".join(lines))
     try:
-        content = json.loads(cleaned)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        content = json5.loads(_STRING_OR_HASH.sub(lambda m: "//" if m.group() == "#" else m.group(), text))
+    except ValueError as err:
+        where, _, what = str(err).removeprefix("<string>:").partition(" ")
+        raise ConfigError(f"{path}: not valid JSON ({what} on line {where})") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return content

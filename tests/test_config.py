@@ -90,6 +90,13 @@ def test_behavenet_json_unknown_key_names_file(tmp_path):
         load_project_config(None, {"model": path})
 
 
+def test_behavenet_json_strings_keep_what_looks_like_comments_and_commas(tmp_path):
+    """The hand-written comment stripper read the escaped backslash as escaping the quote (and
+    cut the rest of the line as a comment) and took ',]' inside a string for a trailing comma."""
+    path = write(tmp_path, "d.json", '{"data_dir": "C:\\\\data\\\\", # c\n "lab": "a,]", // x\n "expt": [1, 2,],}')
+    assert read_behavenet_json(path) == {"data_dir": "C:\\data\\", "lab": "a,]", "expt": [1, 2]}
+
+
 def test_broken_json_is_a_clear_error(tmp_path):
     path = write(tmp_path, "m.json", '{"model_class": "ae" "x": 1}')
     with pytest.raises(ConfigError, match="m.json: not valid JSON"):

@@ -6,11 +6,14 @@ find them all the same. The README's lists of extension points match the registr
 """
 
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import torch
+from mlflow import MlflowClient
 
 import bnet
 from bnet.config import Range
@@ -115,6 +118,12 @@ def test_a_family_defined_in_one_module_is_tuned_ranked_and_loaded_like_the_buil
     assert ranked.count("run ") == 3
     best = bnet.best_runs("levels", family="frame-level", store=resolve_store(store))[0]
     assert best.params["start"] == "0.2"
+    # what made the run: this bnet, and the commit of the repository the command ran in
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    tags = MlflowClient(resolve_store(store).tracking_uri).get_run(best.run_id).data.tags
+    assert tags["bnet.version"] == bnet.__version__ and tags["mlflow.source.git.commit"] == head
+    study = optuna.load_study(study_name="levels", storage=resolve_store(store).optuna_storage)
+    assert study.metric_names == ["best_val_loss"]  # what optuna-dashboard and Optuna's plots call it
     model = bnet.load_model(best.run_id, store=resolve_store(store))
     level = float(model.level.detach())
     brightness = float(mean_brightness(open_session(tiny_session), list(open_session(tiny_session).trials)).mean())

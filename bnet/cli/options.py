@@ -5,18 +5,16 @@ from __future__ import annotations
 import click
 
 store_option = click.option(
-    "--store", type=click.Path(file_okay=False), default=None,
-    help="Store folder with mlflow.db, optuna.db and artifacts/ [env BNET_STORE; default ./bnet-store].",
+    "--store", type=click.Path(file_okay=False), default=None, envvar="BNET_STORE", show_envvar=True,
+    help="Store folder with mlflow.db, optuna.db and artifacts/ [default ./bnet-store].",
 )
 tracking_uri_option = click.option(
-    "--tracking-uri", default=None,
-    help="MLflow tracking URI (a server or database) [env BNET_TRACKING_URI; default the store's mlflow.db].",
+    "--tracking-uri", default=None, envvar=["BNET_TRACKING_URI", "MLFLOW_TRACKING_URI"], show_envvar=True,
+    help="MLflow tracking URI (a server or database) [default the store's mlflow.db].",
 )
-
 storage_option = click.option(
-    "--storage", default=None,
-    help="Optuna storage URL (SQLAlchemy, e.g. postgresql+psycopg://...) [env BNET_OPTUNA_STORAGE; default the "
-         "store's optuna.db].",
+    "--storage", default=None, envvar="BNET_OPTUNA_STORAGE", show_envvar=True,
+    help="Optuna storage URL (SQLAlchemy, e.g. postgresql+psycopg://...) [default the store's optuna.db].",
 )
 
 

@@ -32,11 +32,15 @@ def refuse_sqlite_for_many(storage_url: str) -> None:
 
 
 def command_line(ctx: click.Context, drop: tuple[str, ...] = ("n_workers",)) -> list[str]:
-    """The bnet command being run, rebuilt from its parsed options (minus ``drop``)."""
+    """The bnet command being run, rebuilt from its parsed options (minus ``drop``). Values
+    read from the environment stay there: the workers inherit it, and a password in a URL
+    must not reach a command line or a script."""
     words = ctx.command_path.split()[1:]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if param.name in drop or value is None or value is False or param.name == "help":
+            continue
+        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.ENVIRONMENT:
             continue
         if isinstance(param, click.Argument):
             words.append(str(value))

@@ -7,9 +7,11 @@ epoch costs one batched call.
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 import time
 import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -117,7 +119,7 @@ class RunLogger:
         """Record the session file as the run's input dataset, with its digest."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         with warnings.catch_warnings():
             # MLflow registers the local-file source class twice and warns that it is ambiguous.
@@ -126,7 +128,7 @@ class RunLogger:
         dataset = MetaDataset(source=source, name=name, digest=digest)
         context_tag = InputTag("mlflow.data.context", context)
         self.client.log_inputs(
-            self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context_tag])]
+            self.run_id, datasets=[DatasetInput(Dataset(**dataset.to_dict()), tags=[context_tag])]
         )
 
     def terminate(self, status: str) -> None:
@@ -147,10 +149,26 @@ def _user() -> str:
         return "unknown"
 
 
+@cache
+def provenance() -> dict[str, str]:
+    """What made a run: bnet's version, and the commit of the project the command runs in (the
+    working directory's git repository, MLflow's ``mlflow.source.git.commit``) where there is one."""
+    import bnet
+
+    found = {tags.TAG_VERSION: bnet.__version__}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return found
+    if commit.returncode == 0:
+        found[tags.MLFLOW_GIT_COMMIT] = commit.stdout.strip()
+    return found
+
+
 def create_run(client, experiment_id: str, run_name: str, run_tags: dict[str, Any],
                parent_run_id: str | None = None) -> RunLogger:
     all_tags = {tags.MLFLOW_RUN_NAME: run_name, "mlflow.user": _user(), "mlflow.source.type": "LOCAL",
-                "mlflow.source.name": "bnet", **run_tags}
+                "mlflow.source.name": "bnet", **provenance(), **run_tags}
     if parent_run_id:
         all_tags[tags.MLFLOW_PARENT] = parent_run_id
     run = retry_transient(lambda: client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()},

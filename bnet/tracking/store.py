@@ -41,8 +41,12 @@ class Store:
 def resolve_store(
     store: str | Path | None = None, tracking_uri: str | None = None, storage: str | None = None
 ) -> Store:
+    """Where runs, studies and artifacts live: the arguments, else the environment the CLI's
+    options also read (``BNET_STORE``; ``BNET_TRACKING_URI``, then MLflow's own
+    ``MLFLOW_TRACKING_URI``; ``BNET_OPTUNA_STORAGE``), else the store folder's databases."""
     root = Path(store or os.environ.get("BNET_STORE") or DEFAULT_STORE).resolve()
-    tracking_uri = tracking_uri or os.environ.get("BNET_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    tracking_uri = (tracking_uri or os.environ.get("BNET_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
+                    or f"sqlite:///{root / 'mlflow.db'}")
     # a database URL (SQLite, PostgreSQL) keeps artifacts in the store; a tracking server
     # (http[s]://) decides where its artifacts go
     artifact_root = None if tracking_uri.startswith(("http://", "https://")) else root / "artifacts"
@@ -105,15 +109,11 @@ def schema_lock(store: Store, url: str):
     if not url.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from filelock import FileLock
 
     store.root.mkdir(parents=True, exist_ok=True)
-    with open(store.root / ".schema.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(store.root / ".schema.lock"):
+        yield
 
 
 def ensure_experiment(client, store: Store, name: str) -> str:

@@ -120,11 +120,15 @@ def recover_dead_trials(study: optuna.Study, storage, tracker: Tracker, echo: Ec
         worker = trial.user_attrs.get(WORKER_ATTR)
         if worker and (worker == me or worker_is_dead(worker)):
             try:
-                # FrozenTrial keeps its storage id private; fail_stale_trials uses it the same way
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                storage.set_trial_state_values(storage_id(storage, study, trial.number), TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker recovered it first
             handle(study, trial)
+
+
+def storage_id(storage, study: optuna.Study, number: int) -> int:
+    """A trial's id in the storage, by Optuna's public storage API (trials keep theirs private)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
 def close_orphaned_runs(study: optuna.Study, tracker: Tracker) -> None:

@@ -48,7 +48,7 @@ from bnet.tuning.identity import FitIdentity, differences, fingerprint
 from bnet.tuning.recovery import (
     GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, RETRY_OF_RUN_ATTR, WORKER_ATTR, close_orphaned_runs,
     dead_trial_handler,
-    parent_run_id, queue_retry, recover_dead_trials, this_worker,
+    parent_run_id, queue_retry, recover_dead_trials, storage_id, this_worker,
 )
 from bnet.tuning.samplers import make_pruner, make_sampler
 from bnet.tuning.space import SearchSpace
@@ -211,6 +211,7 @@ def open_study(spec: StudySpec, storage, echo: Echo = print) -> optuna.Study:
             study_name=spec.study_name, storage=storage, directions=list(spec.objective.directions),
             sampler=make_sampler(spec.tuning, spec.space, spec.tuning.seed, len(spec.objective.metrics)),
             pruner=make_pruner(spec.tuning, _budget(spec)))
+        study.set_metric_names(list(spec.objective.metrics))  # optuna-dashboard and Optuna's plots name them
         for prior in warm.priors if warm else ():
             study.add_trial(prior)
         for point in [*(spec.tuning.enqueue or ()), *(warm.queued if warm else ())]:
@@ -302,11 +303,29 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+@contextmanager
+def _quiet_optuna():
+    """Optuna's own log lines and experimental-feature warnings (heartbeats, grouped TPE,
+    metric names) off while a study runs here: failed trials are reported with their run.
+    The caller's settings are back afterwards."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
     """Run (or resume) a study until it holds ``spec.tuning.n_trials`` finished trials."""
     spec.tuning.validate()
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, grouped TPE
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported here, with their run
+    with _quiet_optuna():
+        return _run_study(spec, echo)
+
+
+def _run_study(spec: StudySpec, echo: Echo) -> StudyOutcome:
     tracker = Tracker(spec.store)
     experiment_id = tracker.experiment(spec.experiment)
     storage = _storage(spec, tracker, echo)
@@ -479,7 +498,7 @@ class TrialLoop:
         asked: dict[str, Any] = {}
 
         def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
-            asked.update(number=trial.number, trial_id=trial._trial_id)
+            asked.update(number=trial.number, trial_id=storage_id(self.storage, self.study, trial.number))
             try:
                 return self.evaluate(trial)
             except SurplusTrial:
@@ -519,7 +538,8 @@ class TrialLoop:
         trial.set_user_attr(WORKER_ATTR, this_worker())
         # straight from the database: the study's cache may hold a queued trial without the
         # attributes it was queued with (seen when this process queued it itself)
-        retry_of_run = self.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF_RUN_ATTR)
+        retry_of_run = self.storage.get_trial_user_attrs(
+            storage_id(self.storage, self.study, trial.number)).get(RETRY_OF_RUN_ATTR)
         ahead = [t for t in own_trials(self.study, (*FINISHED_STATES, TrialState.RUNNING)) if t.number < trial.number]
         if len(ahead) >= self.wanted:
             # another worker started the last needed trial at the same moment: this one is not fitted
@@ -680,9 +700,10 @@ def _log_answer(study: optuna.Study, parent: RunLogger, spec: StudySpec,
         comparison = spec.family.trivial(tracker.metrics(best_run)) if best_run else None
         shown = ", ".join(f"{m} {v:.4g}" for m, v in zip(objective.metrics, best.values))
         said = f"\n\n**{comparison.sentence('The best model')}.**" if comparison else ""
-        # the name and description are what the runs table and the run page show unexpanded
+        # the description and tags are what the runs table and the run page show unexpanded; the
+        # run keeps its name (links and searches by name hold) and the answer is a tag beside it
         parent.set_tags({"bnet.best_trial": best.number, "bnet.best_run_id": best_run,
-                         tags.MLFLOW_RUN_NAME: f"study {study.study_name}: best {shown} (trial {best.number})",
+                         tags.TAG_BEST: f"{shown} (trial {best.number})",
                          "mlflow.note.content": (
                              f"**Study `{study.study_name}`**: {counts['COMPLETE']} complete, {counts['PRUNED']} "
                              f"pruned, {counts['FAIL']} failed trials ({objective.direction} {objective.metric}).\n\n"

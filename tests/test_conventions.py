@@ -1,0 +1,18 @@
+"""Conventions users meet first: exit codes, and the environment every MLflow user sets."""
+
+from conftest import assert_clean_failure, run_cli
+
+
+def test_mlflow_tracking_uri_is_honoured_and_a_data_error_exits_1(tmp_path, monkeypatch):
+    for name in ("BNET_TRACKING_URI", "BNET_STORE", "BNET_OPTUNA_STORAGE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    result = run_cli("best", "ae", "--experiment", "none-yet", "--store", tmp_path / "store")
+    assert_clean_failure(result, "none-yet", code=1)
+    assert (tmp_path / "elsewhere.db").exists() and not (tmp_path / "store" / "mlflow.db").exists()
+
+
+def test_a_usage_error_exits_2_and_help_names_the_variables():
+    assert_clean_failure(run_cli("best", "ae"), "Missing option '--experiment'", code=2)
+    shown = " ".join(run_cli("best", "ae", "--help").output.split())
+    assert "BNET_TRACKING_URI, MLFLOW_TRACKING_URI" in shown and "BNET_STORE" in shown
