@@ -46,7 +46,7 @@ demo-mouse: install
 
 # the slowest tests listed at the end: CI's time limit is watched from its log
 test: install
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n auto --dist loadfile --durations=15
 
 # The tests where the training precision matters, again with bf16 autocast forced wherever
 # `compute.precision` is auto (BNET_PRECISION): any CPU runs it, natively or emulated.

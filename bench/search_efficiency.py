@@ -221,7 +221,8 @@ def _prepared(family: str, data: Path, values: dict, conditions: dict, target: s
     merged, _ = merged_values(declared, ProjectConfig(values=values))
     store = resolve_store(data.parent / f"store-{data.stem}")
     space, fixed = SearchSpace.split(merged, conditions)
-    return declared.prepare(StudyRequest(data, merged, {}, {"target": target} if target else {}), store)[0].fitter, space, fixed
+    request = StudyRequest(data, merged, {}, {"target": target} if target else {})
+    return declared.prepare(request, store)[0].fitter, space, fixed
 
 
 def _grid(values: dict[str, list]) -> list[dict]:

@@ -1,10 +1,31 @@
 """Progress of long work: a tqdm bar where a terminal is attached, plain lines elsewhere
-(a log file, CI), so logs stay readable and terminals stay quiet."""
+(a log file, CI), so logs stay readable and terminals stay quiet; and where the Python API's
+lines go when the caller names no ``echo``."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable
+
+Echo = Callable[[str], None]
+"""Where a function reports what it does, one line at a time (the CLI passes ``click.echo``)."""
+
+LOGGER = logging.getLogger("bnet")
+
+
+def say(line: str) -> None:
+    """The Python API's default ``echo``: an INFO record on logger ``bnet``. Unless the
+    application configured logging itself, it is shown on stderr as it is;
+    ``logging.getLogger("bnet").setLevel(logging.WARNING)`` silences it."""
+    if not LOGGER.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(handler)
+        LOGGER.propagate = False
+        if LOGGER.level == logging.NOTSET:
+            LOGGER.setLevel(logging.INFO)
+    LOGGER.info(line)
 
 
 class Progress:

@@ -6,6 +6,12 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# `pytest -n N` (make test): N test processes share the cores. Each one's torch, and every bnet
+# command a test starts (through the environment), takes its share instead of every core, which
+# would oversubscribe them; set before torch is first imported
+_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _PROCESSES > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _PROCESSES)))
 
 from bnet.data import SynthConfig, synthesize  # noqa: E402
 

@@ -1,5 +1,7 @@
 """Conventions users meet first: exit codes, and the environment every MLflow user sets."""
 
+import os
+
 from conftest import assert_clean_failure, run_cli
 
 
@@ -10,6 +12,17 @@ def test_mlflow_tracking_uri_is_honoured_and_a_data_error_exits_1(tmp_path, monk
     result = run_cli("best", "ae", "--experiment", "none-yet", "--store", tmp_path / "store")
     assert_clean_failure(result, "none-yet", code=1)
     assert (tmp_path / "elsewhere.db").exists() and not (tmp_path / "store" / "mlflow.db").exists()
+
+
+def test_using_a_store_leaves_mlflows_process_wide_uri_alone(tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI: bnet calling it would send every
+    later store of the process (another notebook cell, the next test) to the first one."""
+    from bnet.tracking.store import connect, resolve_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    connect(resolve_store(tmp_path / "one"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert resolve_store(tmp_path / "two").tracking_uri == f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}"
 
 
 def test_a_usage_error_exits_2_and_help_names_the_variables():

@@ -30,7 +30,7 @@ from bnet.data.animal import DEFAULT_TRACK_SMOOTH, held_positions
 from bnet.data.pose import flat_labels, read_pose
 from bnet.data.session import trial_name
 from bnet.errors import ConfigError, DataError
-from bnet.progress import Progress
+from bnet.progress import Echo, Progress, say
 
 FIT_MODES = ("pad", "crop", "stretch")
 
@@ -400,7 +400,7 @@ def neural_per_frame(neural: np.ndarray, neural_fps: float, out_fps: float, n_ou
 # ---------------------------------------------------------------- the build
 
 
-def build_session(config: BuildConfig, echo: Callable[[str], None] = print) -> BuildSummary:
+def build_session(config: BuildConfig, echo: Echo = say) -> BuildSummary:
     """Build one session file (and its data config) from ``config``; see the module doc."""
     config.validate()
     started = time.perf_counter()

@@ -82,7 +82,6 @@ def connect(store: Store):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download is noise in a CLI
     import logging
 
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     # "Creating initial MLflow database tables..." on every new store is noise in a CLI, and so
@@ -93,8 +92,8 @@ def connect(store: Store):
 
     if store.artifact_root is not None or store.optuna_storage.startswith("sqlite:"):
         store.root.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(store.tracking_uri)
-    mlflow.set_registry_uri(store.tracking_uri)
+    # every call names the store (this client, tracking_uri=...): MLflow's process-wide URI,
+    # and the MLFLOW_TRACKING_URI it would export, stay the user's
     # the first client on a fresh database creates MLflow's schema
     with schema_lock(store, store.tracking_uri):
         return retry_schema_race(lambda: MlflowClient(tracking_uri=store.tracking_uri,

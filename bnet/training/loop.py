@@ -15,7 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -108,6 +108,17 @@ class FitResult:
 
 class TrainingCallback(Protocol):
     def on_epoch_end(self, record: EpochRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class OnEpochEnd:
+    """A training callback made of one function of each epoch's record (reporting a trial's
+    step to the study, for instance)."""
+
+    call: Callable[[EpochRecord], None]
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        self.call(record)
 
 
 @dataclass

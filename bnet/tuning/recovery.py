@@ -19,6 +19,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+from bnet.progress import Echo
 from bnet.tracking.tracker import Tracker
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
@@ -34,7 +35,6 @@ GRACE_SECONDS = 3 * HEARTBEAT_SECONDS
 LOCK_WAIT_SECONDS = 600
 LOCK_HOLDER_ATTR = "bnet_lock_holder"
 
-Echo = Callable[[str], None]
 
 
 def _start_ticks(pid: int) -> str | None:

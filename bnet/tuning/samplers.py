@@ -90,7 +90,15 @@ def _random(request: SamplerRequest):
 def _grid(request: SamplerRequest):
     import optuna
 
-    return optuna.samplers.GridSampler(request.space.grid(), seed=request.seed)
+    class Grid(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, for ask and tell: its after-trial hook only stops
+        ``Study.optimize`` once every point is taken (and raises outside it); the study loop
+        stops at the grid's size itself."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return Grid(request.space.grid(), seed=request.seed)
 
 
 SAMPLERS: dict[str, Choice] = {

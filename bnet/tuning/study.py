@@ -38,7 +38,7 @@ from bnet.config import TuningConfig
 from bnet.data.session import Session
 from bnet.data.sessions import SessionGroup, members
 from bnet.errors import BnetError, ConfigError
-from bnet.progress import Progress
+from bnet.progress import Echo, Progress, say
 from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, is_transient, retry_transient
 from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
@@ -64,7 +64,6 @@ SURPLUS_ATTR = "bnet_surplus"
 STEPS_ATTR = "bnet_steps"  # steps (epochs, EM iterations) a trial trained: what it cost
 POLL_SECONDS = 5.0
 
-Echo = Callable[[str], None]
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -198,7 +197,7 @@ def _storage(spec: StudySpec, tracker: Tracker, echo: Echo):
         ))
 
 
-def open_study(spec: StudySpec, storage, echo: Echo = print) -> optuna.Study:
+def open_study(spec: StudySpec, storage, echo: Echo = say) -> optuna.Study:
     """Create or load the Optuna study; refuse one that optimises something else or was
     started on other data, other upstream runs or other fixed hyperparameters. A new study
     queues the config's points first, then a warm start's (:mod:`bnet.tuning.warm_start`)."""
@@ -313,12 +312,14 @@ def _quiet_optuna():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            # ask/tell with a heartbeat storage: the heartbeat is bnet's own (_beating)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             yield
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
-def run_study(spec: StudySpec, echo: Echo = print) -> StudyOutcome:
+def run_study(spec: StudySpec, echo: Echo = say) -> StudyOutcome:
     """Run (or resume) a study until it holds ``spec.tuning.n_trials`` finished trials."""
     spec.tuning.validate()
     with _quiet_optuna():
@@ -493,43 +494,42 @@ class TrialLoop:
 
     # ------------------------------------------------------------------ one trial
     def one_trial(self) -> None:
-        """Ask, fit and tell one trial (Optuna's optimize loop of one, which runs its
-        heartbeat, its stale-trial check and its sampler's hooks)."""
-        asked: dict[str, Any] = {}
-
-        def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
-            asked.update(number=trial.number, trial_id=storage_id(self.storage, self.study, trial.number))
+        """Ask Optuna for a trial, fit it while its heartbeat beats, tell Optuna how it ended."""
+        trial = self.study.ask()  # runs the sampler's before-trial hook
+        trial_id = storage_id(self.storage, self.study, trial.number)
+        values, surplus = None, False
+        with _beating(self.storage, trial_id):
             try:
-                return self.evaluate(trial)
+                values, state = self.evaluate(trial), TrialState.COMPLETE
             except SurplusTrial:
-                asked["surplus"] = True
-                raise
+                state, surplus = TrialState.FAIL, True
             except optuna.TrialPruned:
-                raise
+                state = TrialState.PRUNED  # Optuna keeps its last reported value
             except Exception as err:
                 self.failures.append(f"trial {trial.number}: {type(err).__name__}: {err}")
+                state = TrialState.FAIL
+            except KeyboardInterrupt:
+                self._tell(trial, trial_id, TrialState.FAIL)
                 raise
-
-        try:
-            self.study.optimize(objective, n_trials=1, catch=(Exception,))
-            held = self.storage.get_trial(asked["trial_id"]).state
-        # Optuna raises one of these when the trial it tells has been finished meanwhile
-        # (AssertionError where it then finds no error of the objective's to report)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError):
-            # Optuna could not tell the trial's end: another worker failed it while this one
-            # fitted it (its heartbeat lapsed, e.g. over a database restart) and queued a retry,
-            # which reuses this trial's finished run instead of refitting it
-            held = self.storage.get_trial(asked["trial_id"]).state if "trial_id" in asked else None
-            if held is None or not held.is_finished():
-                raise
-            self.echo(f"trial {asked['number']} was marked {held.name} by another worker while this one fitted "
-                      f"it (its heartbeat lapsed); it stays {held.name}, its run as it ended here")
-        if asked.get("surplus"):
-            return
+            held = self._tell(trial, trial_id, state, values)
+        if surplus:
+            return  # never fitted: not one of this worker's trials
         self.ran += 1
         self.failed_in_a_row = self.failed_in_a_row + 1 if held == TrialState.FAIL else 0
         if held == TrialState.COMPLETE:
             _log_answer(self.study, self.parent, self.spec, self.tracker)
+
+    def _tell(self, trial: optuna.Trial, trial_id: int, state: TrialState, values=None) -> TrialState:
+        """Tell Optuna the trial's end (its sampler's after-trial hook runs) and return the
+        state it holds. Another worker may have failed it meanwhile (its heartbeat lapsed, e.g.
+        over a database restart) and queued a retry, which reuses this trial's finished run:
+        then it keeps that state."""
+        before = self.storage.get_trial(trial_id).state
+        told = self.study.tell(trial, values, state=state, skip_if_finished=True)
+        if before.is_finished():
+            self.echo(f"trial {trial.number} was marked {before.name} by another worker while this one fitted "
+                      f"it (its heartbeat lapsed); it stays {before.name}, its run as it ended here")
+        return told.state
 
     def evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         """The trial's objective value(s): fitted as a new run, or taken from a finished run
@@ -653,6 +653,27 @@ class TrialLoop:
         shown = "  ".join(f"{m} {v:.6g}" for m, v in zip(objective.metrics, value if objective.is_multi else [value]))
         echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: {shown}")
         return value
+
+
+@contextmanager
+def _beating(storage, trial_id: int):
+    """The trial's heartbeat while it is fitted: other workers fail a trial whose worker has
+    been silent for the grace period (Optuna's heartbeat, which its optimize loop runs)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name=f"bnet-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _HeartbeatStorage(optuna.storages.RDBStorage):

@@ -11,7 +11,8 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
 from bnet.tuning.family import Objective, PreparedStudy, StudyRequest, get_family, merged_values
 from bnet.tuning.space import SearchSpace
-from bnet.tuning.study import Echo, StudyOutcome, StudySpec, run_study
+from bnet.progress import Echo, say
+from bnet.tuning.study import StudyOutcome, StudySpec, run_study
 
 
 def tune(
@@ -34,7 +35,7 @@ def tune(
     direction: str | list | None = None,
     device: str | None = None,
     store: Store | None = None,
-    echo: Echo = print,
+    echo: Echo = say,
     **family_options: Any,
 ) -> list[StudyOutcome]:
     """Run (or resume) the studies a family prepares from a session (one, or one per
@@ -132,7 +133,7 @@ def chosen_objective(family: str, study: PreparedStudy, tuning: TuningConfig, po
 
 
 def join_study(study: str, store: Store | None = None, data: str | Path | None = None, n_trials: int | None = None,
-               device: str | None = None, echo: Echo = print) -> list[StudyOutcome]:
+               device: str | None = None, echo: Echo = say) -> list[StudyOutcome]:
     """Join a study another worker started, from what it recorded (``bnet worker``): the same
     family, data, config and upstream runs, from any machine that reaches its storage."""
     import optuna

@@ -39,7 +39,9 @@ from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import fitted_datasets
 from bnet.tracking.store import Store
-from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, evaluate_terms, fit, resolve_device, resolve_precision
+from bnet.training import (
+    ComputeConfig, EpochRecord, OnEpochEnd, TrainingConfig, evaluate_terms, fit, resolve_device, resolve_precision,
+)
 from bnet.tuning import trivial
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings, training_configs
 from bnet.tuning.family import (
@@ -201,16 +203,15 @@ class AETrials:
         model, baseline = self.initial_model(model_config, batches)
         max_epochs = training.max_n_epochs
 
-        class Progress:
-            def on_epoch_end(self, record: EpochRecord) -> None:
-                metrics = {"train_loss": record.train_loss, "val_loss": record.val_loss,
-                           "frames_per_s": record.frames / record.seconds,
-                           **{f"train_{k}": v for k, v in record.train_terms.items()},
-                           **{f"val_{k}": v for k, v in record.val_terms.items()}}
-                context.report(record.epoch, metrics, max_epochs, shown=record.epoch + 1)
+        def report(record: EpochRecord) -> None:
+            metrics = {"train_loss": record.train_loss, "val_loss": record.val_loss,
+                       "frames_per_s": record.frames / record.seconds,
+                       **{f"train_{k}": v for k, v in record.train_terms.items()},
+                       **{f"val_{k}": v for k, v in record.val_terms.items()}}
+            context.report(record.epoch, metrics, max_epochs, shown=record.epoch + 1)
 
         result = fit(model, batches["train"], batches["val"], training, weight_decay=model_config.l2_reg,
-                     device=device, precision=compute.precision, callbacks=[Progress()])
+                     device=device, precision=compute.precision, callbacks=[OnEpochEnd(report)])
         test_terms = evaluate_terms(model, batches["test"], device)
         best = result.history[result.best_epoch]
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,

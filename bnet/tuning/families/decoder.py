@@ -33,7 +33,7 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import resolve_upstream
 from bnet.tracking.store import Store
-from bnet.training import ComputeConfig, EpochRecord, TrainingConfig, fit, resolve_device
+from bnet.training import ComputeConfig, EpochRecord, OnEpochEnd, TrainingConfig, fit, resolve_device
 from bnet.tuning import trivial
 from bnet.tuning.common import (
     refuse_other_splits, resolve_data_path, session_splits, split_settings, training_configs, upstream_export,
@@ -377,16 +377,15 @@ class DecoderTrials:
         model_config, training, compute = self.configs(context.hparams)
         device = resolve_device(compute.device)
         model = self.initial_model(model_config)
-        trials, max_epochs = self, training.max_n_epochs
+        max_epochs = training.max_n_epochs
 
-        class Progress:
-            def on_epoch_end(self, record: EpochRecord) -> None:
-                context.report(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss,
-                                              trials.objective.step_metric: trials.score(model, "val")},
-                               max_epochs, shown=record.epoch + 1)
+        def report(record: EpochRecord) -> None:
+            context.report(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss,
+                                          self.objective.step_metric: self.score(model, "val")},
+                           max_epochs, shown=record.epoch + 1)
 
         result = fit(model, self.batches["train"], self.batches["val"], training, weight_decay=model_config.l2_reg,
-                     device=device, precision="fp32", callbacks=[Progress()])
+                     device=device, precision="fp32", callbacks=[OnEpochEnd(report)])
         model.cpu()
         predictions = self.predict(model, self.session.trials)
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
