@@ -97,11 +97,13 @@ UNIMPLEMENTED_KEYS = {
     "subsample_idxs_group_1": (None, "bnet subsets neurons by regions/<subsample_idxs_group_0>/<name> only"),
 }
 
+# Where a session file lies (its digest, not its path, is what a fit depends on)
+SESSION_KEYS = frozenset({"data", "data_dir", "lab", "expt", "animal", "session"})
+# Which upstream runs a later stage reads (their run ids are what it depends on)
+UPSTREAM_KEYS = frozenset({"ae_experiment_name", "ae_version", "arhmm_experiment_name", "arhmm_version"})
 # Keys that name things rather than tune them: a list here is not a search dimension.
-NOT_SEARCHABLE = {"data", "data_dir", "lab", "expt", "animal", "session", "experiment_name", "sessions_csv",
-                  "all_source", "ae_arch_json",
-                  "ae_experiment_name", "ae_version", "arhmm_experiment_name", "arhmm_version",
-                  "subsample_idxs_dataset"}
+NOT_SEARCHABLE = SESSION_KEYS | UPSTREAM_KEYS | {"experiment_name", "sessions_csv", "all_source", "ae_arch_json",
+                                                 "subsample_idxs_dataset"}
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,9 @@ class TuningConfig:
             sampler learns from their results.
         warm_start_any_data: warm-start from runs fitted to any data (their configurations
             are queued; their results, which answer another question, are not used).
+        system_metrics: log each trial's CPU, memory, disk, network and GPU use beside its
+            metrics (MLflow's system metrics, ``system/...``, every 10 s or
+            ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), for the UI's System metrics tab.
         enqueue: points of the search space to fit first, in order (a list of mappings of
             searched hyperparameters, as Optuna's ``enqueue_trial``: a value a point leaves
             out is sampled): known good settings, or a comparison you want in the study.
@@ -182,6 +187,7 @@ class TuningConfig:
     enqueue: list | None = None
     warm_start: str | None = None
     warm_start_any_data: bool = False
+    system_metrics: bool = False
 
     @property
     def pruner_name(self) -> str:

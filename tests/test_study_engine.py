@@ -193,6 +193,16 @@ def test_a_nan_metric_never_leaves_a_run_finished(tmp_path, tiny_session, metric
     assert {t.state.name for t in study.trials} == {"FAIL"}
 
 
+def test_system_metrics_are_logged_on_a_trial_that_asks_for_them(tmp_path, tiny_session, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    spec = stub_spec(tmp_path / "store", open_session(tiny_session), StubFitter({"best_val_loss": 0.5},
+                                                                              seconds_per_step=0.4), n_trials=1)
+    spec.tuning.system_metrics = True
+    outcome = run_study(spec, echo=lambda line: None)
+    metrics = mlflow_client(tmp_path / "store").get_run(outcome.best_run_id).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+
+
 def test_out_of_memory_in_one_trial_is_that_trial_alone(tmp_path, tiny_session):
     session = open_session(tiny_session)
 

@@ -38,6 +38,8 @@ def study_options(step: str):
                           "configurations first, their results on this same data for the sampler."),
         click.option("--warm-start-any-data", is_flag=True, default=None,
                      help="Warm-start from runs fitted to any data (their configurations only)."),
+        click.option("--system-metrics", is_flag=True, default=None,
+                     help="Log each trial's CPU, memory, disk, network and GPU use (MLflow's system metrics)."),
         click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
         click.option("--seed", type=int, default=None, help="Sampler seed."),
         n_workers_option,

@@ -89,6 +89,7 @@ def connect(store: Store):
     # those calls (retry_transient) and reports whatever is not transient itself
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring..." per trial
 
     if store.artifact_root is not None or store.optuna_storage.startswith("sqlite:"):
         store.root.mkdir(parents=True, exist_ok=True)

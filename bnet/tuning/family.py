@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from bnet.config import Dimension, ProjectConfig
+from bnet.config import SESSION_KEYS, Dimension, ProjectConfig
 from bnet.errors import ConfigError
 from bnet.extensions import load_entry_point, package_modules
 
@@ -241,7 +241,7 @@ class Family:
 
 # Where the session file lies and which device fits it: the same fit wherever (the data's
 # digest, not its path, is part of a fit's identity). Every family's machinery holds these.
-LOCATION_KEYS = frozenset({"data", "data_dir", "lab", "expt", "animal", "session", "device"})
+LOCATION_KEYS = SESSION_KEYS | {"device"}
 
 BUILTIN_PACKAGE = "bnet.tuning.families"
 ENTRY_POINT_GROUP = "bnet.families"

@@ -620,7 +620,8 @@ class TrialLoop:
             run.log_params(params)
             spec.log_dataset(run)
             try:
-                result = spec.prepared.fitter.fit(context)
+                with _system_metrics(run.run_id, spec.store.tracking_uri, spec.tuning.system_metrics):
+                    result = spec.prepared.fitter.fit(context)
             finally:
                 _record_steps(trial, steps[0])
                 for bar in progress:
@@ -653,6 +654,23 @@ class TrialLoop:
         shown = "  ".join(f"{m} {v:.6g}" for m, v in zip(objective.metrics, value if objective.is_multi else [value]))
         echo(f"trial {trial.number} done in {time.perf_counter() - started:.0f} s: {shown}")
         return value
+
+
+@contextmanager
+def _system_metrics(run_id: str, tracking_uri: str, enabled: bool):
+    """MLflow's system metrics (CPU, memory, disk, network, GPU) logged on the run while
+    its trial fits, where the study asks for them."""
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 @contextmanager

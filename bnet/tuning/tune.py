@@ -26,6 +26,7 @@ def tune(
     timeout: float | None = None,
     warm_start: str | None = None,
     warm_start_any_data: bool | None = None,
+    system_metrics: bool | None = None,
     max_steps: int | None = None,
     sampler: str | None = None,
     pruner: str | None = None,
@@ -48,7 +49,7 @@ def tune(
         experiment: MLflow experiment (default: the config's).
         config: the project config (fixed values, search space, tuning).
         n_trials, budget_steps, timeout, sampler, pruner, seed, study, metric, direction,
-            warm_start, warm_start_any_data: the search (``tuning`` in the config; a list of
+            warm_start, warm_start_any_data, system_metrics: the search (``tuning`` in the config; a list of
             metrics makes a multi-objective study).
         max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
         device: ``cpu``, ``cuda`` or ``auto``.
@@ -64,8 +65,9 @@ def tune(
     config.override(**{declared.budget_key: max_steps, "device": device},
                     **{o.name: options.pop(o.name, None) for o in declared.options if o.config_key})
     tuning = config.tuning
-    for name, value in (("n_trials", n_trials), ("budget_steps", budget_steps), ("timeout", timeout), ("warm_start", warm_start),
-                        ("warm_start_any_data", warm_start_any_data),
+    for name, value in (("n_trials", n_trials), ("budget_steps", budget_steps), ("timeout", timeout),
+                        ("warm_start", warm_start), ("warm_start_any_data", warm_start_any_data),
+                        ("system_metrics", system_metrics),
                         ("sampler", sampler), ("pruner", pruner), ("seed", seed),
                         ("study", study), ("metric", metric), ("direction", direction)):
         if value is not None:
@@ -104,7 +106,8 @@ def tune(
                   "values": {k: plain_value(v) for k, v in values.items()}, "study": tuning.study or experiment,
                   "tuning": {"n_trials": tuning.n_trials, "budget_steps": tuning.budget_steps,
                              "timeout": tuning.timeout, "sampler": tuning.sampler, "pruner": tuning.pruner,
-                             "seed": tuning.seed, "metric": tuning.metric, "direction": tuning.direction},
+                             "seed": tuning.seed, "metric": tuning.metric, "direction": tuning.direction,
+                             "system_metrics": tuning.system_metrics},
                   "options": options, "upstream": upstream_runs}
         outcomes.append(run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe), echo))
     return outcomes

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnet.config import Categorical, ProjectConfig, Range, dataclass_from_values
+from bnet.config import UPSTREAM_KEYS, Categorical, ProjectConfig, Range, dataclass_from_values
 from bnet.data import open_session
 from bnet.data.exports import write_export
 from bnet.data.session import Session, trial_name
@@ -442,8 +442,7 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
 register_family(Family(
     name=FAMILY, default_space=default_space, default_budget=DEFAULT_BUDGET, conditions=CONDITIONS,
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=_model_class,
-    machinery=LOCATION_KEYS | {"export_predictions", "export_train_plots", "ae_experiment_name", "ae_version",
-                               "arhmm_experiment_name", "arhmm_version"},
+    machinery=LOCATION_KEYS | UPSTREAM_KEYS | {"export_predictions", "export_train_plots"},
     trivial=trivial.against_constant,
     summary="Tune neural decoders of AE latents, their motion energy, ARHMM states or labels.",
     upstream=("ae", "arhmm"),
