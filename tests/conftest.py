@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# the developer's own servers and stores stay out of the tests (tests that want one set it)
+for _name in ("MLFLOW_TRACKING_URI", "BNET_TRACKING_URI", "BNET_STORE", "BNET_OPTUNA_STORAGE"):
+    os.environ.pop(_name, None)
 # `pytest -n N` (make test): N test processes share the cores. Each one's torch, and every bnet
 # command a test starts (through the environment), takes its share instead of every core, which
 # would oversubscribe them; set before torch is first imported

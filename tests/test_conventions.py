@@ -29,3 +29,13 @@ def test_a_usage_error_exits_2_and_help_names_the_variables():
     assert_clean_failure(run_cli("best", "ae"), "Missing option '--experiment'", code=2)
     shown = " ".join(run_cli("best", "ae", "--help").output.split())
     assert "BNET_TRACKING_URI, MLFLOW_TRACKING_URI" in shown and "BNET_STORE" in shown
+
+
+def test_the_commands_that_serve_a_database_ignore_a_tracking_server_in_the_environment(tmp_path, monkeypatch):
+    """`bnet ui` and `bnet server` serve the store's database; MLFLOW_TRACKING_URI naming a
+    server (as on the machine that runs it) is where workers log, not a backend."""
+    from bnet.tracking.store import resolve_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert resolve_store(tmp_path / "s").tracking_uri == "http://mlflow.example:5000"
+    assert resolve_store(tmp_path / "s", serving=True).tracking_uri == f"sqlite:///{tmp_path / 's' / 'mlflow.db'}"

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -201,6 +202,30 @@ def test_system_metrics_are_logged_on_a_trial_that_asks_for_them(tmp_path, tiny_
     outcome = run_study(spec, echo=lambda line: None)
     metrics = mlflow_client(tmp_path / "store").get_run(outcome.best_run_id).data.metrics
     assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_a_budgeted_study_retries_the_trial_of_a_worker_that_died_meanwhile(tmp_path, tiny_session):
+    """A study bounded by a budget never waits for other workers, so the trial a dead worker
+    left RUNNING is failed and queued again between this worker's trials."""
+    session = open_session(tiny_session)
+
+    class WorkerDiesBeside(StubFitter):
+        def fit(self, context):
+            if context.number == 0:  # meanwhile a worker on this host took a trial and died
+                study = optuna.load_study(study_name="stub", storage=storage_of(tmp_path / "store"))
+                orphan = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+                orphan.set_user_attr("bnet_worker", f"{socket.gethostname()}/999999999/-")
+            return super().fit(context)
+
+    spec = stub_spec(tmp_path / "store", session, WorkerDiesBeside({"best_val_loss": 0.5}), n_trials=None)
+    spec.tuning.budget_steps = 9
+    lines = []
+    run_study(spec, echo=lines.append)
+    study = optuna.load_study(study_name="stub", storage=storage_of(tmp_path / "store"))
+    orphan, retry = study.trials[1], study.trials[2]
+    assert orphan.state.name == "FAIL" and any("trial 1: its worker is gone" in line for line in lines), lines
+    assert retry.user_attrs["bnet_retry_of_trial"] == 1 and retry.params == orphan.params
+    assert retry.state.name == "COMPLETE"
 
 
 def test_out_of_memory_in_one_trial_is_that_trial_alone(tmp_path, tiny_session):

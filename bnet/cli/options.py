@@ -39,13 +39,20 @@ class FamilyCommands(click.Group):
         return family_names()
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return self.make_command(name) if name in self.list_commands(ctx) else None
+        from bnet.errors import ConfigError
+
+        if name not in self.list_commands(ctx):
+            return None
+        try:
+            return self.make_command(name)
+        except ConfigError:  # an installed family that failed to load (warned about): not listed
+            return None
 
 
-def resolve(store, tracking_uri, storage=None):
+def resolve(store, tracking_uri, storage=None, serving=False):
     from bnet.tracking.store import resolve_store
 
-    return resolve_store(store, tracking_uri, storage)
+    return resolve_store(store, tracking_uri, storage, serving)
 
 
 def runs_link(experiment_id: str, port: int = 5000) -> str:

@@ -9,18 +9,19 @@ import sys
 
 import click
 
-from bnet.cli.options import resolve, runs_link, store_option, tracking_uri_option
+from bnet.cli.options import resolve, runs_link, store_option
 
 
 @click.command()
 @store_option
-@tracking_uri_option
+@click.option("--tracking-uri", default=None, envvar="BNET_TRACKING_URI", show_envvar=True,
+              help="The runs database to serve [default the store's mlflow.db].")
 @click.option("--port", default=5000, show_default=True)
 def ui(store, tracking_uri, port):
     """Serve the MLflow UI for the store's runs (Ctrl-C or SIGTERM stops it and its workers)."""
     from bnet.tracking.query import experiment_links
 
-    resolved = resolve(store, tracking_uri)
+    resolved = resolve(store, tracking_uri, serving=True)
     for name, experiment_id in experiment_links(resolved):
         click.echo(f"  {name}: {runs_link(experiment_id, port)}")
     click.echo(f"MLflow UI on http://127.0.0.1:{port} over {resolved.tracking_uri}")
@@ -50,7 +51,7 @@ def server(store, backend_store_uri, artifacts_destination, storage, host, port,
 
     from bnet.tracking.store import connect
 
-    resolved = resolve(store, backend_store_uri, storage)
+    resolved = resolve(store, backend_store_uri, storage, serving=True)
     connect(resolved)  # creates (or migrates) the backend schema once, before any worker races for it
     artifacts = Path(artifacts_destination) if artifacts_destination else resolved.artifact_root
     address = host if host not in ("0.0.0.0", "::") else _hostname()

@@ -39,14 +39,19 @@ class Store:
 
 
 def resolve_store(
-    store: str | Path | None = None, tracking_uri: str | None = None, storage: str | None = None
+    store: str | Path | None = None, tracking_uri: str | None = None, storage: str | None = None,
+    serving: bool = False,
 ) -> Store:
     """Where runs, studies and artifacts live: the arguments, else the environment the CLI's
     options also read (``BNET_STORE``; ``BNET_TRACKING_URI``, then MLflow's own
-    ``MLFLOW_TRACKING_URI``; ``BNET_OPTUNA_STORAGE``), else the store folder's databases."""
+    ``MLFLOW_TRACKING_URI``; ``BNET_OPTUNA_STORAGE``), else the store folder's databases.
+    ``serving``: for the commands that serve a store's database (``bnet ui``, ``bnet
+    server``), a tracking server the environment names (``http://...``) is not one."""
     root = Path(store or os.environ.get("BNET_STORE") or DEFAULT_STORE).resolve()
-    tracking_uri = (tracking_uri or os.environ.get("BNET_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
-                    or f"sqlite:///{root / 'mlflow.db'}")
+    from_environment = os.environ.get("BNET_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
+    if serving and from_environment and from_environment.startswith(("http://", "https://")):
+        from_environment = None
+    tracking_uri = tracking_uri or from_environment or f"sqlite:///{root / 'mlflow.db'}"
     # a database URL (SQLite, PostgreSQL) keeps artifacts in the store; a tracking server
     # (http[s]://) decides where its artifacts go
     artifact_root = None if tracking_uri.startswith(("http://", "https://")) else root / "artifacts"

@@ -494,8 +494,13 @@ class TrialLoop:
 
     # ------------------------------------------------------------------ one trial
     def one_trial(self) -> None:
-        """Ask Optuna for a trial, fit it while its heartbeat beats, tell Optuna how it ended."""
+        """Ask Optuna for a trial, fit it while its heartbeat beats, tell Optuna how it ended.
+        Trials of dead workers fail first (what Optuna's optimize loop does before each trial),
+        so that a study bounded by a budget or a timeout, which never waits, retries them too."""
+        recover_dead_trials(self.study, self.storage, self.tracker, self.echo)
         trial = self.study.ask()  # runs the sampler's before-trial hook
+        # the worker first: a trial whose worker is known is recovered if anything below fails
+        trial.set_user_attr(WORKER_ATTR, this_worker())
         trial_id = storage_id(self.storage, self.study, trial.number)
         values, surplus = None, False
         with _beating(self.storage, trial_id):
@@ -524,18 +529,20 @@ class TrialLoop:
         state it holds. Another worker may have failed it meanwhile (its heartbeat lapsed, e.g.
         over a database restart) and queued a retry, which reuses this trial's finished run:
         then it keeps that state."""
-        before = self.storage.get_trial(trial_id).state
-        told = self.study.tell(trial, values, state=state, skip_if_finished=True)
-        if before.is_finished():
-            self.echo(f"trial {trial.number} was marked {before.name} by another worker while this one fitted "
-                      f"it (its heartbeat lapsed); it stays {before.name}, its run as it ended here")
-        return told.state
+        try:
+            told = self.study.tell(trial, values, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            told = None  # finished by another worker between tell's own check and its write
+        held = self.storage.get_trial(trial_id).state
+        if told is None or held != state:
+            self.echo(f"trial {trial.number} was marked {held.name} by another worker while this one fitted "
+                      f"it (its heartbeat lapsed); it stays {held.name}, its run as it ended here")
+        return held
 
     def evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         """The trial's objective value(s): fitted as a new run, or taken from a finished run
         of the same fit. Every error, before the run exists too, is this trial's failure."""
         spec, objective = self.spec, self.spec.objective
-        trial.set_user_attr(WORKER_ATTR, this_worker())
         # straight from the database: the study's cache may hold a queued trial without the
         # attributes it was queued with (seen when this process queued it itself)
         retry_of_run = self.storage.get_trial_user_attrs(
