@@ -319,8 +319,9 @@ def _merge_section(config: ProjectConfig, section: str, content: Any, source: st
         config.experiment = str(content["experiment_name"])
 
 
-# a string literal (kept whole, whatever it holds) or a '#' that starts a comment
-_STRING_OR_HASH = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#""")
+# a string literal (kept whole, whatever it holds, a line continued by a backslash too) or a
+# '#' that starts a comment
+_STRING_OR_HASH = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#""", re.DOTALL)
 
 
 def read_behavenet_json(path: str | Path) -> dict[str, Any]:

@@ -95,6 +95,8 @@ def test_behavenet_json_strings_keep_what_looks_like_comments_and_commas(tmp_pat
     cut the rest of the line as a comment) and took ',]' inside a string for a trailing comma."""
     path = write(tmp_path, "d.json", '{"data_dir": "C:\\\\data\\\\", # c\n "lab": "a,]", // x\n "expt": [1, 2,],}')
     assert read_behavenet_json(path) == {"data_dir": "C:\\data\\", "lab": "a,]", "expt": [1, 2]}
+    continued = write(tmp_path, "c.json", '{"lab": "a \\\n# b", # c\n}')  # JSON5: a string over two lines
+    assert read_behavenet_json(continued) == {"lab": "a # b"}
 
 
 def test_broken_json_is_a_clear_error(tmp_path):
