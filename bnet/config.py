@@ -143,14 +143,14 @@ class TuningConfig:
             fit in the same budget. Shared by every worker; a larger budget resumes a study.
         timeout: seconds after which this command starts no further trial (the running one
             finishes), as Optuna's ``timeout``.
-        sampler: one of :data:`bnet.tuning.samplers.SAMPLERS`: ``tpe`` (Bayesian, default; conditional and
-            categorical spaces), ``gp`` (a Gaussian process; small budgets of mostly
+        sampler: one of :data:`bnet.tuning.samplers.SAMPLERS`: ``tpe`` (Bayesian, default;
+            conditional and categorical spaces), ``gp`` (a Gaussian process; small budgets of mostly
             continuous dimensions), ``cmaes`` (CMA-ES; ranges only, categorical dimensions
             are sampled at random beside it), ``qmc`` (a scrambled Sobol sequence: even
             coverage without a model), ``random`` or ``grid``.
         pruner: ``auto`` (default: ``hyperband`` where ``budget_steps`` bounds the study,
-            else ``median``), ``median``, ``hyperband`` or ``none``; prunes on the family's per-step
-            objective (per-epoch val loss, per-epoch val R², per-iteration val ll).
+            else ``median``), ``median``, ``hyperband`` or ``none``; prunes on the family's
+            per-step objective (per-epoch val loss, per-epoch val R², per-iteration val ll).
         metric: the run metric that ranks trials; default (None) the family's objective
             (``best_val_loss``, ``val_ll_per_step``, ``val_r2`` or ``val_ll``). AE studies
             may name any final metric their trials log (``best_val_pixel_mse``,

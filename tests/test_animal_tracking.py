@@ -10,14 +10,12 @@ import h5py
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from bnet.cli.main import cli
 from bnet.data import open_session
 from bnet.data.animal import Windows, body_rotation, smooth_over_time, track_animal
 from bnet.errors import DataError
-from conftest import assert_clean_failure, invoke
+from conftest import assert_clean_failure, invoke, run_cli
 
 SIZE, N_FRAMES = 96, 60
 AMPLITUDE = 150.0
@@ -279,8 +277,8 @@ def test_bad_centring_options_are_clear_errors(scene, tmp_path, extra, fragments
         source, extra = [], extra[1:]
     extra = [scene["pose"] if a == "POSE" else a for a in extra]
     out = tmp_path / "out.hdf5"
-    result = CliRunner().invoke(cli, ["data", "build", *map(str, source), "--out", str(out), "--y-pixels", "16",
-                                      "--x-pixels", "16", "--trial-length", "10", *map(str, extra)])
+    result = run_cli("data", "build", *map(str, source), "--out", str(out), "--y-pixels", "16",
+                     "--x-pixels", "16", "--trial-length", "10", *map(str, extra))
     # --align's form is checked by Click as it parses (a usage error); the rest by bnet
     assert_clean_failure(result, *fragments, code=2 if "expected HEAD,TAIL" in fragments else 1)
     assert not out.exists() and not (tmp_path / "out.track.png").exists()

@@ -6,15 +6,13 @@ import h5py
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from bnet.cli.main import cli
 from bnet.data import open_session
 from bnet.data.build import TOLERATED_EXTRA_FRAMES, FrameGeometry, neural_per_frame, resampled
 from bnet.data.pose import flat_labels, read_pose
 from bnet.errors import DataError
-from conftest import SHARED, assert_clean_failure, invoke
+from conftest import SHARED, assert_clean_failure, invoke, run_cli
 
 MOUSE = SHARED / "data" / "lp_mirror_mouse"
 MOUSE_VIDEO = MOUSE / "videos" / "test_vid.mp4"
@@ -182,8 +180,8 @@ def test_neural_data_is_checked_and_binned_to_the_frames(tmp_path):
     assert session.n_neurons == 7
     assert np.array_equal(session.read("neural", 1), counts[200:400].reshape(100, 2, 7).sum(axis=1))
     assert json.loads(out.with_suffix(".json").read_text())["neural_type"] == "spikes"
-    result = CliRunner().invoke(cli, ["data", "build", "--video", str(MOUSE_VIDEO), "--neural",
-                                      str(tmp_path / "spikes.npy"), "--out", str(tmp_path / "bad.hdf5")])
+    result = run_cli("data", "build", "--video", str(MOUSE_VIDEO), "--neural",
+                     str(tmp_path / "spikes.npy"), "--out", str(tmp_path / "bad.hdf5"))
     assert_clean_failure(result, "spikes.npy has 1988 rows", "has 994 frames")
     assert not (tmp_path / "bad.hdf5").exists()
 
@@ -219,8 +217,8 @@ def test_bad_input_is_a_clear_error_and_leaves_no_file(tmp_path, case, fragments
         args += ["--trial-length", 5000]
     elif case == "exists":
         out.write_text("keep me")
-    result = CliRunner().invoke(cli, ["data", "build", *map(str, args), "--out", str(out), "--y-pixels", "16",
-                                      "--x-pixels", "16", "--trial-length", str(5000 if case == "trial-length" else 50)])
+    result = run_cli("data", "build", *map(str, args), "--out", str(out), "--y-pixels", "16",
+                     "--x-pixels", "16", "--trial-length", str(5000 if case == "trial-length" else 50))
     assert_clean_failure(result, *fragments)
     if case == "exists":
         assert out.read_text() == "keep me"
@@ -244,7 +242,7 @@ def test_data_add_records_a_session_that_configs_then_name(tmp_path, monkeypatch
                                       "training: {max_n_epochs: 1, batch_size: 50}\ntuning: {n_trials: 1}\n")
     assert "1 complete" in invoke("tune", "ae", "--config", tmp_path / "ae.yaml", "--store", tmp_path / "store")
     # values that cannot be read from a file are needed as options when no terminal can ask
-    result = CliRunner().invoke(cli, ["data", "add", "--lab", "x", "--expt", "y", "--animal", "z", "--session", "w"])
+    result = run_cli("data", "add", "--lab", "x", "--expt", "y", "--animal", "z", "--session", "w")
     assert_clean_failure(result, "--n-input-channels is needed")
 
 
@@ -263,9 +261,9 @@ def test_frames_centred_on_a_keypoint_follow_the_animal(tmp_path):
     head = np.hypot(labels[found, 1] - labels[found, 0], labels[found, 3] - labels[found, 2])
     assert 7 < np.median(head) < 11.5  # the head is ~37 source px from the thorax: ~9 px at 32/128
     assert images[:, 0, 12:20, 12:20].mean() > 3 * images.mean()
-    result = CliRunner().invoke(cli, ["data", "build", "--video", str(FLY_VIDEO), "--labels",
-                                      str(FLIES / "predictions.analysis.h5"), "--centre-on", "thorax", "--window",
-                                      "64", "--out", str(tmp_path / "x.hdf5")])
+    result = run_cli("data", "build", "--video", str(FLY_VIDEO), "--labels",
+                     str(FLIES / "predictions.analysis.h5"), "--centre-on", "thorax", "--window",
+                     "64", "--out", str(tmp_path / "x.hdf5"))
     assert_clean_failure(result, "no keypoint 'thorax' to centre on", "track0_thorax")
 
 
@@ -312,7 +310,7 @@ def test_a_label_table_longer_than_the_video_is_refused_unless_trimming_is_asked
     out = tmp_path / "out.hdf5"
     args = ["data", "build", "--video", video, "--labels", table, "--out", out, "--y-pixels", 32, "--x-pixels", 32,
             "--trial-length", 20]
-    assert_clean_failure(CliRunner().invoke(cli, [str(a) for a in args + trim]), *fragments)
+    assert_clean_failure(run_cli(*args, *trim), *fragments)
     assert not out.exists() and not list(tmp_path.glob(".out.hdf5.partial*"))
     n_extra = n_rows - 60
     output = invoke(*args, "--trim-extra-frames", n_extra)
@@ -334,8 +332,8 @@ def test_a_label_table_shorter_than_the_video_stays_an_error(tmp_path, n_rows, f
     video, table = write_video(tmp_path / "video.mp4", 60), write_label_table(tmp_path / "labels.csv", n_rows)
     out = tmp_path / "out.hdf5"
     # trimming is for rows past the video's end: it never pads a short table
-    result = CliRunner().invoke(cli, ["data", "build", "--video", str(video), "--labels", str(table), "--out", str(out),
-                                      "--trial-length", "20", "--trim-extra-frames", "20"])
+    result = run_cli("data", "build", "--video", str(video), "--labels", str(table), "--out", str(out),
+                     "--trial-length", "20", "--trim-extra-frames", "20")
     assert_clean_failure(result, *fragments)
     assert not out.exists() and not list(tmp_path.glob(".out.hdf5.partial*"))
 
@@ -357,6 +355,6 @@ def test_neural_rows_past_the_video_are_dropped_and_said_and_max_frames_takes_th
     assert "note:" not in output
     assert np.array_equal(trial_rows(tmp_path / "forty.hdf5", "neural"), counts[:40])
     np.save(tmp_path / "spikes.npy", counts)
-    result = CliRunner().invoke(cli, [str(a) for a in args + ["--out", tmp_path / "five.hdf5"]])
+    result = run_cli(*args, "--out", tmp_path / "five.hdf5")
     assert_clean_failure(result, "spikes.npy has 65 rows", "video.mp4 has 60 frames", "--trim-extra-frames 5 drops them")
     assert not (tmp_path / "five.hdf5").exists()

@@ -3,13 +3,11 @@
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import bnet
-from bnet.cli.main import cli
 from bnet.tracking import resolve_store
-from conftest import assert_clean_failure, invoke
+from conftest import assert_clean_failure, invoke, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -67,11 +65,11 @@ def test_movies_are_written_and_logged_on_their_run(runs, tmp_path, kind, refere
 
 
 def test_movies_refuse_the_wrong_kind_of_run(runs, tmp_path):
-    result = CliRunner().invoke(cli, ["plot", "decoder", runs["ae"].run_id, "--out", str(tmp_path / "x.mp4"),
-                                      "--store", str(runs["store"])])
+    result = run_cli("plot", "decoder", runs["ae"].run_id, "--out", str(tmp_path / "x.mp4"),
+                     "--store", str(runs["store"]))
     assert_clean_failure(result, "a ae run, not decoder")
-    result = CliRunner().invoke(cli, ["plot", "reconstruction", runs["ae"].run_id, "--out",
-                                      str(tmp_path / "x.avi"), "--store", str(runs["store"])])
+    result = run_cli("plot", "reconstruction", runs["ae"].run_id, "--out",
+                     str(tmp_path / "x.avi"), "--store", str(runs["store"]))
     assert_clean_failure(result, "movies are .mp4 (ffmpeg) or .gif")
 
 
@@ -97,7 +95,7 @@ def test_a_study_report_and_the_parent_runs_summary(runs, tmp_path):
     png = tmp_path / "summary.png"
     invoke("report", "ae", "--out", png, "--no-log", "--store", runs["store"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result = CliRunner().invoke(cli, ["report", "nope", "--store", str(runs["store"])])
+    result = run_cli("report", "nope", "--store", str(runs["store"]))
     assert_clean_failure(result, "no study 'nope'", "has ae")
 
 

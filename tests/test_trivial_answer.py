@@ -5,11 +5,9 @@ warning when the best model does not beat them."""
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from scipy.stats import multivariate_normal, poisson
 
-from bnet.cli.main import cli
 from bnet.data.splits import TrialSplits
 from bnet.models.arhmm.registered import SegmentationConfig
 from bnet.models.frame_metrics import MOVING_VARIANCE_SHARE, MeanFrame
@@ -17,6 +15,7 @@ from bnet.tracking import resolve_store
 from bnet.tuning import trivial
 from bnet.tuning.families.arhmm import one_state_model
 from bnet.tuning.families.decoder import DecodingData, score_predictions
+from conftest import run_cli
 
 
 class Reconstructs(torch.nn.Module):
@@ -166,7 +165,7 @@ def test_a_study_whose_best_ae_draws_the_mean_frame_says_so_everywhere(tmp_path,
                       "tuning: {n_trials: 1}\n")
 
     def run(*args):
-        result = CliRunner().invoke(cli, [str(a) for a in args])
+        result = run_cli(*args)
         assert result.exit_code == 0, result.output + repr(result.exception)
         return result.output
 

@@ -7,18 +7,16 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from scipy.optimize import linear_sum_assignment
 
 import bnet
-from bnet.cli.main import cli
 from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials, synthesize
 from bnet.errors import DataError
 from bnet.models.arhmm import ARHMM, ARHMMConfig
 from bnet.tracking import resolve_store
 from bnet.tuning.families.arhmm import Observations, check_observations
-from conftest import assert_clean_failure, frames, invoke, write_session
+from conftest import assert_clean_failure, frames, invoke, run_cli, write_session
 
 AE_YAML = """
 experiment: ae-up
@@ -140,17 +138,17 @@ def test_ae_reference_that_resolves_to_nothing_or_the_wrong_family(upstream, ae_
     if ae_ref == "arhmm-run":
         ae_ref = bnet.best_runs("arhmm-test", family="arhmm", metric="val_ll_per_step", direction="maximize",
                                 store=resolved)[0].run_id
-    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(upstream["data"]), "--ae", ae_ref,
-                                      "--experiment", "never-created", "--n-trials", "1", "--store", str(upstream["store"])])
+    result = run_cli("tune", "arhmm", "--data", str(upstream["data"]), "--ae", ae_ref,
+                     "--experiment", "never-created", "--n-trials", "1", "--store", str(upstream["store"]))
     assert_clean_failure(result, fragment)
     assert MlflowClient(resolved.tracking_uri).get_experiment_by_name("never-created") is None
 
 
 @pytest.mark.slow
 def test_ae_best_in_an_experiment_without_ae_runs(upstream):
-    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(upstream["data"]), "--ae", "best",
-                                      "--ae-experiment", "arhmm-test", "--experiment", "never-created",
-                                      "--n-trials", "1", "--store", str(upstream["store"])])
+    result = run_cli("tune", "arhmm", "--data", str(upstream["data"]), "--ae", "best",
+                     "--ae-experiment", "arhmm-test", "--experiment", "never-created",
+                     "--n-trials", "1", "--store", str(upstream["store"]))
     assert_clean_failure(result, "experiment 'arhmm-test' has no finished ae runs")
 
 
@@ -168,8 +166,8 @@ def test_bad_arhmm_configs_fail_before_anything_is_logged(tmp_path, tiny_session
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(tiny_session), "--labels", "--experiment", "x",
-                                      "--n-trials", "1", "--config", str(config), "--store", str(store)])
+    result = run_cli("tune", "arhmm", "--data", str(tiny_session), "--labels", "--experiment", "x",
+                     "--n-trials", "1", "--config", str(config), "--store", str(store))
     assert_clean_failure(result, *fragments, store=store)
 
 
@@ -179,8 +177,8 @@ def test_nan_observations_name_the_trial(tmp_path):
     labels["trial_0006"][4, 1] = np.nan
     path = write_session(tmp_path / "nan.hdf5", {"images": images, "labels": labels})
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(path), "--labels", "--experiment", "x",
-                                      "--n-trials", "1", "--store", str(store)])
+    result = run_cli("tune", "arhmm", "--data", str(path), "--labels", "--experiment", "x",
+                     "--n-trials", "1", "--store", str(store))
     assert_clean_failure(result, "nan.hdf5", "trial_0006 has NaN or infinite labels (frame 4)", store=store)
     latents = Observations({3: np.array([[0.0, np.nan]])}, split_trials(list(range(10))), "latent")
     with pytest.raises(DataError, match="trial_0003 has NaN or infinite latents"):
@@ -231,8 +229,8 @@ def test_engine_ssm_without_ssm_is_a_clear_error(tmp_path, tiny_session):
     except ConfigError:
         pass
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli, ["tune", "arhmm", "--data", str(tiny_session), "--labels", "--engine", "ssm",
-                                      "--experiment", "x", "--n-trials", "1", "--store", str(store)])
+    result = run_cli("tune", "arhmm", "--data", str(tiny_session), "--labels", "--engine", "ssm",
+                     "--experiment", "x", "--n-trials", "1", "--store", str(store))
     assert_clean_failure(result, "engine 'ssm' asked for, but ssm cannot be imported", store=store)
 
 

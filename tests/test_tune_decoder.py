@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import bnet
-from bnet.cli.main import cli
 from bnet.data import open_session
 from bnet.data.m1 import build_m1_session, lag_window
 from bnet.tracking import resolve_store
-from conftest import SHARED, assert_clean_failure, frames, invoke, write_session
+from conftest import SHARED, assert_clean_failure, frames, invoke, run_cli, write_session
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +111,7 @@ def test_ensemble_verify_catches_a_tampered_ensemble(m1_study, tmp_path):
     if not other:
         pytest.skip("every run is a member")
     client.set_tag(run.info.run_id, "bnet.ensemble.members", ",".join([other[0]] + members[1:]))
-    result = CliRunner().invoke(cli, ["ensemble", "verify", run.info.run_id, "--store", str(m1_study["store"])])
+    result = run_cli("ensemble", "verify", run.info.run_id, "--store", str(m1_study["store"]))
     client.set_tag(run.info.run_id, "bnet.ensemble.members", ",".join(members))
     assert_clean_failure(result, "recomputed predictions differ from the logged ones")
 
@@ -152,7 +150,7 @@ def test_state_decoder_lineage_reaches_the_data(pipeline):
 
 
 def test_ensembles_of_ae_studies_are_refused(pipeline):
-    result = CliRunner().invoke(cli, ["ensemble", "--experiment", "ae", "--store", str(pipeline["store"])])
+    result = run_cli("ensemble", "--experiment", "ae", "--store", str(pipeline["store"]))
     assert_clean_failure(result, "holds ae runs", "each AE has its own latent space")
 
 
@@ -164,8 +162,8 @@ def test_ensemble_over_different_targets_is_refused(pipeline):
            pipeline["root"] / "labels.yaml", "--store", pipeline["store"])
     invoke("tune", "decoder", "--data", pipeline["data"], "--target", "ae", "--ae-experiment", "ae", "--config",
            pipeline["root"] / "labels.yaml", "--study", "dec-ae", "--store", pipeline["store"])
-    result = CliRunner().invoke(cli, ["ensemble", "--experiment", "dec", "--metric", "val_r2",
-                                      "--store", str(pipeline["store"])])
+    result = run_cli("ensemble", "--experiment", "dec", "--metric", "val_r2",
+                     "--store", str(pipeline["store"]))
     assert_clean_failure(result, "cannot be averaged")
 
 
@@ -175,8 +173,8 @@ def test_ensemble_over_different_targets_is_refused(pipeline):
     (["--target", "arhmm", "--arhmm-experiment", "ae"], "experiment 'ae' has no finished arhmm runs"),
 ])
 def test_bad_upstream_references(pipeline, args, fragment):
-    result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(pipeline["data"]), *args,
-                                      "--experiment", "never", "--n-trials", "1", "--store", str(pipeline["store"])])
+    result = run_cli("tune", "decoder", "--data", str(pipeline["data"]), *args,
+                     "--experiment", "never", "--n-trials", "1", "--store", str(pipeline["store"]))
     assert_clean_failure(result, fragment)
 
 
@@ -190,9 +188,9 @@ def test_bad_decoder_configs(tmp_path, tiny_session, yaml_text, fragment):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(tiny_session), "--target", "labels",
-                                      "--experiment", "x", "--n-trials", "1", "--config", str(config),
-                                      "--store", str(store)])
+    result = run_cli("tune", "decoder", "--data", str(tiny_session), "--target", "labels",
+                     "--experiment", "x", "--n-trials", "1", "--config", str(config),
+                     "--store", str(store))
     assert_clean_failure(result, fragment, store=store)
 
 
@@ -200,14 +198,14 @@ def test_missing_neural_and_frame_mismatch(tmp_path):
     labels = {f"trial_{i:04d}": np.zeros((10, 2)) for i in range(10)}
     no_neural = write_session(tmp_path / "no_neural.hdf5", {"images": {k: frames(10) for k in labels}, "labels": labels})
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(no_neural), "--target", "labels",
-                                      "--experiment", "x", "--n-trials", "1", "--store", str(store)])
+    result = run_cli("tune", "decoder", "--data", str(no_neural), "--target", "labels",
+                     "--experiment", "x", "--n-trials", "1", "--store", str(store))
     assert_clean_failure(result, "no_neural.hdf5", "no group 'neural'", store=store)
     neural = {k: np.zeros((10, 3)) for k in labels}
     neural["trial_0003"] = np.zeros((9, 3))
     mismatch = write_session(tmp_path / "mismatch.hdf5", {"neural": neural, "labels": labels})
-    result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(mismatch), "--target", "labels",
-                                      "--experiment", "x", "--n-trials", "1", "--store", str(store)])
+    result = run_cli("tune", "decoder", "--data", str(mismatch), "--target", "labels",
+                     "--experiment", "x", "--n-trials", "1", "--store", str(store))
     assert_clean_failure(result, "mismatch.hdf5", "trial_0003", store=store)
 
 
@@ -229,8 +227,8 @@ def test_constant_targets_are_refused(tmp_path):
     labels = {k: np.ones((20, 2)) for k in neural}
     path = write_session(tmp_path / "flat.hdf5", {"neural": neural, "labels": labels})
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(path), "--target", "labels",
-                                      "--experiment", "x", "--n-trials", "1", "--store", str(store)])
+    result = run_cli("tune", "decoder", "--data", str(path), "--target", "labels",
+                     "--experiment", "x", "--n-trials", "1", "--store", str(store))
     assert_clean_failure(result, "flat.hdf5", "labels dimension 0 is constant", store=store)
 
 
@@ -318,7 +316,7 @@ def test_labels_with_missing_frames_are_refused(tmp_path):
     store = tmp_path / "store"
     for model_class in ("neural-labels", "labels-neural"):
         (tmp_path / "c.yaml").write_text(f"model: {{model_class: {model_class}}}\n")
-        result = CliRunner().invoke(cli, ["tune", "decoder", "--data", str(path), "--target", "labels",
-                                          "--config", str(tmp_path / "c.yaml"), "--experiment", "x",
-                                          "--n-trials", "1", "--store", str(store)])
+        result = run_cli("tune", "decoder", "--data", str(path), "--target", "labels",
+                         "--config", str(tmp_path / "c.yaml"), "--experiment", "x",
+                         "--n-trials", "1", "--store", str(store))
         assert_clean_failure(result, "masked.hdf5", "labels missing in 1 trial(s) (first trial_0004)", store=store)

@@ -65,7 +65,6 @@ STEPS_ATTR = "bnet_steps"  # steps (epochs, EM iterations) a trial trained: what
 POLL_SECONDS = 5.0
 
 
-
 class StudyInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: the running trial stopped between steps; finished trials are kept."""
 
@@ -505,7 +504,7 @@ class TrialLoop:
         values, surplus = None, False
         with _beating(self.storage, trial_id):
             try:
-                values, state = self.evaluate(trial), TrialState.COMPLETE
+                values, state = self.evaluate(trial, trial_id), TrialState.COMPLETE
             except SurplusTrial:
                 state, surplus = TrialState.FAIL, True
             except optuna.TrialPruned:
@@ -539,14 +538,13 @@ class TrialLoop:
                       f"it (its heartbeat lapsed); it stays {held.name}, its run as it ended here")
         return held
 
-    def evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+    def evaluate(self, trial: optuna.Trial, trial_id: int) -> float | tuple[float, ...]:
         """The trial's objective value(s): fitted as a new run, or taken from a finished run
         of the same fit. Every error, before the run exists too, is this trial's failure."""
         spec, objective = self.spec, self.spec.objective
         # straight from the database: the study's cache may hold a queued trial without the
         # attributes it was queued with (seen when this process queued it itself)
-        retry_of_run = self.storage.get_trial_user_attrs(
-            storage_id(self.storage, self.study, trial.number)).get(RETRY_OF_RUN_ATTR)
+        retry_of_run = self.storage.get_trial_user_attrs(trial_id).get(RETRY_OF_RUN_ATTR)
         ahead = [t for t in own_trials(self.study, (*FINISHED_STATES, TrialState.RUNNING)) if t.number < trial.number]
         if len(ahead) >= self.wanted:
             # another worker started the last needed trial at the same moment: this one is not fitted

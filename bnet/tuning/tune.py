@@ -7,11 +7,11 @@ from typing import Any
 
 from bnet.config import ProjectConfig, TuningConfig, parse_value, plain_value
 from bnet.errors import ConfigError
+from bnet.progress import Echo, say
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
 from bnet.tuning.family import Objective, PreparedStudy, StudyRequest, get_family, merged_values
 from bnet.tuning.space import SearchSpace
-from bnet.progress import Echo, say
 from bnet.tuning.study import StudyOutcome, StudySpec, run_study
 
 
