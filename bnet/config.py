@@ -41,11 +41,9 @@ SECTION_KEYS: dict[str, set[str]] = {
     "model": {
         "model_class", "model_type", "n_ae_latents", "l2_reg", "rng_seed_model",
         "fit_sess_io_layers", "ae_arch_json", "experiment_name",
-        # the rest of the AE family (BehaveNet's glossary) and the searchable architecture
-        "conditional_encoder", "vae.beta", "vae.beta_anneal_epochs", "beta_tcvae.beta",
-        "beta_tcvae.beta_anneal_epochs", "msp.alpha", "ps_vae.alpha", "ps_vae.beta", "ps_vae.delta",
-        "ps_vae.gamma", "ps_vae.anneal_epochs", "n_background", "n_sessions_per_batch",
-        "ae_n_conv_layers", "ae_first_channels", "ae_kernel_size",
+        # the searchable AE architecture, and a BehaveNet key bnet ignores (each model class's
+        # own keys come from its registered config: registered_model_keys)
+        "ae_n_conv_layers", "ae_first_channels", "ae_kernel_size", "ps_vae.gamma",
         # segmentation (BehaveNet's arhmm_model.json)
         "n_arhmm_states", "n_arhmm_lags", "noise_type", "transitions", "kappa", "alpha",
         "arhmm_es_tol", "ae_experiment_name", "ae_version", "ae_model_type",
@@ -67,6 +65,14 @@ SECTION_KEYS: dict[str, set[str]] = {
         "slurm_param_file",
     },
 }
+
+FILLED = types.MappingProxyType({"filled": True})
+"""Metadata of a model config's field that is filled in from the data or the architecture
+(frame shape, label count, conv layers): not a key a config file sets."""
+
+
+def is_filled(config_field) -> bool:
+    return bool(config_field.metadata.get("filled"))
 
 # BehaveNet keys about its own machinery (test-tube workers, paths, loaders): accepted so
 # its JSON files load unchanged; each changes nothing in bnet, and saying so is a warning.
@@ -304,7 +310,7 @@ def _merge_section(config: ProjectConfig, section: str, content: Any, source: st
         raise ConfigError(f"{source}: section '{section}' must be a mapping")
     allowed = SECTION_KEYS[section]
     for key, value in content.items():
-        if key not in allowed:
+        if key not in allowed and not (section == "model" and key in registered_model_keys()):
             raise ConfigError(f"{source}: unknown key '{key}' in section '{section}'")
         if key in UNIMPLEMENTED_KEYS:
             neutral, why = UNIMPLEMENTED_KEYS[key]
@@ -384,6 +390,16 @@ def load_project_config(
         config.sources.append(str(json_path))
         _merge_section(config, section, read_behavenet_json(json_path), str(json_path))
     return config
+
+
+def registered_model_keys() -> frozenset[str]:
+    """The ``model`` keys the registered model classes declare in their configs (a new
+    class's own hyperparameters, such as ``vae.beta``, are accepted once it is registered).
+    Read only for a key outside :data:`SECTION_KEYS`: importing the models imports torch."""
+    from bnet.models.registry import declared_keys
+
+    elsewhere = set().union(*(SECTION_KEYS[s] for s in SECTIONS if s != "model"))
+    return declared_keys() - elsewhere
 
 
 class _YAMLLoader(yaml.SafeLoader):

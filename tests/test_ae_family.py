@@ -17,8 +17,7 @@ from bnet.data.datasets import SessionBatches
 from bnet.data.build import BuildConfig, build_session
 from bnet.data.sessions import select_sessions
 from bnet.errors import ConfigError, DataError
-from bnet.models import build_model, model_classes
-from bnet.models.ae import AEConfig
+from bnet.models import build_model, model_classes, model_entry
 from bnet.tracking import resolve_store
 from bnet.tracking.registry import load_model
 from bnet.training import TrainingConfig, evaluate, fit
@@ -56,12 +55,17 @@ def trial_runs(store, experiment):
 
 @pytest.mark.parametrize("model_class", list(CLASSES))
 def test_every_class_tunes_logs_its_terms_and_loads_from_the_registry(tmp_path, tiny_session, model_class):
-    config = write_config(tmp_path / "c.yaml", {"model_class": model_class, "n_ae_latents": 6, **CLASSES[model_class]})
+    another_class_key = {"vae.beta": 2.0} if model_class == "ae" else {}
+    config = write_config(tmp_path / "c.yaml", {"model_class": model_class, "n_ae_latents": 6, **CLASSES[model_class],
+                                                **another_class_key})
     store = tmp_path / "store"
-    invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store, "--experiment", "fam")
+    result = invoke("tune", "ae", "--data", tiny_session, "--config", config, "--store", store, "--experiment", "fam")
     client, resolved, runs = trial_runs(store, "fam")
     (run,) = runs
     assert run.info.status == "FINISHED", run.data.tags.get("bnet.error")
+    if another_class_key:  # a class's params are its own hyperparameters: no vae.beta on an ae
+        assert "note: model_class ae takes no vae.beta: accepted and ignored" in result
+        assert "vae.beta" not in run.data.params and "n_ae_latents" in run.data.params
     for term in TERMS[model_class]:
         assert f"best_val_{term}" in run.data.metrics and f"test_{term}" in run.data.metrics, term
         assert len(client.get_metric_history(run.info.run_id, f"val_{term}")) == 2, term
@@ -260,7 +264,7 @@ def test_every_class_trains_alike_in_bf16_and_float32(two_session_batches, model
     train = data["mixed"] if model_class == "msps-vae" else data["train"]
     losses = {}
     for precision in ("fp32", "bf16"):
-        model = build_model(dataclass_from_values(AEConfig, values))
+        model = build_model(dataclass_from_values(model_entry(model_class).config_type, values))
         torch.manual_seed(0)  # the same posterior samples (variational classes) in both precisions
         result = fit(model, train, data["val"], TrainingConfig(learning_rate=1e-3, max_n_epochs=2,
                                                                enable_early_stop=False), precision=precision)

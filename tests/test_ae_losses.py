@@ -8,6 +8,12 @@ import torch
 
 from bnet.models import build_model
 from bnet.models.ae import AEConfig, anneal
+from bnet.models.beta_tcvae import BetaTCVAEConfig
+from bnet.models.conditional import ConditionalConfig
+from bnet.models.msp import MSPConfig
+from bnet.models.msps_vae import MSPSVAEConfig
+from bnet.models.ps_vae import PSVAEConfig
+from bnet.models.vae import VAEConfig
 from bnet.models.ae_losses import (
     LOG_2PI, decomposed_kl, gaussian_kl, gaussian_log_density, gaussian_nll, label_mask, mean_abs_correlation,
     r2_score, reparameterize, session_triplets, triplet_loss,
@@ -111,24 +117,24 @@ def test_each_class_loss_is_its_terms_combined():
     torch.manual_seed(0)
     batch = {"images": torch.rand(8, 1, 16, 16), "labels": torch.randn(8, 2)}
     common = dict(y_pixels=16, x_pixels=16, n_labels=2, n_ae_latents=5)
-    vae = build_model(AEConfig(model_class="vae", **common, **{"vae_beta": 3.0})).eval()
+    vae = build_model(VAEConfig(model_class="vae", **common, vae_beta=3.0)).eval()
     torch.manual_seed(1)
     t = {k: v.detach() for k, v in vae.loss_terms(batch).items()}
     assert float(t["loss"]) == pytest.approx(float(t["frame_nll"] + 3.0 * t["kl"]), rel=1e-6)
-    tc = build_model(AEConfig(model_class="beta-tcvae", **common, beta_tcvae_beta=5.0)).eval()
+    tc = build_model(BetaTCVAEConfig(model_class="beta-tcvae", **common, beta_tcvae_beta=5.0)).eval()
     t = tc.loss_terms(batch)
     assert float(t["loss"]) == pytest.approx(float(t["frame_nll"] + t["mi"] + 5.0 * t["tc"] + t["dwkl"]), rel=1e-6)
-    msp = build_model(AEConfig(model_class="cond-ae-msp", **common, msp_alpha=2.0)).eval()
+    msp = build_model(MSPConfig(model_class="cond-ae-msp", **common, msp_alpha=2.0)).eval()
     t = msp.loss_terms(batch)
     assert float(t["loss"]) == pytest.approx(float(t["pixel_mse"] + 2.0 * (t["label_mse"] + t["msp_subspace"])))
     basis = msp.subspace_basis()
     assert np.allclose(basis @ basis.T, np.eye(5), atol=1e-8)
-    ps = build_model(AEConfig(model_class="ps-vae", **common, ps_vae_alpha=10.0, ps_vae_beta=4.0)).eval()
+    ps = build_model(PSVAEConfig(model_class="ps-vae", **common, ps_vae_alpha=10.0, ps_vae_beta=4.0)).eval()
     t = ps.loss_terms(batch)
     expected = (t["frame_nll"] + 10.0 * t["label_nll"] + t["kl_supervised"] + t["mi"] + 4.0 * t["tc"] + t["dwkl"])
     assert float(t["loss"]) == pytest.approx(float(expected), rel=1e-6)
-    msps = build_model(AEConfig(model_class="msps-vae", **common, n_background=1, n_sessions_per_batch=2,
-                                n_sessions=2, ps_vae_delta=7.0)).eval()
+    msps = build_model(MSPSVAEConfig(model_class="msps-vae", **common, n_background=1, n_sessions_per_batch=2,
+                                     n_sessions=2, ps_vae_delta=7.0)).eval()
     mixed = {**batch, "session": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])}
     t = msps.loss_terms(mixed)
     assert "triplet" in t and "triplet" not in msps.loss_terms(batch)
@@ -137,7 +143,7 @@ def test_each_class_loss_is_its_terms_combined():
 
 def test_conditional_decoders_read_the_labels_and_labels_images_has_no_encoder():
     common = dict(y_pixels=16, x_pixels=16, n_labels=3, n_ae_latents=4)
-    cond = build_model(AEConfig(model_class="cond-ae", **common)).eval()
+    cond = build_model(ConditionalConfig(model_class="cond-ae", **common)).eval()
     images = torch.rand(2, 1, 16, 16)
     latents = cond.encode(images)
     a = cond.decode(latents, labels=torch.zeros(2, 3))

@@ -17,8 +17,9 @@ import torch
 from mlflow import MlflowClient
 
 import bnet
-from bnet.config import Range
+from bnet.config import Categorical, Range, load_project_config
 from bnet.data import open_session
+from bnet.errors import ConfigError
 from bnet.models import model_classes, register
 from bnet.tracking.store import resolve_store
 from bnet.tuning.family import (
@@ -38,6 +39,7 @@ class LevelConfig:
 
     model_class: str = "frame-level"
     start: float = 0.0
+    momentum: float = 0.0
 
 
 @register("frame-level", "frame-level", LevelConfig)
@@ -73,7 +75,8 @@ class LevelTrials:
 
     def fit(self, context):
         model = FrameLevel(LevelConfig(start=self.start))
-        optimiser = torch.optim.SGD(model.parameters(), lr=context.hparams["learning_rate"])
+        optimiser = torch.optim.SGD(model.parameters(), lr=context.hparams["learning_rate"],
+                                    momentum=float(context.hparams.get("momentum", 0.0)))
         epochs = int(context.hparams["max_n_epochs"])
         best = float("inf")
         for epoch in range(epochs):
@@ -134,9 +137,18 @@ def test_a_family_defined_in_one_module_is_tuned_ranked_and_loaded_like_the_buil
     assert more[0].n_complete == 4
 
 
-def test_a_family_refuses_an_option_it_does_not_take(tiny_session, tmp_path):
-    from bnet.errors import ConfigError
+def test_a_model_class_brings_its_own_config_keys(tmp_path):
+    """The class's config declares ``momentum``: a config file may set or search it, and
+    nothing else in bnet had to learn the name; a key no class declares is still an error."""
+    config = tmp_path / "m.yaml"
+    config.write_text("model: {model_class: frame-level, momentum: [0.0, 0.9]}\n")
+    assert load_project_config(config).values["momentum"] == Categorical((0.0, 0.9))
+    config.write_text("model: {model_class: frame-level, momentm: 0.9}\n")
+    with pytest.raises(ConfigError, match="unknown key 'momentm' in section 'model'"):
+        load_project_config(config)
 
+
+def test_a_family_refuses_an_option_it_does_not_take(tiny_session, tmp_path):
     with pytest.raises(ConfigError, match=r"frame-level studies take no option target \(they take start\)"):
         bnet.tune("frame-level", tiny_session, "levels", target="ae", store=resolve_store(tmp_path / "store"))
 

@@ -16,12 +16,14 @@ A model of the family computes its loss as named terms (:meth:`AutoEncoder.loss_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bnet.config import FILLED
 from bnet.errors import ConfigError
 from bnet.models.ae_losses import label_mask, masked_mse
 from bnet.models.registry import register
@@ -34,8 +36,10 @@ LEAKY_SLOPE = 0.05
 
 @dataclass
 class AEConfig:
-    """A model of the autoencoder family (BehaveNet's ``model`` config keys; dotted names
-    such as ``vae.beta`` are BehaveNet's and map to the underscored fields).
+    """A model of the autoencoder family: what every class of it takes (BehaveNet's
+    ``model`` config keys). A class with hyperparameters of its own declares them in a
+    subclass registered with it (:class:`bnet.models.vae.VAEConfig` ...); the ``model``
+    section of a config accepts every registered class's keys.
 
     Attributes:
         model_class: ``ae``, ``vae``, ``beta-tcvae``, ``cond-ae``, ``cond-vae``,
@@ -50,49 +54,27 @@ class AEConfig:
             the rest shared (sessions filmed with different cameras or lighting).
         conv_channels, conv_kernels, conv_strides: the encoder's conv layers (the decoder
             mirrors them); set from ``ae_arch_json`` or the architecture search keys.
-        conditional_encoder: conditional classes also feed the labels to the encoder.
-        vae_beta (``vae.beta``): weight of the KL term of ``vae`` and ``cond-vae``.
-        vae_beta_anneal_epochs (``vae.beta_anneal_epochs``): epochs over which that weight
-            rises linearly from 0 (0: no annealing).
-        beta_tcvae_beta (``beta_tcvae.beta``): weight of the total correlation.
-        beta_tcvae_beta_anneal_epochs (``beta_tcvae.beta_anneal_epochs``): its annealing.
-        msp_alpha (``msp.alpha``): weight of the matrix subspace projection loss.
-        ps_vae_alpha (``ps_vae.alpha``): weight of the label reconstruction.
-        ps_vae_beta (``ps_vae.beta``): weight of the unsupervised latents' total correlation.
-        ps_vae_delta (``ps_vae.delta``): weight of ``msps-vae``'s triplet loss.
-        ps_vae_anneal_epochs (``ps_vae.anneal_epochs``): epochs over which the KL terms'
-            weights rise from 0.
-        n_background: ``msps-vae``'s background latents (what differs between sessions).
-        n_sessions_per_batch: sessions each ``msps-vae`` training batch mixes (2-4).
         l2_reg: weight decay of the optimiser.
         rng_seed_model: seed of the weight initialisation.
+
+    A field whose metadata has ``minimum`` is checked against it by :meth:`validate`; one
+    whose metadata has ``key`` is that hyperparameter (BehaveNet's dotted names:
+    ``vae.beta`` is the field ``vae_beta``).
     """
 
     model_class: str = "ae"
     model_type: str = "conv"
-    n_ae_latents: int = 12
+    n_ae_latents: int = field(default=12, metadata={"minimum": 1})
     n_input_channels: int = 1
     y_pixels: int = 64
     x_pixels: int = 64
-    n_labels: int = 0
-    n_sessions: int = 1
+    n_labels: int = field(default=0, metadata=FILLED)
+    n_sessions: int = field(default=1, metadata=FILLED)
     fit_sess_io_layers: bool = False
-    conv_channels: tuple = CONV_CHANNELS
-    conv_kernels: tuple = CONV_KERNELS
-    conv_strides: tuple = CONV_STRIDES
-    conditional_encoder: bool = False
-    vae_beta: float = field(default=1.0, metadata={"key": "vae.beta"})
-    vae_beta_anneal_epochs: int = field(default=0, metadata={"key": "vae.beta_anneal_epochs"})
-    beta_tcvae_beta: float = field(default=1.0, metadata={"key": "beta_tcvae.beta"})
-    beta_tcvae_beta_anneal_epochs: int = field(default=0, metadata={"key": "beta_tcvae.beta_anneal_epochs"})
-    msp_alpha: float = field(default=1.0, metadata={"key": "msp.alpha"})
-    ps_vae_alpha: float = field(default=1.0, metadata={"key": "ps_vae.alpha"})
-    ps_vae_beta: float = field(default=1.0, metadata={"key": "ps_vae.beta"})
-    ps_vae_delta: float = field(default=1.0, metadata={"key": "ps_vae.delta"})
-    ps_vae_anneal_epochs: int = field(default=0, metadata={"key": "ps_vae.anneal_epochs"})
-    n_background: int = 0
-    n_sessions_per_batch: int = 1
-    l2_reg: float = 0.0
+    conv_channels: tuple = field(default=CONV_CHANNELS, metadata=FILLED)
+    conv_kernels: tuple = field(default=CONV_KERNELS, metadata=FILLED)
+    conv_strides: tuple = field(default=CONV_STRIDES, metadata=FILLED)
+    l2_reg: float = field(default=0.0, metadata={"minimum": 0})
     rng_seed_model: int = 0
 
     def validate(self) -> None:
@@ -101,28 +83,25 @@ class AEConfig:
                 f"model_type '{self.model_type}' is not an autoencoder type "
                 f"(known: {', '.join(AE_ARCHITECTURES)})"
             )
-        if self.n_ae_latents < 1:
-            raise ConfigError(f"n_ae_latents must be at least 1, got {self.n_ae_latents}")
-        if self.l2_reg < 0:
-            raise ConfigError(f"l2_reg must be non-negative, got {self.l2_reg}")
+        for f in fields(self):
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and getattr(self, f.name) < minimum:
+                word = "non-negative" if minimum == 0 else f"at least {minimum}"
+                raise ConfigError(f"{f.metadata.get('key', f.name)} must be {word}, got {getattr(self, f.name)}")
         layers = (len(self.conv_channels), len(self.conv_kernels), len(self.conv_strides))
         if len(set(layers)) != 1 or layers[0] < 1:
             raise ConfigError(f"the conv architecture needs as many channels, kernels and strides, at least one "
                               f"layer each (got {layers[0]}, {layers[1]}, {layers[2]})")
-        for name in ("vae_beta", "beta_tcvae_beta", "msp_alpha", "ps_vae_alpha", "ps_vae_beta", "ps_vae_delta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{parameter_name(name)} must be non-negative, got {getattr(self, name)}")
 
 
-def parameter_name(field_name: str) -> str:
-    """A config field's hyperparameter name as users write it (``vae_beta`` -> ``vae.beta``)."""
-    for f in AE_FIELDS:
-        if f.name == field_name:
-            return f.metadata.get("key", f.name)
-    return field_name
+def loss_weight(key: str, default: float = 1.0) -> Any:
+    """A non-negative loss weight field named ``key`` in configs (BehaveNet's dotted name)."""
+    return field(default=default, metadata={"key": key, "minimum": 0})
 
 
-AE_FIELDS = tuple(AEConfig.__dataclass_fields__.values())
+def anneal_epochs(key: str) -> Any:
+    """Epochs over which a loss weight rises from 0 (0: none), named ``key`` in configs."""
+    return field(default=0, metadata={"key": key, "minimum": 0})
 
 
 def same_padding(size: int, stride: int, kernel: int) -> tuple[int, int, int]:
@@ -355,6 +334,11 @@ class AutoEncoder(nn.Module):
                 self.n_decoder_inputs)
             self.build_heads()
 
+    @classmethod
+    def sessions_per_batch(cls, config: AEConfig) -> int:
+        """Sessions each training batch mixes (one: a batch is a slice of one trial)."""
+        return 1
+
     def check_config(self, config: AEConfig) -> None:
         """Raise a ConfigError if the class cannot be built from ``config``."""
         if self.uses_labels and config.n_labels < 1:
@@ -380,7 +364,8 @@ class AutoEncoder(nn.Module):
 
     @property
     def n_encoder_extra_inputs(self) -> int:
-        return self.config.n_labels if self.config.conditional_encoder and self.uses_labels else 0
+        """Values the encoder reads beside the frame (a conditional encoder's labels)."""
+        return 0
 
     @property
     def n_decoder_inputs(self) -> int:

@@ -4,9 +4,11 @@ information, total correlation and dimension-wise KL, the total correlation weig
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from bnet.models.ae import AEConfig, anneal
+from bnet.models.ae import AEConfig, anneal, anneal_epochs, loss_weight
 from bnet.models.ae_losses import decomposed_kl
 from bnet.models.registry import register
 from bnet.models.vae import VAE
@@ -17,7 +19,21 @@ def tc_weights(beta: float, epochs: int, epoch: int, training: bool) -> tuple[fl
     return anneal(1.0, epochs, epoch, training), anneal(beta, epochs, epoch, training)
 
 
-@register("beta-tcvae", family="ae", config_type=AEConfig)
+@dataclass
+class BetaTCVAEConfig(AEConfig):
+    """A ``beta-tcvae``.
+
+    Attributes:
+        beta_tcvae_beta (``beta_tcvae.beta``): weight of the total correlation.
+        beta_tcvae_beta_anneal_epochs (``beta_tcvae.beta_anneal_epochs``): epochs over which
+            the KL terms' weights rise from 0.
+    """
+
+    beta_tcvae_beta: float = loss_weight("beta_tcvae.beta")
+    beta_tcvae_beta_anneal_epochs: int = anneal_epochs("beta_tcvae.beta_anneal_epochs")
+
+
+@register("beta-tcvae", family="ae", config_type=BetaTCVAEConfig)
 class BetaTCVAE(VAE):
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mean, logvar = self.posterior(batch)

@@ -18,7 +18,7 @@ MLP's window does, then a linear readout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import pairwise
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bnet.config import FILLED
 from bnet.errors import ConfigError
 from bnet.models.registry import register
 
@@ -105,8 +106,8 @@ class DecoderConfig:
 
     model_class: str = "neural-ae"
     model_type: str = "mlp"
-    n_input: int = 1
-    n_output: int = 1
+    n_input: int = field(default=1, metadata=FILLED)
+    n_output: int = field(default=1, metadata=FILLED)
     n_lags: int | None = None
     n_hid_layers: int = 1
     n_hid_units: int = 32

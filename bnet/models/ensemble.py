@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bnet.config import FILLED
 from bnet.models.registry import build_model, config_from_dict, register
 
 
@@ -24,8 +25,8 @@ class EnsembleConfig:
     """
 
     model_class: str = "ensemble"
-    members: list = field(default_factory=list)
-    member_run_ids: list = field(default_factory=list)
+    members: list = field(default_factory=list, metadata=FILLED)
+    member_run_ids: list = field(default_factory=list, metadata=FILLED)
 
 
 @register("ensemble", family="ensemble", config_type=EnsembleConfig)

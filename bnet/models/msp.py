@@ -9,17 +9,30 @@ complement, which the decoder uses for everything else. Unlike BehaveNet, unobse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
 from bnet.errors import ConfigError
-from bnet.models.ae import AEConfig, AutoEncoder
+from bnet.models.ae import AEConfig, AutoEncoder, loss_weight
 from bnet.models.ae_losses import label_mask, masked_mse
 from bnet.models.registry import register
 
 
-@register("cond-ae-msp", family="ae", config_type=AEConfig)
+@dataclass
+class MSPConfig(AEConfig):
+    """A ``cond-ae-msp``.
+
+    Attributes:
+        msp_alpha (``msp.alpha``): weight of the matrix subspace projection loss.
+    """
+
+    msp_alpha: float = loss_weight("msp.alpha")
+
+
+@register("cond-ae-msp", family="ae", config_type=MSPConfig)
 class MSPAE(AutoEncoder):
     uses_labels = True
 

@@ -15,24 +15,47 @@ random negative from another, with torch's ``TripletMarginLoss`` (margin 1) on t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bnet.errors import ConfigError
-from bnet.models.ae import AEConfig
+from bnet.models.ae import loss_weight
 from bnet.models.ae_losses import session_triplets, triplet_loss
-from bnet.models.ps_vae import PSVAE
+from bnet.models.ps_vae import PSVAE, PSVAEConfig
 from bnet.models.registry import register
 
 SESSIONS_PER_BATCH = (2, 3, 4)
 
 
-@register("msps-vae", family="ae", config_type=AEConfig)
+@dataclass
+class MSPSVAEConfig(PSVAEConfig):
+    """A ``msps-vae``.
+
+    Attributes:
+        ps_vae_delta (``ps_vae.delta``): weight of the triplet loss.
+        n_background: background latents (what differs between sessions), at least 1.
+        n_sessions_per_batch: sessions each training batch mixes (2-4).
+    """
+
+    ps_vae_delta: float = loss_weight("ps_vae.delta")
+    n_background: int = 0
+    n_sessions_per_batch: int = 1
+
+
+@register("msps-vae", family="ae", config_type=MSPSVAEConfig)
 class MSPSVAE(PSVAE):
     @property
     def n_background(self) -> int:
         return self.config.n_background
 
-    def check_config(self, config: AEConfig) -> None:
+    @classmethod
+    def sessions_per_batch(cls, config: MSPSVAEConfig) -> int:
+        return config.n_sessions_per_batch
+
+    def check_config(self, config: MSPSVAEConfig) -> None:
+        if config.n_sessions < 2:
+            raise ConfigError("msps-vae separates sessions: fit it to several (sessions_csv or 'all')")
         if config.n_background < 1:
             raise ConfigError(f"msps-vae needs n_background of at least 1, got {config.n_background}")
         if config.n_sessions_per_batch not in SESSIONS_PER_BATCH:

@@ -18,18 +18,36 @@ label readout starts at the training labels' mean and standard deviation (Behave
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from bnet.errors import ConfigError
-from bnet.models.ae import AEConfig
+from bnet.models.ae import AEConfig, anneal_epochs, loss_weight
 from bnet.models.ae_losses import decomposed_kl, gaussian_kl, gaussian_nll, label_mask, masked_mse
 from bnet.models.beta_tcvae import tc_weights
 from bnet.models.registry import register
 from bnet.models.vae import VAE
 
 
-@register("ps-vae", family="ae", config_type=AEConfig)
+@dataclass
+class PSVAEConfig(AEConfig):
+    """A ``ps-vae``.
+
+    Attributes:
+        ps_vae_alpha (``ps_vae.alpha``): weight of the label reconstruction.
+        ps_vae_beta (``ps_vae.beta``): weight of the unsupervised latents' total correlation.
+        ps_vae_anneal_epochs (``ps_vae.anneal_epochs``): epochs over which the KL terms'
+            weights rise from 0.
+    """
+
+    ps_vae_alpha: float = loss_weight("ps_vae.alpha")
+    ps_vae_beta: float = loss_weight("ps_vae.beta")
+    ps_vae_anneal_epochs: int = anneal_epochs("ps_vae.anneal_epochs")
+
+
+@register("ps-vae", family="ae", config_type=PSVAEConfig)
 class PSVAE(VAE):
     uses_labels = True
     @property
@@ -40,7 +58,7 @@ class PSVAE(VAE):
     def n_unsupervised(self) -> int:
         return self.config.n_ae_latents - self.config.n_labels - self.n_background
 
-    def check_config(self, config: AEConfig) -> None:
+    def check_config(self, config: PSVAEConfig) -> None:
         super().check_config(config)
         if self.n_unsupervised < 1:
             raise ConfigError(

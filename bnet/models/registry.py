@@ -5,6 +5,10 @@ with :func:`build_model` from a config whose ``model_class`` names the entry, an
 them from checkpoints the same way. Adding a model is one module under ``bnet/models/``
 (or a distribution's module named by a ``bnet.models`` entry point) with one decorator:
 every such module is imported before the registry is read (:mod:`bnet.extensions`).
+
+A class's config dataclass declares its hyperparameters: its fields (less those marked
+:data:`bnet.config.FILLED`) are the keys a config file may set for it, under their
+``key`` metadata where BehaveNet's names are dotted.
 """
 
 from __future__ import annotations
@@ -58,6 +62,31 @@ def model_classes(family: str | None = None) -> list[str]:
 def build_model(config: Any):
     """Build the model a config describes (its ``model_class`` picks the entry)."""
     return model_entry(config.model_class).builder(config)
+
+
+def hyperparameter_keys(config_type: type) -> frozenset[str]:
+    """The config keys a model config dataclass takes."""
+    from bnet.config import is_filled
+
+    return frozenset(f.metadata.get("key", f.name) for f in fields(config_type) if not is_filled(f))
+
+
+def declared_keys() -> frozenset[str]:
+    """Every config key some registered model class takes."""
+    _load_builtin_models()
+    return frozenset().union(*(hyperparameter_keys(e.config_type) for e in _REGISTRY.values()))
+
+
+def keys_not_taken(model_classes: list[str], keys) -> list[str]:
+    """Those of ``keys`` that another class of the same family takes but none of
+    ``model_classes`` does (``vae.beta`` for an ``ae``): accepted, and changing nothing."""
+    chosen = [model_entry(c) for c in model_classes]
+    families = {e.family for e in chosen}
+    taken = frozenset().union(*(hyperparameter_keys(e.config_type) for e in chosen))
+    _load_builtin_models()
+    others = frozenset().union(*(hyperparameter_keys(e.config_type) for e in _REGISTRY.values()
+                                 if e.family in families))
+    return sorted(k for k in keys if k in others and k not in taken)
 
 
 def config_from_dict(values: dict[str, Any]):

@@ -3,14 +3,30 @@ unit-variance Gaussian reconstruction term plus ``vae.beta`` times the KL to N(0
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from bnet.models.ae import AEConfig, AutoEncoder, anneal
+from bnet.models.ae import AEConfig, AutoEncoder, anneal, anneal_epochs, loss_weight
 from bnet.models.ae_losses import gaussian_kl, gaussian_nll, reparameterize
 from bnet.models.registry import register
 
 
-@register("vae", family="ae", config_type=AEConfig)
+@dataclass
+class VAEConfig(AEConfig):
+    """A ``vae`` (or ``cond-vae``).
+
+    Attributes:
+        vae_beta (``vae.beta``): weight of the KL term.
+        vae_beta_anneal_epochs (``vae.beta_anneal_epochs``): epochs over which that weight
+            rises linearly from 0 (0: no annealing).
+    """
+
+    vae_beta: float = loss_weight("vae.beta")
+    vae_beta_anneal_epochs: int = anneal_epochs("vae.beta_anneal_epochs")
+
+
+@register("vae", family="ae", config_type=VAEConfig)
 class VAE(AutoEncoder):
     """``encode`` returns posterior means; training decodes reparameterised samples
     (standard deviation ``exp(logvar / 2)``), evaluation decodes the means' samples too, so

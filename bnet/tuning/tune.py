@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnet.config import ProjectConfig, TuningConfig, parse_value, plain_value
+from bnet.config import Categorical, ProjectConfig, TuningConfig, parse_value, plain_value
 from bnet.errors import ConfigError
+from bnet.models.registry import keys_not_taken
 from bnet.progress import Echo, say
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
@@ -83,6 +84,11 @@ def tune(
     values, defaulted = merged_values(declared, config)
     values.setdefault("model_class", declared.default_model_class(request))
     request.values = values
+    chosen = values["model_class"]
+    classes = [str(c) for c in (chosen.choices if isinstance(chosen, Categorical) else [chosen])]
+    not_taken = keys_not_taken(classes, values)
+    if not_taken:
+        echo(f"note: model_class {' or '.join(classes)} takes no {', '.join(not_taken)}: accepted and ignored")
     space, fixed = SearchSpace.split(values, declared.conditions)
     if defaulted and space:
         echo(f"note: the config searches nothing, so the {family} default space is searched: "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from bnet.config import FILLED
 from bnet.errors import ConfigError
 
 NOISE_TYPES = ("gaussian", "diagonal_gaussian", "studentst", "diagonal_studentst")
@@ -56,7 +57,7 @@ class ARHMMConfig:
     n_iters: int = 150
     arhmm_es_tol: float = 0.0
     rng_seed_model: int = 0
-    dtype: str | None = None
+    dtype: str | None = field(default=None, metadata=FILLED)  # the engine's choice (--engine)
     device: str = "cpu"
 
     def __post_init__(self):

@@ -109,12 +109,10 @@ class AETrials:
         filled = {"n_input_channels": C, "y_pixels": Y, "x_pixels": X, "n_sessions": len(self.sessions),
                   "n_labels": (self.data.n_labels or 0) if _uses_labels(model_class) else 0,
                   **architecture_values(hparams, (Y, X))}
-        model = dataclass_from_values(AEConfig, {**hparams, **filled})
+        model = dataclass_from_values(model_entry(model_class).config_type, {**hparams, **filled})
         model.validate()
         if model.fit_sess_io_layers and len(self.sessions) < 2:
             raise ConfigError("fit_sess_io_layers needs several sessions (sessions_csv or 'all')")
-        if model_class == "msps-vae" and len(self.sessions) < 2:
-            raise ConfigError("msps-vae separates sessions: fit it to several (sessions_csv or 'all')")
         return (model, *training_configs(hparams))
 
     def signals(self, model: AEConfig, hparams: dict[str, Any]) -> tuple[str, ...]:
@@ -130,12 +128,13 @@ class AETrials:
     def batches(self, hparams: dict[str, Any], model: AEConfig, chunk: int | None):
         splits = [session_splits(s, hparams) for s in self.sessions]
         signals = self.signals(model, hparams)
-        key = (tuple(splits), chunk, signals, model.n_sessions_per_batch)
+        train_mix = model_entry(model.model_class).builder.sessions_per_batch(model)
+        key = (tuple(splits), chunk, signals, train_mix)
         if key not in self._batches:
             built = {}
             for name in ("train", "val", "test"):
                 per_session = [TrialBatches(s, split[name], signals, chunk) for s, split in zip(self.sessions, splits)]
-                mix = model.n_sessions_per_batch if name == "train" and model.model_class == "msps-vae" else 1
+                mix = train_mix if name == "train" else 1
                 built[name] = SessionBatches(per_session, mix)
             self._batches = {key: built}
         return splits, self._batches[key]
