@@ -57,7 +57,7 @@ SECTION_KEYS: dict[str, set[str]] = {
         "early_stop_history", "early_stop_min_delta", "val_check_interval", "batch_size", "rng_seed_train",
         "export_latents", "export_train_plots", "export_latents_best", "as_numpy",
         "batch_load", "rng_seed_data", "train_frac", "trial_splits", "sessions_csv",
-        "n_iters", "arhmm_es_tol", "export_states", "engine",
+        "n_iters", "arhmm_es_tol", "export_states", "engine", "augment_shift", "augment_rotation",
     },
     "compute": {
         "device", "precision", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",

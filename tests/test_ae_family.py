@@ -19,6 +19,7 @@ from bnet.data.sessions import select_sessions
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_classes, model_entry
 from bnet.tracking import resolve_store
+from bnet.tuning.families.ae import DEFAULT_SHIFT
 from bnet.tracking.registry import load_model
 from bnet.training import TrainingConfig, evaluate, fit
 from conftest import invoke
@@ -66,6 +67,10 @@ def test_every_class_tunes_logs_its_terms_and_loads_from_the_registry(tmp_path, 
     if another_class_key:  # a class's params are its own hyperparameters: no vae.beta on an ae
         assert "note: model_class ae takes no vae.beta: accepted and ignored" in result
         assert "vae.beta" not in run.data.params and "n_ae_latents" in run.data.params
+    # training frames move by default, except for classes whose labels would not move with them
+    reads_labels = model_entry(model_class).builder.uses_labels
+    assert float(run.data.params["augment_shift"]) == (0 if reads_labels else DEFAULT_SHIFT)
+    assert float(run.data.params["augment_rotation"]) == 0  # the synthetic frames do not follow an animal
     for term in TERMS[model_class]:
         assert f"best_val_{term}" in run.data.metrics and f"test_{term}" in run.data.metrics, term
         assert len(client.get_metric_history(run.info.run_id, f"val_{term}")) == 2, term

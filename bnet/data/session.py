@@ -51,6 +51,9 @@ class Session:
         n_labels: label dimensions, or None.
         n_neurons: neurons, or None.
         regions: ``{grouping: {region: neuron indices}}``.
+        follows_animal: the frames are windows that follow a freely moving animal without
+            turning with it (``bnet data build --track-animal`` or ``--centre-on`` without
+            ``--align``), so the animal faces every way in them.
     """
 
     path: Path
@@ -62,6 +65,7 @@ class Session:
     n_labels: int | None = None
     n_neurons: int | None = None
     regions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    follows_animal: bool = False
 
     @property
     def n_trials(self) -> int:
@@ -204,6 +208,7 @@ def _describe(path: Path, f: h5py.File, require: tuple[str, ...]) -> Session:
         n_labels=label_dims[0] if label_dims else None,
         n_neurons=n_neurons,
         regions=_regions(path, f, n_neurons),
+        follows_animal="animal_track" in f and not f["animal_track"].attrs.get("align", ""),
     )
 
 

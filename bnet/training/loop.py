@@ -22,6 +22,7 @@ import torch
 
 from bnet.data.loader import prefetched, to_device
 from bnet.errors import ConfigError
+from bnet.training.augment import Augmentation
 
 
 EARLY_STOP_MIN_DELTA = 1e-5
@@ -305,8 +306,10 @@ def fit(
     device: torch.device = torch.device("cpu"),
     precision: str = "auto",
     callbacks: list[TrainingCallback] = (),
+    augmentation: Augmentation | None = None,
 ) -> FitResult:
-    """Fit ``model`` (which has ``loss(batch)``) on batches of a :class:`TrialBatches`.
+    """Fit ``model`` (which has ``loss(batch)``) on batches of a :class:`TrialBatches`;
+    ``augmentation`` moves the training frames (never the validation ones).
 
     Returns with the best-validation weights loaded into ``model``.
     """
@@ -322,6 +325,7 @@ def fit(
     stale_epochs, stopped_early = 0, False
     started = time.perf_counter()
     train_frames_seen, train_seconds = 0, 0.0
+    draws = augmentation.generator(device) if augmentation is not None and augmentation.active else None
 
     for epoch in range(config.max_n_epochs):
         epoch_start = time.perf_counter()
@@ -330,6 +334,8 @@ def fit(
             model.set_epoch(epoch)  # annealed loss weights
         averages = TermAverages()
         for batch in prefetched(train_batches, rng.permutation(len(train_batches)), device):
+            if draws is not None:
+                batch = augmentation(batch, draws)
             averages.add(train_step(model, optimizer, batch, device, precision), _n_frames(batch))
         train_seconds += time.perf_counter() - epoch_start
         frames = averages.frames
