@@ -205,7 +205,8 @@ def epoch_figure(size: int, step_fps: float, epochs: int) -> float:
             "data": {"trial_splits": f"{EPOCH_TRAIN_TRIALS};1;1;0"},
             "model": {"model_class": "ae", "n_ae_latents": LATENTS},
             "training": {"learning_rate": 1e-4, "max_n_epochs": epochs, "enable_early_stop": False,
-                         "batch_size": BATCH, "export_latents": False, "export_train_plots": False},
+                         "batch_size": BATCH, "export_latents": False, "export_train_plots": False,
+                         "augment_shift": 0},  # the bare step moves no frames either
             "compute": {"device": "cpu", "precision": "fp32"},
         }))
         store = bnet.resolve_store(tmp / "store")

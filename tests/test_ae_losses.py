@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from bnet.models import build_model
-from bnet.models.ae import AEConfig, anneal
+from bnet.models.ae import AEConfig, LabelReadingConfig, anneal
 from bnet.models.beta_tcvae import BetaTCVAEConfig
-from bnet.models.conditional import ConditionalConfig
 from bnet.models.msp import MSPConfig
 from bnet.models.msps_vae import MSPSVAEConfig
 from bnet.models.ps_vae import PSVAEConfig
@@ -143,7 +142,7 @@ def test_each_class_loss_is_its_terms_combined():
 
 def test_conditional_decoders_read_the_labels_and_labels_images_has_no_encoder():
     common = dict(y_pixels=16, x_pixels=16, n_labels=3, n_ae_latents=4)
-    cond = build_model(ConditionalConfig(model_class="cond-ae", **common)).eval()
+    cond = build_model(LabelReadingConfig(model_class="cond-ae", **common)).eval()
     images = torch.rand(2, 1, 16, 16)
     latents = cond.encode(images)
     a = cond.decode(latents, labels=torch.zeros(2, 3))

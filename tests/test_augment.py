@@ -8,18 +8,17 @@ from bnet.training import Augmentation
 from conftest import assert_clean_failure, run_cli
 
 
-def blob_frames(n: int, y: float, x: float, size: int = 32) -> torch.Tensor:
-    rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+def blob_frames(n: int, y: float, x: float, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(size[0]) + 0.5, torch.arange(size[1]) + 0.5, indexing="ij")
     blob = torch.exp(-((rows - y) ** 2 + (cols - x) ** 2) / (2 * 1.5 ** 2))
-    return blob.expand(n, 1, size, size).clone()
+    return blob.expand(n, 1, *size).clone()
 
 
 def centroids(frames: torch.Tensor) -> torch.Tensor:
     """(n, 2) centroids (row, column) in pixel units."""
-    size = frames.shape[-1]
-    coords = torch.arange(size) + 0.5
+    rows, cols = torch.arange(frames.shape[-2]) + 0.5, torch.arange(frames.shape[-1]) + 0.5
     mass = frames.sum((1, 2, 3))
-    return torch.stack([(frames.sum((1, 3)) * coords).sum(1) / mass, (frames.sum((1, 2)) * coords).sum(1) / mass], 1)
+    return torch.stack([(frames.sum((1, 3)) * rows).sum(1) / mass, (frames.sum((1, 2)) * cols).sum(1) / mass], 1)
 
 
 def test_shifts_stay_within_their_pixels_and_cover_them():
@@ -31,11 +30,12 @@ def test_shifts_stay_within_their_pixels_and_cover_them():
     assert torch.allclose(moved.sum((1, 2, 3)), frames.sum((1, 2, 3)), rtol=1e-3)  # the animal is moved, not cut
 
 
-def test_rotations_turn_about_the_centre_within_their_angle():
-    frames = blob_frames(400, 8, 16)  # 8 px above the centre
+@pytest.mark.parametrize("width", [32, 48])
+def test_rotations_turn_about_the_centre_within_their_angle(width):
+    frames = blob_frames(400, 8, width / 2, size=(32, width))  # 8 px above the centre
     augment = Augmentation(rotation=20)
     moved = augment({"images": frames}, augment.generator(torch.device("cpu")))["images"]
-    row, col = (centroids(moved) - 16).T
+    row, col = (centroids(moved) - torch.tensor([16, width / 2])).T
     radius, angle = torch.hypot(row, col), torch.rad2deg(torch.atan2(col, -row))
     assert torch.allclose(radius, torch.full_like(radius, 8.0), atol=0.05)
     assert angle.abs().max() <= 20 + 0.5 and angle.abs().max() > 18

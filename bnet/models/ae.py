@@ -94,6 +94,17 @@ class AEConfig:
                               f"layer each (got {layers[0]}, {layers[1]}, {layers[2]})")
 
 
+@dataclass
+class LabelReadingConfig(AEConfig):
+    """A class that reads the session's labels (conditional classes, ``cond-ae-msp``, the PS-VAEs).
+
+    Attributes:
+        conditional_encoder: the encoder reads the labels too, beside the frame.
+    """
+
+    conditional_encoder: bool = False
+
+
 def loss_weight(key: str, default: float = 1.0) -> Any:
     """A non-negative loss weight field named ``key`` in configs (BehaveNet's dotted name)."""
     return field(default=default, metadata={"key": key, "minimum": 0})
@@ -295,6 +306,15 @@ class LinearCoder(nn.Module):
 
 
 AE_ARCHITECTURES: dict[str, type[nn.Module]] = {"conv": ConvCoder, "linear": LinearCoder}
+
+
+class EncoderMayReadLabels:
+    """Mixin of the classes whose encoder reads the labels beside the frame when their config
+    says ``conditional_encoder`` (appended to its flattened conv features)."""
+
+    @property
+    def n_encoder_extra_inputs(self) -> int:
+        return self.config.n_labels if self.config.conditional_encoder else 0
 
 
 def anneal(weight: float, epochs: int, epoch: int, training: bool) -> float:

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from bnet.errors import ConfigError
-from bnet.models.ae import AEConfig, AutoEncoder, loss_weight
+from bnet.models.ae import AutoEncoder, EncoderMayReadLabels, LabelReadingConfig, loss_weight
 from bnet.models.ae_losses import label_mask, masked_mse
 from bnet.models.registry import register
 
 
 @dataclass
-class MSPConfig(AEConfig):
+class MSPConfig(LabelReadingConfig):
     """A ``cond-ae-msp``.
 
     Attributes:
@@ -33,10 +33,10 @@ class MSPConfig(AEConfig):
 
 
 @register("cond-ae-msp", family="ae", config_type=MSPConfig)
-class MSPAE(AutoEncoder):
+class MSPAE(EncoderMayReadLabels, AutoEncoder):
     uses_labels = True
 
-    def check_config(self, config: AEConfig) -> None:
+    def check_config(self, config: MSPConfig) -> None:
         super().check_config(config)
         if config.n_ae_latents <= config.n_labels:
             raise ConfigError(f"cond-ae-msp needs more latents than labels (n_ae_latents {config.n_ae_latents}, "

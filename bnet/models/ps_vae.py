@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bnet.errors import ConfigError
-from bnet.models.ae import AEConfig, anneal_epochs, loss_weight
+from bnet.models.ae import EncoderMayReadLabels, LabelReadingConfig, anneal_epochs, loss_weight
 from bnet.models.ae_losses import decomposed_kl, gaussian_kl, gaussian_nll, label_mask, masked_mse
 from bnet.models.beta_tcvae import tc_weights
 from bnet.models.registry import register
@@ -32,7 +32,7 @@ from bnet.models.vae import VAE
 
 
 @dataclass
-class PSVAEConfig(AEConfig):
+class PSVAEConfig(LabelReadingConfig):
     """A ``ps-vae``.
 
     Attributes:
@@ -48,7 +48,7 @@ class PSVAEConfig(AEConfig):
 
 
 @register("ps-vae", family="ae", config_type=PSVAEConfig)
-class PSVAE(VAE):
+class PSVAE(EncoderMayReadLabels, VAE):
     uses_labels = True
     @property
     def n_background(self) -> int:

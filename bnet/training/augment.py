@@ -62,10 +62,12 @@ class Augmentation:
         n, _, height, width = images.shape
         draws = torch.rand((3, n), generator=generator, device=images.device) * 2 - 1
         angle = draws[0] * math.radians(self.rotation)
-        # affine_grid's coordinates run from -1 to 1 across the frame: a pixel is 2 / size
+        # affine_grid's coordinates run from -1 to 1 across the frame (a pixel is 2 / size), so a
+        # turn in pixels scales its cross terms by the aspect ratio
         shift_x, shift_y = draws[1] * (2 * self.shift / width), draws[2] * (2 * self.shift / height)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+        theta = torch.stack([torch.stack([cos, -sin * height / width, shift_x], 1),
+                             torch.stack([sin * width / height, cos, shift_y], 1)], 1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         moved = dict(batch)
         for name in MOVED:

@@ -137,7 +137,8 @@ class AETrials:
             value = typed_value(key, hparams.get(key), float | None)
             if value and reads_labels:
                 raise ConfigError(f"{key} {value:g} would move the frames but not the labels model_class "
-                                  f"'{model.model_class}' reads: leave it out or set it to 0")
+                                  f"'{model.model_class}' reads: leave it out (classes that read labels are "
+                                  f"never moved) or set it to 0")
             moves[key] = (0.0 if reads_labels else default) if value is None else value
         return Augmentation(moves["augment_shift"], moves["augment_rotation"], seed=int(hparams.get("rng_seed_train", 0)))
 
