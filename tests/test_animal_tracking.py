@@ -16,7 +16,7 @@ from bnet.data import open_session
 from bnet.data.animal import Windows, body_rotation, smooth_over_time, track_animal
 from bnet.errors import DataError
 from bnet.models.ae import AEConfig
-from bnet.tuning.families.ae import DEFAULT_ROTATION_FOLLOWING, DEFAULT_SHIFT, AETrials
+from bnet.tuning.families.ae import AETrials
 from conftest import assert_clean_failure, invoke, run_cli
 
 SIZE, N_FRAMES = 96, 60
@@ -192,9 +192,10 @@ def test_track_animal_builds_windows_that_follow_the_animal(scene, tmp_path):
     assert figure.is_file() and Image.open(figure).size[0] > 300
     session = open_session(out)
     assert session.n_trials == 3 and session.image_shape == (1, 48, 48)
-    # an AE of these windows is trained on them turned too: the animal faces every way in them
-    assert AETrials(session).augmentation(AEConfig(), {}).params() == {
-        "augment_shift": DEFAULT_SHIFT, "augment_rotation": DEFAULT_ROTATION_FOLLOWING}
+    # windows that follow the animal are not moved unless asked: moved, the open-field AE drew the wall, not the mouse
+    assert session.follows_animal
+    assert AETrials(session).augmentation(AEConfig(), {}).params() == {"augment_shift": 0, "augment_rotation": 0}
+    assert AETrials(session).augmentation(AEConfig(), {"augment_rotation": 15}).rotation == 15
     track = rows(out, "animal_track")
     assert track.shape == (60, 3) and track.dtype == np.float32
     # the window starts at whole pixels: its centre is within half a pixel of the tracked one
@@ -226,7 +227,7 @@ def test_align_turns_the_body_axis_up_in_frames_and_labels(scene, tmp_path):
         x, y, from_vertical, elongation = blob_moments(frame[0])
         assert abs(x - 20) < 1.0 and abs(y - 20) < 1.0
         assert elongation > 3 and from_vertical < 5
-    assert not open_session(out).follows_animal  # turned with the animal: frames are not turned in training
+    assert not open_session(out).follows_animal  # turned with the animal: it faces one way
     track = rows(out, "animal_track")
     expected = (90 - np.degrees(scene["headings"]) + 180) % 360 - 180
     assert np.abs((track[:, 2] - expected + 180) % 360 - 180).max() < 1.0
