@@ -83,7 +83,6 @@ def keys_not_taken(model_classes: list[str], keys) -> list[str]:
     chosen = [model_entry(c) for c in model_classes]
     families = {e.family for e in chosen}
     taken = frozenset().union(*(hyperparameter_keys(e.config_type) for e in chosen))
-    _load_builtin_models()
     others = frozenset().union(*(hyperparameter_keys(e.config_type) for e in _REGISTRY.values()
                                  if e.family in families))
     return sorted(k for k in keys if k in others and k not in taken)
