@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import bnet
 from bnet.data import open_session
 from bnet.data.animal import Windows, body_rotation, smooth_over_time, track_animal
 from bnet.errors import DataError
 from bnet.models.ae import AEConfig
+from bnet.tracking import resolve_store
 from bnet.tuning.families.ae import AETrials
 from conftest import assert_clean_failure, invoke, run_cli
 
@@ -256,6 +258,17 @@ def test_masks_weigh_the_animal_and_say_so_in_the_data_config(scene, tmp_path):
     assert 0.02 < on.mean() < 0.4
     assert json.loads(out.with_suffix(".json").read_text())["use_output_mask"] is True
     assert session.signals == ("images", "masks")
+    # an AE of these windows is scored on the animal's pixels too, whether or not its loss weighs them
+    config = tmp_path / "ae.yaml"
+    config.write_text("data: {trial_splits: '1;1;1;0'}\n"
+                      "model: {n_ae_latents: 4, ae_n_conv_layers: 2, ae_first_channels: 8}\n"
+                      "training: {max_n_epochs: 2, learning_rate: 1.0e-3}\ntuning: {n_trials: 1}\n")
+    summary = invoke("tune", "ae", "--data", out, "--config", config, "--experiment", "masked", "--store",
+                     tmp_path / "store")
+    assert "on the masked (the animal's) pixels" in summary
+    (run,) = bnet.best_runs("masked", family="ae", store=resolve_store(tmp_path / "store"))
+    assert {"val_masked_var_explained", "test_masked_var_explained"} <= set(run.metrics)
+    assert run.params["use_output_mask"] == "False"
 
 
 @pytest.mark.parametrize("extra, fragments", [

@@ -66,6 +66,15 @@ def test_variance_explained_is_one_minus_mse_over_the_training_mean_frames_mse()
     assert scores["changed_pixel_share"] == pytest.approx((np.abs(held_out - train.mean(0)) > 0.05).mean())
     perfect = baseline.score(Reconstructs(), batches_of(held_out), torch.device("cpu"))
     assert perfect["var_explained"] == pytest.approx(1.0) and perfect["moving_var_explained"] == pytest.approx(1.0)
+    # with masks (1 on the animal, 0.1 elsewhere, as bnet data build --masks writes them): the same over their pixels
+    masks = np.where(rng.random(held_out.shape) < 0.3, 1.0, 0.1)
+    with_masks = [{**b, "masks": torch.from_numpy(masks[i:i + 7])} for i, b in zip(range(0, 20, 7), batches_of(held_out))]
+    on_animal = masks >= 0.5
+    masked = baseline.score(model, with_masks, torch.device("cpu"))
+    assert masked["masked_var_explained"] == pytest.approx(
+        1 - ((held_out - reconstruction) ** 2)[on_animal].sum() / ((held_out - train.mean(0)) ** 2)[on_animal].sum(),
+        rel=1e-12)
+    assert "masked_var_explained" not in scores and masked["var_explained"] == pytest.approx(scores["var_explained"])
 
 
 def test_each_session_is_measured_against_its_own_mean_frame():

@@ -6,6 +6,10 @@ percent of the pixels. The frame variance explained, ``1 - MSE / MSE of the mean
 puts the error on the scale of the trivial answer (the training split's mean frame of the
 session: 0 is no better than it, 1 is perfect). The same ratio over the *moving* pixels
 keeps a static background, which any model and the mean frame both draw, from carrying it.
+Where the session has masks (``bnet data build --masks``: 1 on the animal), the same ratio over
+the pixels they weigh at least half says how well the animal itself is drawn: in a window that
+follows an open-field mouse, the arena's wall sweeping through it moves too, and carries most
+of the other two.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ CHANGED_CONTRAST = 0.05
 """A pixel of a frame differs from the mean frame when it is this far from it (13 grey levels of
 255): in the open-field video seen whole 0.8% of the pixels of a frame do, in windows centred on
 the mouse or a fly 14-22%, on the head-fixed mirror mouse 23%."""
+
+MASKED = 0.5
+"""A pixel is the masks' (the animal's) where its mask weighs at least this much."""
 
 MOVING_VARIANCE_SHARE = 0.1
 """A pixel moves when its temporal variance over the training frames is at least this share of
@@ -70,10 +77,12 @@ class MeanFrame:
         """``var_explained``, ``moving_var_explained`` and ``mean_frame_mse`` of ``model``'s
         reconstructions over a split's batches (pixels as the model sees them, in [0, 1]), and
         ``changed_pixel_share``, the share of the frames' pixels that differ from the mean frame
-        by :data:`CHANGED_CONTRAST` (how much of the frame the animal covers)."""
+        by :data:`CHANGED_CONTRAST` (how much of the frame the animal covers); with masks in the
+        batches, ``masked_var_explained`` over the pixels they weigh at least :data:`MASKED`."""
         mean, moving = torch.from_numpy(self.mean), torch.from_numpy(self.moving)
-        # model and mean-frame squared errors, all and moving pixels; pixels off the mean frame
-        sums = torch.zeros(5, dtype=torch.float64)
+        # model and mean-frame squared errors: all, moving and masked pixels; pixels off the mean frame
+        sums = torch.zeros(7, dtype=torch.float64)
+        masked = False
         n_values = 0
         model.to(device).eval()
         for batch in prefetched(batches, range(len(batches)), device):
@@ -83,13 +92,20 @@ class MeanFrame:
             model_error = (images - reconstruction) ** 2
             mean_error = (images - mean[sessions]) ** 2
             where = moving[sessions]
-            sums += torch.stack([model_error.sum(), mean_error.sum(), model_error[where].sum(), mean_error[where].sum(),
-                                 (mean_error > CHANGED_CONTRAST**2).sum()])
+            sums[:5] += torch.stack([model_error.sum(), mean_error.sum(), model_error[where].sum(),
+                                     mean_error[where].sum(), (mean_error > CHANGED_CONTRAST**2).sum()])
+            if "masks" in batch:
+                on_mask = batch["masks"].cpu() >= MASKED
+                sums[5:] += torch.stack([model_error[on_mask].sum(), mean_error[on_mask].sum()])
+                masked = True
             n_values += images.numel()
-        model_sse, mean_sse, model_moving, mean_moving, changed = sums.tolist()
-        return {"var_explained": variance_explained(model_sse, mean_sse),
-                "moving_var_explained": variance_explained(model_moving, mean_moving),
-                "mean_frame_mse": mean_sse / max(n_values, 1), "changed_pixel_share": changed / max(n_values, 1)}
+        model_sse, mean_sse, model_moving, mean_moving, changed, model_masked, mean_masked = sums.tolist()
+        scores = {"var_explained": variance_explained(model_sse, mean_sse),
+                  "moving_var_explained": variance_explained(model_moving, mean_moving),
+                  "mean_frame_mse": mean_sse / max(n_values, 1), "changed_pixel_share": changed / max(n_values, 1)}
+        if masked:
+            scores["masked_var_explained"] = variance_explained(model_masked, mean_masked)
+        return scores
 
 
 def variance_explained(model_sse: float, trivial_sse: float) -> float:

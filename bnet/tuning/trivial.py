@@ -66,10 +66,11 @@ def against_mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None
     explained = metrics.get("val_var_explained")
     if explained is None:
         return None  # runs logged before the metric existed
-    moving = metrics.get("val_moving_var_explained")
+    parts = [f"{_percent(metrics[key])} on the {pixels} pixels" for key, pixels in
+             (("val_moving_var_explained", "moving"), ("val_masked_var_explained", "masked (the animal's)"))
+             if key in metrics]
     figure = (f"explains {_percent(explained)} of the held-out frame variance"
-              + (f" ({_percent(moving)} on the moving pixels)" if moving is not None else "")
-              + " beyond the training mean frame")
+              + (f" ({', '.join(parts)})" if parts else "") + " beyond the training mean frame")
     changed = metrics.get("val_changed_pixel_share")
     caveat = "" if changed is None or changed >= SMALL_ANIMAL_SHARE else (
         f"the frames differ from the mean frame in {_percent(changed)} of their pixels: the animal is a few "

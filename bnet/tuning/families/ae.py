@@ -124,6 +124,10 @@ class AETrials:
             raise ConfigError("fit_sess_io_layers needs several sessions (sessions_csv or 'all')")
         return (model, *training_configs(hparams))
 
+    @property
+    def has_masks(self) -> bool:
+        return all("masks" in s.signals for s in self.sessions)
+
     def augmentation(self, model: AEConfig, hparams: dict[str, Any]) -> Augmentation:
         """How the trial's training frames move: ``augment_shift`` (pixels) and
         ``augment_rotation`` (degrees) as set, else whole frames by up to :data:`DEFAULT_SHIFT`
@@ -174,6 +178,8 @@ class AETrials:
             batch["labels"] = torch.zeros((2, model.config.n_labels))
         terms = [t for t in model.eval().loss_terms(batch) if t != "loss"]
         names = dict(COMMON_METRICS)
+        if self.has_masks:
+            names.update({f"{split}_masked_var_explained": "maximize" for split in ("train", "val", "test")})
         for term in terms:
             names[f"best_val_{term}"] = names[f"test_{term}"] = "minimize"
         if model.config.model_class == "msps-vae":
@@ -249,8 +255,11 @@ class AETrials:
                    "fit_seconds": result.train_seconds,
                    **{f"best_val_{k}": v for k, v in best.val_terms.items()},
                    **{f"test_{k}": v for k, v in test_terms.items()}}
+        scored = batches  # with the masks where the session has them, for the animal's figure
+        if self.has_masks and not hparams.get("use_output_mask"):
+            _, scored = self.batches({**hparams, "use_output_mask": True}, model_config, training.batch_size)
         for split in ("train", "val", "test"):
-            metrics.update({f"{split}_{k}": v for k, v in baseline.score(model, batches[split], device).items()})
+            metrics.update({f"{split}_{k}": v for k, v in baseline.score(model, scored[split], device).items()})
         if "triplet" in best.train_terms:
             metrics["train_triplet_at_best"] = best.train_terms["triplet"]  # only mixed (training) batches have one
         outputs = {}
