@@ -122,6 +122,11 @@ def test_an_animal_a_few_pixels_of_the_frame_is_warned_about_even_when_the_ae_be
     said = whole.sentence("the best model")
     assert said.startswith("warning: the best model explains 37.0%") and "0.8% of their pixels" in said
     assert "--track-animal" in said
+    # a window following the open-field mouse, its training frames moved: the wall carries the figure
+    wall = trivial.against_mean_frame({"val_var_explained": 0.767, "val_changed_pixel_share": 0.2,
+                                       "val_masked_var_explained": 0.068})
+    assert wall.beats and wall.warns and "on the animal's (masked) pixels it explains 6.8%" in wall.sentence("it")
+    assert not trivial.against_mean_frame({"val_var_explained": 0.54, "val_masked_var_explained": 0.144}).warns
     centred = trivial.against_mean_frame({"val_var_explained": 0.52, "val_changed_pixel_share": 0.2})
     assert centred.beats and not centred.warns and not centred.sentence("it").startswith("warning")
 

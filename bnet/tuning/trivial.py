@@ -72,9 +72,15 @@ def against_mean_frame(metrics: Mapping[str, float]) -> TrivialComparison | None
     figure = (f"explains {_percent(explained)} of the held-out frame variance"
               + (f" ({', '.join(parts)})" if parts else "") + " beyond the training mean frame")
     changed = metrics.get("val_changed_pixel_share")
-    caveat = "" if changed is None or changed >= SMALL_ANIMAL_SHARE else (
-        f"the frames differ from the mean frame in {_percent(changed)} of their pixels: the animal is a few "
-        f"pixels of the frame and the latents can hold little of its posture; {CENTRE}")
+    on_animal = metrics.get("val_masked_var_explained")
+    caveat = ""
+    if changed is not None and changed < SMALL_ANIMAL_SHARE:
+        caveat = (f"the frames differ from the mean frame in {_percent(changed)} of their pixels: the animal is a "
+                  f"few pixels of the frame and the latents can hold little of its posture; {CENTRE}")
+    elif on_animal is not None and on_animal < MIN_VAR_EXPLAINED:
+        caveat = (f"on the animal's (masked) pixels it explains {_percent(on_animal)}: the figure is carried by "
+                  f"what moves around the animal, and the latents hold little of its posture; weigh the loss on "
+                  f"the animal (use_output_mask: true) and look at plots/reconstructions.png")
     verdict = ("it reconstructs the frames worse than the mean frame does" if explained < 0 else
                "it reconstructs little more than the mean frame (the background, not the animal)")
     return TrivialComparison(figure, explained >= MIN_VAR_EXPLAINED, (
