@@ -262,10 +262,12 @@ def test_masks_weigh_the_animal_and_say_so_in_the_data_config(scene, tmp_path):
     config = tmp_path / "ae.yaml"
     config.write_text("data: {trial_splits: '1;1;1;0'}\n"
                       "model: {n_ae_latents: 4, ae_n_conv_layers: 2, ae_first_channels: 8}\n"
-                      "training: {max_n_epochs: 2, learning_rate: 1.0e-3}\ntuning: {n_trials: 1}\n")
+                      "training: {max_n_epochs: 2, learning_rate: 1.0e-3}\n"
+                      "tuning: {n_trials: 1, metric: val_masked_var_explained}\n")  # a study may rank by it
     summary = invoke("tune", "ae", "--data", out, "--config", config, "--experiment", "masked", "--store",
                      tmp_path / "store")
     assert "on the masked (the animal's) pixels" in summary
+    assert "objective maximize val_masked_var_explained" in summary
     (run,) = bnet.best_runs("masked", family="ae", store=resolve_store(tmp_path / "store"))
     assert {"val_masked_var_explained", "test_masked_var_explained"} <= set(run.metrics)
     assert run.params["use_output_mask"] == "False"
