@@ -23,7 +23,8 @@ def centroids(frames: torch.Tensor) -> torch.Tensor:
 
 def test_shifts_stay_within_their_pixels_and_cover_them():
     frames = blob_frames(400, 16, 16)
-    moved = Augmentation(shift=3)({"images": frames}, Augmentation(shift=3).generator(torch.device("cpu")))["images"]
+    augment = Augmentation(shift=3)
+    moved = augment({"images": frames}, augment.generator(torch.device("cpu")))["images"]
     offsets = centroids(moved) - 16
     assert offsets.abs().max() <= 3 + 1e-3
     assert offsets.abs().max() > 2.8  # the whole range is drawn, not a sliver of it
@@ -56,7 +57,7 @@ def test_negative_moves_are_refused():
         Augmentation(shift=-1)
 
 
-def test_a_class_that_reads_labels_is_not_moved_and_refuses_to_be(tmp_path, tiny_session):
+def test_a_class_that_reads_labels_refuses_to_be_moved(tmp_path, tiny_session):
     config = tmp_path / "c.yaml"
     config.write_text("model: {model_class: cond-ae, n_ae_latents: 4}\ntraining: {augment_shift: 2}\n")
     result = run_cli("tune", "ae", "--data", tiny_session, "--config", config, "--store", tmp_path / "s",

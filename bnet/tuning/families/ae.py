@@ -167,7 +167,10 @@ class AETrials:
                 per_session = [TrialBatches(s, split[name], signals, chunk) for s, split in zip(self.sessions, splits)]
                 mix = train_mix if name == "train" else 1
                 built[name] = SessionBatches(per_session, mix)
-            self._batches = {key: built}
+            # kept: the same splits read with other signals (a masked session's scoring batches
+            # beside its training ones), so trials do not read the session twice each
+            self._batches = {k: v for k, v in self._batches.items() if k[:2] == key[:2]}
+            self._batches[key] = built
         return splits, self._batches[key]
 
     def metric_names(self, hparams: dict[str, Any]) -> dict[str, str]:
