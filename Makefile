@@ -32,6 +32,13 @@ demo: install
 	$(BIN)/bnet plot samples best --experiment arhmm-demo --out demo-data/samples.mp4 --log
 	$(BIN)/bnet plot decoder best --experiment decoder-demo --out demo-data/decoder.mp4 --log
 	$(BIN)/bnet report ae-demo --out demo-data/report-ae-demo.html
+	$(BIN)/bnet data synth demo-data/demo-day2.hdf5 --n-trials 10 --n-frames 50 --y-pixels 32 --x-pixels 32 --recording-seed 1
+	$(BIN)/bnet register arhmm --experiment arhmm-demo --name arhmm-demo --alias champion
+	$(BIN)/bnet apply pipeline --arhmm models:/arhmm-demo@champion --data demo-data/demo-day2.hdf5 --out demo-data/applied
+	$(BIN)/bnet apply decoder best --model-experiment decoder-demo --data demo-data/demo-day2.hdf5 --out demo-data/applied
+	$(BIN)/bnet plot reconstruction models:/ae-demo@champion --data demo-data/demo-day2.hdf5 --out demo-data/ae-day2.mp4
+	$(BIN)/python projects/demo/pyfunc_predict.py bnet-store demo-data/demo-day2.hdf5 \
+		demo-data/applied/synthetic_bnet-synth_seed0_demo-day2.latents.hdf5
 
 # The demo's AE on the real mirror-mouse video (no neural data recorded with it: AE and ARHMM only).
 demo-mouse: install

@@ -35,7 +35,7 @@ from bnet.models.ae import AEConfig
 from bnet.models.arhmm import ARHMM, ARHMMConfig
 from bnet.training import TrainingConfig, fit, resolve_precision
 from bnet.training.loop import cpu_has_native_bf16
-from bnet.tuning.families.ae import encode_session
+from bnet.models.serving import encode_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ae_throughput import gemm_gflops  # noqa: E402  (bench/'s float32 GEMM rate)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import h5py
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from bnet.data.build import BuildConfig, build_session
 from bnet.data.sessions import select_sessions
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model, model_classes, model_entry
+from bnet.models.serving import reads_labels as model_reads_labels
 from bnet.tracking import resolve_store
 from bnet.tuning.families.ae import DEFAULT_SHIFT
 from bnet.tracking.registry import load_model
@@ -87,6 +89,24 @@ def test_every_class_tunes_logs_its_terms_and_loads_from_the_registry(tmp_path, 
     invoke("register", "ae", "--experiment", "fam", "--name", f"fam-{model_class}", "--store", store)
     model = load_model(f"models:/fam-{model_class}@champion", resolved)
     assert model.config.model_class == model_class
+    # every class is an MLflow Model too, reading labels by name where it reads them
+    version = client.get_model_version_by_alias(f"fam-{model_class}", "champion")
+    pyfunc = mlflow.pyfunc.load_model(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "m"),
+                                                                          tracking_uri=resolved.tracking_uri))
+    session = open_session(tiny_session)
+    frames = session.read("images", 0)[:4].astype(np.float32) / 255
+    labels = session.read("labels", 0)[:4].astype(np.float32)
+    if not model.has_encoder:  # labels-images: labels in, frames out
+        with torch.no_grad():
+            expected = model.decode(torch.from_numpy(labels)).numpy()
+        np.testing.assert_allclose(pyfunc.predict(labels), expected, rtol=1e-4, atol=1e-5)
+        return
+    named = pyfunc.metadata.get_input_schema().has_input_names()
+    assert named == model_reads_labels(model)
+    latents = pyfunc.predict({"frames": frames, "labels": labels} if named else frames)
+    with torch.no_grad():
+        expected = model.encode(torch.from_numpy(frames), None, torch.from_numpy(labels) if named else None)
+    np.testing.assert_allclose(latents, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _group(root, n=2, y=16):

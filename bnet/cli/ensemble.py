@@ -50,11 +50,12 @@ def verify(run_id, atol, store, tracking_uri):
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN_ID|FILE")
 @store_option
 @tracking_uri_option
 def lineage(run_id, store, tracking_uri):
-    """Print the chain of runs (and the data) behind a run."""
+    """Print the chain of runs (and the data) behind a run, or behind a file a run wrote
+    (latents, states, predictions)."""
     from bnet.tracking import conventions as tags
     from bnet.tracking.lineage import lineage as walk
 
@@ -65,6 +66,7 @@ def lineage(run_id, store, tracking_uri):
                            if k in ("best_val_loss", "val_ll_per_step", "val_r2", "val_ll", "val_accuracy"))
         click.echo(f"{indent}{run.family} run {run.run_id} ({run.tags.get(tags.TAG_MODEL_CLASS, run.family)}, "
                    f"study {run.tags.get(tags.TAG_STUDY, '-')}) {scores}")
-        if not any(k.startswith(tags.UPSTREAM_TAG_PREFIX) for k in run.tags) and step.via != "member":
+        reads_data = run.family == "apply" or not any(k.startswith(tags.UPSTREAM_TAG_PREFIX) for k in run.tags)
+        if reads_data and step.via != "member":
             click.echo(f"{'  ' * (step.depth + 1)}<- data: {run.tags.get(tags.TAG_DATA_PATH)} "
                        f"[{run.tags.get(tags.TAG_DATASET)}, hash {run.tags.get(tags.TAG_DATA_HASH)}]")

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from bnet.cli.apply import apply
 from bnet.cli.best import best, register
 from bnet.cli.data import data
 from bnet.cli.ensemble import ensemble, lineage
@@ -42,7 +43,7 @@ def cli():
     """bnet: BehaveNet studies tracked in MLflow and tuned by Optuna."""
 
 
-for command in (data, tune, worker, slurm, best, register, ensemble, lineage, plot, report, ui, dashboard, server,
+for command in (data, tune, worker, slurm, best, register, apply, ensemble, lineage, plot, report, ui, dashboard, server,
                 postgres):
     cli.add_command(command)
 

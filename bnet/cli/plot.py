@@ -28,6 +28,10 @@ def movie_options(default_fps: int):
     return decorate
 
 
+new_data_option = click.option("--data", type=click.Path(dir_okay=False), default=None,
+                               help="A session the model never saw, shown instead of the run's own.")
+
+
 def _finish(movie, log, store) -> None:
     click.echo(f"wrote {movie.path}: {movie.description}")
     if log:
@@ -39,37 +43,40 @@ def _finish(movie, log, store) -> None:
 @plot.command()
 @movie_options(20)
 @click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
-def reconstruction(reference, out, log, fps, experiment, store, tracking_uri, trials):
-    """AE movie: original | reconstruction | residual on held-out trials (REF: an AE run id or
-    models:/NAME@ALIAS)."""
+@new_data_option
+def reconstruction(reference, out, log, fps, experiment, store, tracking_uri, trials, data):
+    """AE movie: original | reconstruction | residual on held-out trials, or on a new session's
+    (REF: an AE run id or models:/NAME@ALIAS)."""
     from bnet.plotting.run_movies import reconstruction_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(reconstruction_movie(reference, out, resolved, trials, fps, experiment), log, resolved)
+    _finish(reconstruction_movie(reference, out, resolved, trials, fps, experiment, data), log, resolved)
 
 
 @plot.command()
 @movie_options(20)
 @click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
-def decoder(reference, out, log, fps, experiment, store, tracking_uri, trials):
+@new_data_option
+def decoder(reference, out, log, fps, experiment, store, tracking_uri, trials, data):
     """Decoder movie: original | AE reconstruction | frames decoded from neural activity
     (REF: a decoder run of AE latents)."""
     from bnet.plotting.run_movies import decoder_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(decoder_movie(reference, out, resolved, trials, fps, experiment), log, resolved)
+    _finish(decoder_movie(reference, out, resolved, trials, fps, experiment, data), log, resolved)
 
 
 @plot.command()
 @movie_options(20)
 @click.option("--clips", default=4, show_default=True, help="Clips per state, played one after another.")
 @click.option("--min-frames", default=5, show_default=True, help="Shortest run of a state that makes a clip.")
-def syllables(reference, out, log, fps, experiment, store, tracking_uri, clips, min_frames):
+@new_data_option
+def syllables(reference, out, log, fps, experiment, store, tracking_uri, clips, min_frames, data):
     """ARHMM movie: clips of the frames of each state (REF: an ARHMM run)."""
     from bnet.plotting.run_movies import syllable_movie
 
     resolved = resolve(store, tracking_uri)
-    _finish(syllable_movie(reference, out, resolved, clips, min_frames, fps, experiment), log, resolved)
+    _finish(syllable_movie(reference, out, resolved, clips, min_frames, fps, experiment, data), log, resolved)
 
 
 @plot.command()

@@ -41,6 +41,10 @@ class SynthConfig:
         neural_noise: ``poisson`` (spike counts) or ``gaussian``.
         pixel_noise: standard deviation of pixel noise, in [0, 1] intensity units.
         seed: everything is a deterministic function of the seed and the fields above.
+        recording_seed: where set, the seed of the trials alone (paths, pixel and spike
+            noise): the animal, rig and neurons stay those of ``seed``, so two files with one
+            ``seed`` and two recording seeds are two recordings of one animal (a new session
+            for a tuned model); None draws the trials from ``seed`` too.
     """
 
     n_trials: int = 40
@@ -56,6 +60,7 @@ class SynthConfig:
     neural_noise: str = "poisson"
     pixel_noise: float = 0.02
     seed: int = 0
+    recording_seed: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -172,7 +177,7 @@ def synthesize(path: str | Path, config: SynthConfig = SynthConfig()) -> Path:
              "session": path.stem}
         )
         truth = f.create_group("ground_truth")
-        truth.attrs.update({k: v for k, v in asdict(config).items()})
+        truth.attrs.update({k: v for k, v in asdict(config).items() if v is not None})
         params = truth.create_group("params")
         for name, value in [
             ("trans_matrix", process.trans_matrix), ("init_probs", process.init_probs),
@@ -187,6 +192,8 @@ def synthesize(path: str | Path, config: SynthConfig = SynthConfig()) -> Path:
             groups["neural"] = f.create_group("neural")
         truth_groups = {name: truth.create_group(name) for name in ("states", "latents", "rates")}
 
+        if config.recording_seed is not None:
+            rng = np.random.default_rng([config.seed, config.recording_seed])
         for trial in range(config.n_trials):
             states, latents = process.sample(config.n_frames, rng)
             positions = center + scale * latents.reshape(-1, n_parts, 2)

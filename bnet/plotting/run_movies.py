@@ -80,15 +80,15 @@ def _ae_model(run: RunSummary, store: Store):
 
 
 def reconstruction_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20,
-                         experiment: str | None = None) -> Movie:
-    """Original | reconstruction | residual (grey is 0) of an AE's held-out trials.
+                         experiment: str | None = None, data: str | Path | None = None) -> Movie:
+    """Original | reconstruction | residual (grey is 0) of an AE's held-out trials, or of the
+    first trials of ``data``, a session the model never saw.
 
     ``reference``: a run id, ``models:/NAME@ALIAS``, or ``best`` of ``experiment`` (as in
     every movie here)."""
     run = resolve_upstream(reference, "ae", experiment, store=store)
-    session = run_session(run)
     model = _ae_model(run, store)
-    trials = held_out_trials(run, session, n_trials)
+    session, trials, which = _shown_session(run, model, data, n_trials)
     panels = {"original": [], "reconstruction": [], "residual": []}
     for trial in trials:
         images = session.read("images", trial)
@@ -98,27 +98,50 @@ def reconstruction_movie(reference: str, out: str | Path, store: Store, n_trials
         panels["reconstruction"].append(channels_side_by_side(reconstruction))
         panels["residual"].append(np.clip(0.5 + channels_side_by_side(reconstruction - original), 0, 1))
     path = write_panel_movie([np.concatenate(p) for p in panels.values()], list(panels), out, fps)
-    return Movie(path, run, f"{len(trials)} held-out trials ({', '.join(map(trial_name, trials))}) of AE run "
+    return Movie(path, run, f"{len(trials)} {which} ({', '.join(map(trial_name, trials))}) of AE run "
                             f"{run.run_id}: original | reconstruction | residual")
 
 
+def _shown_session(run: RunSummary, ae, data: str | Path | None, n_trials: int,
+                   require: tuple[str, ...] = ("images",)) -> tuple[Session, list[int], str]:
+    """The session a movie shows, its trials and what they are: the run's own held-out trials,
+    or the first trials of ``data`` (checked against the AE ``ae``)."""
+    if data is None:
+        session = run_session(run, require)
+        return session, held_out_trials(run, session, n_trials), "held-out trials"
+    from bnet.apply.sessions import check_frames
+
+    session = open_session(data, require=require)
+    check_frames(ae, run, session)
+    return session, list(session.trials[:n_trials]), f"trials of {session.path.name}, new to the model,"
+
+
 def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20,
-                  experiment: str | None = None) -> Movie:
+                  experiment: str | None = None, data: str | Path | None = None) -> Movie:
     """Original | AE reconstruction | frames decoded from neural activity (the decoder's
-    predicted latents through the AE's decoder), on held-out trials."""
+    predicted latents through the AE's decoder), on held-out trials or on the first trials of
+    ``data``, a session with frames and neural activity the models never saw."""
     run = resolve_upstream(reference, "decoder", experiment, store=store)
     if run.tags.get(tags.TAG_TARGET) != "ae":
         raise TrackingError(f"run {run.run_id} decodes {run.tags.get(tags.TAG_TARGET)}: decoder movies need a "
                             f"decoder of AE latents (--target ae)")
     ae_run = resolve_upstream(run.tags[f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"], "ae", store=store)
-    session = run_session(run, ("images", "neural"))
     model = _ae_model(ae_run, store)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(run, f"{tags.EXPORTS_DIR}/predictions.hdf5", tmp, store)
-        if path is None:
-            raise TrackingError(f"decoder run {run.run_id} has no exports/predictions.hdf5")
-        predictions, splits = read_export(path, "predictions")
-    trials = list(splits.test[:n_trials])
+    if data is None:
+        session = run_session(run, ("images", "neural"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = download_artifact(run, f"{tags.EXPORTS_DIR}/predictions.hdf5", tmp, store)
+            if path is None:
+                raise TrackingError(f"decoder run {run.run_id} has no exports/predictions.hdf5")
+            predictions, splits = read_export(path, "predictions")
+        trials, which = list(splits.test[:n_trials]), "held-out trials"
+    else:
+        from bnet.apply.sessions import decoder_inputs
+
+        session, trials, which = _shown_session(ae_run, model, data, n_trials, ("images", "neural"))
+        decoder = load_model(run.run_id, store)
+        inputs = decoder_inputs(decoder, run, session)
+        predictions = {t: decoder.predict(torch.from_numpy(inputs[t])).numpy() for t in trials}
     panels = {"original": [], "AE reconstruction": [], "decoded from neural": []}
     for trial in trials:
         images = session.read("images", trial)
@@ -127,7 +150,7 @@ def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int =
         panels["decoded from neural"].append(channels_side_by_side(_reconstruct(model, images,
                                                                                predictions[trial])[0]))
     path = write_panel_movie([np.concatenate(p) for p in panels.values()], list(panels), out, fps)
-    return Movie(path, run, f"{len(trials)} held-out trials of decoder run {run.run_id} (AE run {ae_run.run_id}): "
+    return Movie(path, run, f"{len(trials)} {which} of decoder run {run.run_id} (AE run {ae_run.run_id}): "
                             f"original | AE reconstruction | decoded from neural")
 
 
@@ -146,15 +169,31 @@ def traversal_movie(reference: str, out: str | Path, store: Store, fps: int = 15
 
 
 def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4, min_frames: int = 5,
-                   fps: int = 20, experiment: str | None = None) -> Movie:
-    """One panel per ARHMM state: clips of the frames where it held, one after another."""
+                   fps: int = 20, experiment: str | None = None, data: str | Path | None = None) -> Movie:
+    """One panel per ARHMM state: clips of the frames where it held, in the run's own session
+    or in ``data``, a video session the models never saw (its states found by the ARHMM over
+    the latents of the ARHMM's own AE)."""
     run = resolve_upstream(reference, "arhmm", experiment, store=store)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(run, f"{tags.EXPORTS_DIR}/states.hdf5", tmp, store)
-        if path is None:
-            raise TrackingError(f"run {run.run_id} exported no states (export_states was off)")
-        states, _ = read_export(path, "states")
-    session = run_session(run)
+    if data is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = download_artifact(run, f"{tags.EXPORTS_DIR}/states.hdf5", tmp, store)
+            if path is None:
+                raise TrackingError(f"run {run.run_id} exported no states (export_states was off)")
+            states, _ = read_export(path, "states")
+        session, where = run_session(run), "its session"
+    else:
+        from bnet.models.serving import encode_session, segment
+
+        ae_id = run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id")
+        if not ae_id:
+            raise TrackingError(f"ARHMM run {run.run_id} segments labels: syllables of new video need an ARHMM of "
+                                f"AE latents")
+        ae_run = resolve_upstream(ae_id, "ae", store=store)
+        ae = _ae_model(ae_run, store)
+        session, trials, _ = _shown_session(ae_run, ae, data, 0)
+        latents = encode_session(ae, session, torch.device("cpu"))
+        paths, _ = segment(load_model(run.run_id, store), [latents[t] for t in session.trials])
+        states, where = dict(zip(session.trials, paths)), f"{session.path.name}, new to the models"
     n_states = int(run.params["n_arhmm_states"])
     panels, titles = [], []
     gap = np.zeros((3, session.image_shape[1], session.image_shape[0] * session.image_shape[2]))
@@ -164,7 +203,7 @@ def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4
         panels.append(np.concatenate([p for part in parts for p in (part, gap)]) if parts else gap[:1])
         titles.append(f"state {state} ({len(segments)} clips)")
     path = write_panel_movie(panels, titles, out, fps)
-    return Movie(path, run, f"{n_states} states of ARHMM run {run.run_id}, up to {clips} clips each")
+    return Movie(path, run, f"{n_states} states of ARHMM run {run.run_id} in {where}, up to {clips} clips each")
 
 
 SAMPLE_BURN_IN = 20

@@ -34,6 +34,8 @@ MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # the project's commit, where it
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 
-CHECKPOINT_PATH = "checkpoint/model.pt"
+MODEL_DIR = "checkpoint"  # an MLflow Model (bnet.tracking.pyfunc); a registered version's source
+CHECKPOINT_PATH = "checkpoint/artifacts/model.pt"
+LEGACY_CHECKPOINT_PATH = "checkpoint/model.pt"  # runs logged before checkpoints were MLflow Models
 EXPORTS_DIR = "exports"
 PLOTS_DIR = "plots"

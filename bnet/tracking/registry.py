@@ -1,8 +1,9 @@
 """The model registry: register a run's checkpoint, load a model back by URI.
 
-A model version's source is the run's ``checkpoint/`` folder; loading downloads
-``checkpoint/model.pt`` and rebuilds the model through the model registry of
-:mod:`bnet.models` with ``torch.load(weights_only=True)`` — no pickled code runs.
+A model version's source is the run's ``checkpoint/`` folder, an MLflow Model
+(:mod:`bnet.tracking.pyfunc`); loading downloads its ``artifacts/model.pt`` (``model.pt`` in
+runs logged before checkpoints were MLflow Models) and rebuilds the model through the model
+registry of :mod:`bnet.models` with ``torch.load(weights_only=True)`` — no pickled code runs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def register_run(run: RunSummary, name: str, alias: str | None = "champion",
         )
     # a trial answered by another study's fit registers that fit's checkpoint
     holder = run if run.artifact_run_id == run.run_id else get_run(run.artifact_run_id, store)
-    source = f"{holder.artifact_uri}/{tags.CHECKPOINT_PATH.rsplit('/', 1)[0]}"
+    source = f"{holder.artifact_uri}/{tags.MODEL_DIR}"
     version = client.create_model_version(
         name, source=source, run_id=run.run_id,
         tags={k: v for k, v in run.tags.items() if k.startswith("bnet.")},
@@ -82,7 +83,8 @@ def resolve_model_uri(uri: str, store: Store | None = None) -> RunSummary:
 
 
 def download_checkpoint(run: RunSummary, destination: str, store: Store | None = None) -> str:
-    path = download_artifact(run, tags.CHECKPOINT_PATH, destination, store)
+    path = (download_artifact(run, tags.CHECKPOINT_PATH, destination, store)
+            or download_artifact(run, tags.LEGACY_CHECKPOINT_PATH, destination, store))
     if path is None:
         raise TrackingError(f"run {run.run_id} has no {tags.CHECKPOINT_PATH} artifact")
     return path

@@ -95,12 +95,18 @@ class RunLogger:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
     def log_checkpoint(self, model, metadata: dict[str, Any]) -> None:
-        """The model's state dict and rebuilding config as ``checkpoint/model.pt``."""
+        """The model as an MLflow Model in ``checkpoint/`` (bnet.tracking.pyfunc): its state dict
+        and rebuilding config are ``checkpoint/artifacts/model.pt``."""
         from bnet.models.checkpoint import save_checkpoint
+        from bnet.tracking.pyfunc import save_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.log_file(save_checkpoint(Path(tmp) / "model.pt", model, {"run_id": self.run_id, **metadata}),
-                          tags.CHECKPOINT_PATH.rsplit("/", 1)[0])
+            checkpoint = save_checkpoint(Path(tmp) / "model.pt", model, {"run_id": self.run_id, **metadata})
+            folder = Path(tmp) / tags.MODEL_DIR
+            if not save_model(folder, checkpoint):
+                (folder / "artifacts").mkdir(parents=True)
+                checkpoint.rename(folder / "artifacts" / checkpoint.name)
+            self.client.log_artifacts(self.run_id, str(folder), tags.MODEL_DIR)
 
     def log_text(self, text: str, name: str) -> None:
         retry_transient(lambda: self.client.log_text(self.run_id, text, name))

@@ -95,6 +95,7 @@ def connect(store: Store):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring..." per trial
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example..." per checkpoint
 
     if store.artifact_root is not None or store.optuna_storage.startswith("sqlite:"):
         store.root.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from bnet.models.ae import AEConfig
 from bnet.models.ae_arch import architecture_from_json, architecture_values, estimate_memory_gb
 from bnet.models.ae_losses import label_mask, mean_abs_correlation, r2_score
 from bnet.models.frame_metrics import MeanFrame
+from bnet.models.serving import encode_session
 from bnet.plotting import plot_reconstructions, plot_training_curves
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import fitted_datasets
@@ -388,24 +389,6 @@ def session_accuracy(train_x: np.ndarray, train_sessions: np.ndarray, x: np.ndar
     with torch.no_grad():
         predicted = classifier(torch.from_numpy((x - mean) / std).float()).argmax(1).numpy()
     return float((predicted == sessions).mean())
-
-
-@torch.no_grad()
-def encode_session(model, session: Session, device: torch.device, session_index: int | None = None,
-                   labels: bool = False, chunk: int = 256) -> dict[int, np.ndarray]:
-    """Latents (T, n_latents) of every trial of a session (``session_index`` picks its
-    session-specific layers in a multi-session model; ``labels`` feeds conditional encoders)."""
-    model.to(device).eval()
-    signals = ("images", "labels") if labels else ("images",)
-    batches = TrialBatches(session, session.trials, signals, chunk)
-    latents: dict[int, list[np.ndarray]] = {t: [] for t in session.trials}
-    for i, (trial, _, _) in enumerate(batches.index):
-        batch = {k: v.to(device) for k, v in batches[i].items()}
-        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-        if session_index is not None:
-            batch["session"] = torch.full((len(batch["images"]),), session_index, dtype=torch.long, device=device)
-        latents[trial].append(model.posterior(batch)[0].float().cpu().numpy())
-    return {t: np.concatenate(parts) for t, parts in latents.items()}
 
 
 def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:

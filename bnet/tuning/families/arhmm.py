@@ -105,7 +105,7 @@ def ae_observations(session: Session, ae_run: RunSummary, store: Store) -> Obser
     if exported is not None:
         latents, splits = exported
     else:
-        from bnet.tuning.families.ae import encode_session
+        from bnet.models.serving import encode_session
 
         model = load_model(ae_run.run_id, store)
         latents = encode_session(model, session, torch.device("cpu"))
