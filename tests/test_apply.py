@@ -25,7 +25,7 @@ AE_YAML = ("experiment: ae\nmodel: {model_type: conv, n_ae_latents: 4}\n"
            "training: {learning_rate: 0.001, max_n_epochs: 8, batch_size: null}\ntuning: {n_trials: 1}\n")
 ARHMM_YAML = "experiment: seg\nmodel: {n_arhmm_states: 3, n_arhmm_lags: 1}\ntraining: {n_iters: 5}\ntuning: {n_trials: 1}\n"
 DECODER_YAML = ("experiment: dec\nmodel: {n_lags: 1, n_hid_layers: 0}\n"
-                "training: {learning_rate: 0.01, max_n_epochs: 30}\ntuning: {n_trials: 2}\n")
+                "training: {learning_rate: 0.05, max_n_epochs: 80}\ntuning: {n_trials: 2}\n")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,12 @@ def fitted(tmp_path_factory):
     return {"root": root, "store": store, "resolved": resolve_store(store), "data": first, "second": second}
 
 
-def _apply_runs(fitted, family):
+def _apply_runs(fitted, family, data=None):
+    """The apply runs of a family (of one file)."""
     client = MlflowClient(fitted["resolved"].tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, f"tags.`bnet.family` = 'apply' and tags.`bnet.applied_family` = '{family}'")
+    runs = client.search_runs(experiments, f"tags.`bnet.family` = 'apply' and tags.`bnet.applied_family` = '{family}'")
+    return [r for r in runs if data is None or r.data.tags["bnet.data_path"] == str(data)]
 
 
 def test_a_second_recording_differs_from_the_first(fitted):
@@ -75,7 +77,7 @@ def test_apply_ae_writes_the_latents_its_model_computes(fitted):
     with torch.no_grad():
         expected = model.encode(torch.from_numpy(session.read("images", 5)).float() / 255).numpy()
     np.testing.assert_allclose(latents[5], expected, rtol=1e-5, atol=1e-6)
-    (run,) = _apply_runs(fitted, "ae")
+    run = next(r for r in _apply_runs(fitted, "ae", fitted["second"]) if r.info.run_id in output)
     tags, metrics = run.data.tags, run.data.metrics
     assert tags["bnet.upstream.ae_run_id"] == model.run.run_id
     assert tags["bnet.data_hash"] == session.data_hash
@@ -84,7 +86,7 @@ def test_apply_ae_writes_the_latents_its_model_computes(fitted):
         assert f.attrs["run_id"] == run.info.run_id
     # a second recording of the animal is reconstructed about as well as the fitted one's test trials
     assert metrics["mse_vs_fitted_test"] < 1.5, metrics
-    assert 0 < metrics["var_explained"] <= 1
+    assert metrics["var_explained"] > 0.3, metrics
     lineage = invoke("lineage", written, "--store", fitted["store"])
     assert run.info.run_id in lineage and model.run.run_id in lineage and str(fitted["data"]) in lineage
 
@@ -105,13 +107,16 @@ def test_apply_pipeline_links_latents_and_states(fitted):
     latents_run = state_run.data.tags["bnet.upstream.latents_run_id"]
     lineage = invoke("lineage", state_run.info.run_id, "--store", fitted["store"])
     assert latents_run in lineage and model.run.run_id in lineage
-    assert 1 <= state_run.data.metrics["mean_state_duration"]
+    assert state_run.data.metrics["mean_state_duration"] > 2  # the states persist, as the animal's did
     # the same latents through --latents give the same states
-    invoke("apply", "arhmm", "models:/arhmm-tiny@champion", "--latents",
-           out / "synthetic_bnet-synth_seed3_day2.latents.hdf5", "--out", fitted["root"] / "again",
-           "--store", fitted["store"])
+    output = invoke("apply", "arhmm", "models:/arhmm-tiny@champion", "--latents",
+                    out / "synthetic_bnet-synth_seed3_day2.latents.hdf5", "--out", fitted["root"] / "again",
+                    "--store", fitted["store"])
     again, _ = read_export(next((fitted["root"] / "again").glob("*.states.hdf5")), "states")
     assert all(np.array_equal(again[t], states[t]) for t in states)
+    # the file names the run that wrote it: lineage goes through it to the AE's apply run
+    again_run = next(r for r in _apply_runs(fitted, "arhmm") if r.info.run_id in output)
+    assert again_run.data.tags["bnet.upstream.latents_run_id"] == latents_run
 
 
 def test_apply_decoder_predicts_labels_of_a_new_recording(fitted):
@@ -121,8 +126,10 @@ def test_apply_decoder_predicts_labels_of_a_new_recording(fitted):
     model = load_model("models:/dec-tiny@champion", fitted["resolved"])
     neural = open_session(fitted["second"]).read("neural", 2)
     np.testing.assert_allclose(predictions[2], model.predict(torch.from_numpy(neural)).numpy(), rtol=1e-5, atol=1e-6)
-    (run,) = _apply_runs(fitted, "decoder")
-    assert np.isfinite(run.data.metrics["r2"])
+    (run,) = [r for r in _apply_runs(fitted, "decoder", fitted["second"])
+              if r.data.tags["bnet.model_reference"] == "models:/dec-tiny@champion"]
+    # the same animal's neurons: the labels of the new recording are decoded about as well
+    assert run.data.metrics["r2"] > 0.5, run.data.metrics
 
 
 def test_apply_an_ensemble_of_decoders(fitted, tmp_path):
@@ -163,19 +170,25 @@ def test_latents_of_another_dimension_are_refused(fitted, tmp_path):
 @pytest.mark.slow
 def test_sessions_spread_over_workers_give_the_same_latents(fitted, tmp_path):
     third = synthesize(tmp_path / "day3.hdf5", SynthConfig(**{**RECORDING.__dict__, "recording_seed": 2}))
-    invoke("apply", "ae", "models:/ae-tiny@champion", "--data", fitted["second"], "--data", third,
-           "--n-workers", "2", "--out", tmp_path / "out", "--store", fitted["store"])
-    latents, _ = read_export(tmp_path / "out" / "synthetic_bnet-synth_seed3_day2.latents.hdf5", "latents")
-    alone, _ = read_export(fitted["root"] / "out" / "synthetic_bnet-synth_seed3_day2.latents.hdf5", "latents")
+    short = synthesize(tmp_path / "day4.hdf5", SynthConfig(**{**RECORDING.__dict__, "recording_seed": 3,
+                                                              "n_trials": 4}))
+    output = invoke("apply", "ae", "models:/ae-tiny@champion", "--data", fitted["second"], "--data", third,
+                    "--data", short, "--n-workers", "2", "--out", tmp_path / "workers", "--store", fitted["store"])
+    invoke("apply", "ae", "models:/ae-tiny@champion", "--data", third, "--out", tmp_path / "alone",
+           "--store", fitted["store"])
+    latents, _ = read_export(tmp_path / "workers" / "synthetic_bnet-synth_seed3_day3.latents.hdf5", "latents")
+    alone, _ = read_export(tmp_path / "alone" / "synthetic_bnet-synth_seed3_day3.latents.hdf5", "latents")
     assert all(np.allclose(latents[t], alone[t], atol=1e-6) for t in alone)
-    assert (tmp_path / "out" / "synthetic_bnet-synth_seed3_day3.latents.hdf5").exists()
+    assert "applied to 3 session(s)" in output
+    # a session shorter than one block of the model's splits: all its trials are test trials
+    _, splits = read_export(tmp_path / "workers" / "synthetic_bnet-synth_seed3_day4.latents.hdf5", "latents")
+    assert splits.test == (0, 1, 2, 3) and not splits.train
 
 
 # --- registered versions are MLflow Models ---------------------------------------------------
 
 def _pyfunc(fitted, name):
     mlflow.set_tracking_uri(fitted["resolved"].tracking_uri)
-    mlflow.set_registry_uri(fitted["resolved"].tracking_uri)
     try:
         return mlflow.pyfunc.load_model(f"models:/{name}@champion")
     finally:
@@ -325,14 +338,23 @@ def test_runs_logged_before_checkpoints_were_mlflow_models_still_load(tmp_path):
     from bnet.models import build_model
     from bnet.models.ae import AEConfig
     from bnet.models.checkpoint import save_checkpoint
-    from bnet.tracking.store import connect
+    from bnet.tracking.store import connect, ensure_experiment
 
     store = resolve_store(tmp_path / "store")
     client = connect(store)
-    run = client.create_run(client.create_experiment("old"), tags={"bnet.family": "ae"})
+    run = client.create_run(ensure_experiment(client, store, "old"), tags={"bnet.family": "ae"})
     model = build_model(AEConfig(model_class="ae", n_ae_latents=3, y_pixels=16, x_pixels=16))
     client.log_artifact(run.info.run_id, str(save_checkpoint(tmp_path / "model.pt", model)), "checkpoint")
     loaded = load_model(run.info.run_id, store)
     frames = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
         np.testing.assert_allclose(loaded.encode(frames).numpy(), model.eval().encode(frames).numpy(), atol=1e-6)
+
+
+def test_a_file_that_fails_fails_alone(fitted, tmp_path):
+    other = synthesize(tmp_path / "other.hdf5", SynthConfig(**{**RECORDING.__dict__, "y_pixels": 24}))
+    before = len(_apply_runs(fitted, "ae", fitted["second"]))
+    result = run_cli("apply", "ae", "models:/ae-tiny@champion", "--data", other, "--data", fitted["second"],
+                     "--store", fitted["store"])
+    assert_clean_failure(result, "1 of 2 file(s) failed (1 applied)", "other.hdf5", "frames are 1x24x32")
+    assert len(_apply_runs(fitted, "ae", fitted["second"])) == before + 1

@@ -12,8 +12,8 @@ summary a user compares with the model's own fit to see a drift: an AE's reconst
 and the share of the session's frame variance it explains, an ARHMM's state usage and mean
 state duration, a decoder's predictions' spread (and R^2 where the session has its target).
 
-Sessions are read one trial at a time, so memory is bounded by a trial whatever the session's
-length; ``n_workers`` spreads sessions over processes.
+Frames are read one trial at a time (a session's frames are never all in memory; its outputs,
+latents or states, are); ``n_workers`` spreads sessions over processes.
 """
 
 from __future__ import annotations
@@ -33,15 +33,17 @@ import torch
 
 from bnet.data import open_session
 from bnet.data.exports import read_export, write_export
-from bnet.data.session import Session, trial_name
+from bnet.data.session import Session, file_digest, trial_name
 from bnet.data.sessions import session_slug
-from bnet.data.splits import split_trials
+from bnet.data.splits import TrialSplits, split_trials
 from bnet.errors import BnetError, ConfigError, DataError
-from bnet.models.serving import encode_frames, face_of, frame_shape, n_inputs, reads_labels, segment
+from bnet.models.arhmm.registered import LABEL_CLASSES
+from bnet.models.serving import decoder_input_size, encode_frames, frame_shape, reads_labels, segment, serving_spec
 from bnet.progress import Echo, Progress, say
 from bnet.tracking import conventions as tags
+from bnet.tracking.lineage import run_of_file
 from bnet.tracking.query import RunSummary, get_run
-from bnet.tracking.registry import load_model, resolve_upstream
+from bnet.tracking.registry import load_model, resolve_model_uri, resolve_upstream
 from bnet.tracking.store import Store, resolve_store
 from bnet.tracking.tracker import Tracker
 from bnet.tuning.common import split_settings
@@ -116,7 +118,7 @@ def check_frames(model, run: RunSummary, session: Session) -> None:
 
 
 @torch.no_grad()
-def _apply_ae(model, run: RunSummary, session: Session, logger) -> tuple[dict, dict[str, float]]:
+def _apply_ae(model, run: RunSummary, session: Session, echo: Echo) -> tuple[dict, dict[str, float]]:
     """Latents of every trial and the reconstruction's error against the session's own frames."""
     model.eval()
     labels = reads_labels(model)
@@ -124,7 +126,7 @@ def _apply_ae(model, run: RunSummary, session: Session, logger) -> tuple[dict, d
     squared_error = total = total_squares = 0.0
     n_frames = 0
     # a bar on a terminal; in a log the line each session ends with says enough
-    progress = Progress(session.n_trials, f"  {session.path.name}", logger, unit="trial") if sys.stderr.isatty() else None
+    progress = Progress(session.n_trials, f"  {session.path.name}", echo, unit="trial") if sys.stderr.isatty() else None
     for trial in session.trials:
         images = session.read("images", trial)
         trial_labels = session.read("labels", trial) if labels else None
@@ -190,29 +192,21 @@ def _apply_arhmm(model, values: dict[int, np.ndarray]) -> tuple[dict, dict[str, 
 
 # --- decoders -------------------------------------------------------------------------------
 
-def decoder_inputs(model, run: RunSummary, session: Session) -> dict[int, np.ndarray]:
+def decoder_inputs(model, run: RunSummary, session: Session, store: Store) -> dict[int, np.ndarray]:
     """The session's neural activity as the decoder read it (its neuron subset), checked."""
-    from bnet.tuning.families.decoder import ENCODERS, neuron_subsets
+    from bnet.tuning.families.decoder import ENCODERS, neurons_of_run
 
     if model.config.model_class in ENCODERS or run.tags.get(tags.TAG_MODEL_CLASS) in ENCODERS:
         raise ConfigError(f"run {run.run_id} is an encoder ({model.config.model_class}): bnet apply decoder runs "
                           f"decoders of neural activity")
-    if "neural" not in session.signals:
-        raise DataError(f"{session.path}: no group 'neural' (decoder run {run.run_id} reads neural activity)")
-    subset = run.tags.get(tags.TAG_NEURON_SUBSET, "all")
-    neurons = None
-    if subset != "all":
-        subsets = neuron_subsets(session, dict(run.params))
-        if subset not in subsets:
-            raise DataError(f"{session.path}: decoder run {run.run_id} reads neuron subset '{subset}', which this "
-                            f"session's regions do not define")
-        neurons = subsets[subset]
-    n_input = n_inputs(model)
+    # an ensemble's members share one neuron subset, set by their params
+    params = get_run(model.config.member_run_ids[0], store).params if run.family == "ensemble" else None
+    neurons = neurons_of_run(run, session, params)
     n_neurons = session.n_neurons if neurons is None else len(neurons)
-    if n_neurons != n_input:
-        raise DataError(f"{session.path}: {n_neurons} neurons" + (f" in subset '{subset}'" if neurons is not None
-                                                                  else "") +
-                        f", but decoder run {run.run_id} reads {n_input}")
+    if n_neurons != decoder_input_size(model):
+        subset = f" in subset '{run.tags.get(tags.TAG_NEURON_SUBSET)}'" if neurons is not None else ""
+        raise DataError(f"{session.path}: {n_neurons} neurons{subset}, but {run.family} run {run.run_id} reads "
+                        f"{decoder_input_size(model)}")
     neural = dict(zip(session.trials, session.read_all("neural")))
     return {t: (x if neurons is None else x[:, neurons]).astype(np.float32) for t, x in neural.items()}
 
@@ -221,8 +215,8 @@ def _apply_decoder(model, run: RunSummary, session: Session,
                    inputs: dict[int, np.ndarray]) -> tuple[dict, dict[str, float]]:
     from bnet.models.decoder_metrics import r2_score, score_trials
 
-    face = face_of(model)
-    predictions = {t: face(model, x, f"{session.path} {trial_name(t)}")["predictions"] for t, x in inputs.items()}
+    spec = serving_spec(model)
+    predictions = {t: spec(model, x, f"{session.path} {trial_name(t)}")["predictions"] for t, x in inputs.items()}
     stacked = np.concatenate(list(predictions.values()))
     summary = {"n_frames": len(stacked), "n_trials": len(predictions),
                "prediction_std": float(stacked.std(0).mean())}
@@ -244,34 +238,40 @@ def apply_one(job: Job, store: Store, echo: Echo = say) -> Applied:
     model = _model(job.model_run_id, store)
     family = job.family
     source = Path(job.source).absolute()
-    if family == "arhmm" and (job.input_run_id or _is_export(source)):
-        # latents: of the session named (pipeline) or in the file itself
-        session = open_session(source, require=()) if job.input_run_id else None
+    latents_run_id = job.input_run_id
+    # everything is read and checked before the run exists: a file the model cannot read leaves no run
+    if family == "arhmm" and (latents_run_id or _is_export(source)):
+        # latents: of the session named (pipeline), or in the file itself
+        session = open_session(source, require=()) if latents_run_id else None
+        if latents_run_id:
+            values = _latents_of_run(latents_run_id, store)
+        else:
+            values = read_export(source, "latents")[0]
+            latents_run_id = _writer(source)
     else:
         session = open_session(source, require=_required(family, model))
-    # everything checked before the run exists: a session the model cannot read leaves no run
     if family == "ae":
         check_frames(model, run, session)
+        trials = session.trials
     elif family == "arhmm":
-        if job.input_run_id:
-            values = _latents_of_run(job.input_run_id, store)
-        elif session is None:
-            values = read_export(source, "latents")[0]
-        else:  # a class fitted to labels
+        if session is not None and latents_run_id is None:  # a class fitted to labels
             values = {t: x.astype(np.float64) for t, x in zip(session.trials, session.read_all("labels"))}
         check_latents(model, run, values, str(source))
+        trials = tuple(sorted(values))
     else:
-        inputs = decoder_inputs(model, run, session)
+        inputs = decoder_inputs(model, run, session, store)
+        trials = session.trials
+    splits = new_data_splits(trials, run, str(source))
     tracker = Tracker(store)
     experiment_id = tracker.experiment(job.experiment) if job.experiment else run.experiment_id
-    digest = session.data_hash if session is not None else _file_digest(source)
+    digest = session.data_hash if session is not None else file_digest(source)
     run_tags = {
         tags.TAG_ROLE: FAMILY, tags.TAG_FAMILY: FAMILY, TAG_APPLIED: family,
         tags.TAG_MODEL_CLASS: model.config.model_class, TAG_MODEL_REFERENCE: job.reference,
         tags.TAG_DATA_PATH: str(source), tags.TAG_DATA_HASH: digest,
         tags.TAG_DATASET: session.dataset_id if session is not None else source.stem,
         f"{tags.UPSTREAM_TAG_PREFIX}{'decoder' if family == 'ensemble' else family}_run_id": run.run_id,
-        **({f"{tags.UPSTREAM_TAG_PREFIX}latents_run_id": job.input_run_id} if job.input_run_id else {}),
+        **({f"{tags.UPSTREAM_TAG_PREFIX}latents_run_id": latents_run_id} if latents_run_id else {}),
     }
     name = f"apply {model.config.model_class} {run.run_id[:8]} to {job.name}"
     logger = tracker.create_run(experiment_id, name, run_tags)
@@ -282,8 +282,6 @@ def apply_one(job: Job, store: Store, echo: Echo = say) -> Applied:
             outputs, summary = _apply_arhmm(model, values)
         else:
             outputs, summary = _apply_decoder(model, run, session, inputs)
-        trials = sorted(next(iter(outputs.values())))
-        splits = split_trials(tuple(trials), **split_settings(run.params), source=str(source))
         logger.log_params({"model_run_id": run.run_id, "model_reference": job.reference, "data": str(source)})
         logger.log_metrics(summary)
         export = f"{EXPORT_NAMES[family]}.hdf5"
@@ -306,6 +304,23 @@ def apply_one(job: Job, store: Store, echo: Echo = say) -> Applied:
     return Applied(logger.run_id, family, source, f"{tags.EXPORTS_DIR}/{export}", files, summary)
 
 
+def new_data_splits(trials: tuple[int, ...], run: RunSummary, source: str) -> TrialSplits:
+    """Splits of new trials by the model's split settings (so a later study can read the
+    outputs like a run's exports); a session shorter than one block of them is all test trials."""
+    try:
+        return split_trials(trials, **split_settings(run.params), source=source)
+    except DataError:
+        return TrialSplits((), (), tuple(trials))
+
+
+def _writer(path: Path) -> str | None:
+    """The run that wrote a latents file, where it says."""
+    try:
+        return run_of_file(path)
+    except BnetError:
+        return None
+
+
 def _required(family: str, model) -> tuple[str, ...]:
     if family == "ae":
         return ("images", "labels") if reads_labels(model) else ("images",)
@@ -325,16 +340,6 @@ def _is_export(path: Path) -> bool:
         return False
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            sha.update(block)
-    return sha.hexdigest()[:16]
-
-
 def _latents_of_run(run_id: str, store: Store) -> dict[int, np.ndarray]:
     from bnet.tracking.registry import download_artifact
 
@@ -347,38 +352,63 @@ def _latents_of_run(run_id: str, store: Store) -> dict[int, np.ndarray]:
 
 # --- many sessions --------------------------------------------------------------------------
 
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
 def _worker(job: Job, store: Store) -> Applied:
-    torch.set_num_threads(max(1, int(os.environ.get("BNET_APPLY_THREADS", "1"))))
     return apply_one(job, store, echo=lambda line: None)
 
 
 def run_jobs(jobs: list[Job], store: Store, n_workers: int = 1, echo: Echo = say) -> list[Applied]:
-    """Every job, one after another or over ``n_workers`` processes, reporting each session as it ends."""
+    """Every job, one after another or over ``n_workers`` processes, reporting each session as
+    it ends; a session that fails is reported and the others go on (one error names them all)."""
     if n_workers < 1:
         raise ConfigError(f"--n-workers must be at least 1, got {n_workers}")
     results: list[Applied] = []
+    failures: list[str] = []
 
     def report(applied: Applied) -> None:
         results.append(applied)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in applied.summary.items()
                           if k in ("mse", "var_explained", "mse_vs_fitted_test", "mean_state_duration",
                                    "n_states_used", "r2", "ll_per_step"))
-        echo(f"[{len(results)}/{len(jobs)}] {applied.source.name}: {applied.family} -> run {applied.run_id} "
-             f"{applied.export}" + (f" and {', '.join(map(str, applied.files))}" if applied.files else "")
-             + (f" ({shown})" if shown else ""))
+        echo(f"[{len(results) + len(failures)}/{len(jobs)}] {applied.source.name}: {applied.family} -> run "
+             f"{applied.run_id} {applied.export}" + (f" and {', '.join(map(str, applied.files))}" if applied.files
+                                                     else "") + (f" ({shown})" if shown else ""))
+        if applied.summary.get("var_explained", 1.0) <= 0:
+            echo(f"  warning: the AE explains {100 * applied.summary['var_explained']:.1f}% of "
+                 f"{applied.source.name}'s frame variance: no better than the session's own mean frame")
+
+    def fail(job: Job, err: BaseException) -> None:
+        if not isinstance(err, BnetError):
+            raise err
+        failures.append(f"{Path(job.source).name}: {err}")
+        echo(f"[{len(results) + len(failures)}/{len(jobs)}] {Path(job.source).name}: failed: {err}")
 
     if n_workers == 1 or len(jobs) == 1:
         for job in jobs:
-            report(apply_one(job, store, echo))
-        return results
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
-    os.environ["BNET_APPLY_THREADS"] = str(threads)
-    with ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_worker, job, store): job for job in jobs}
-        for future in as_completed(futures):
-            report(future.result())
-    order = {job.source: i for i, job in enumerate(jobs)}
-    return sorted(results, key=lambda a: order.get(str(a.source), 0))
+            try:
+                report(apply_one(job, store, echo))
+            except BnetError as err:
+                fail(job, err)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        with ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=get_context("spawn"),
+                                 initializer=_set_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_worker, job, store): job for job in jobs}
+            for future in as_completed(futures):
+                error = future.exception()
+                if error is None:
+                    report(future.result())
+                else:
+                    fail(futures[future], error)
+        order = {job.source: i for i, job in enumerate(jobs)}
+        results.sort(key=lambda a: order.get(str(a.source), 0))
+    if failures:
+        raise BnetError(f"{len(failures)} of {len(jobs)} file(s) failed ({len(results)} applied): "
+                        + "; ".join(failures))
+    return results
 
 
 def session_names(paths: list[Path]) -> list[str]:
@@ -391,15 +421,15 @@ def session_names(paths: list[Path]) -> list[str]:
         except DataError:
             names.append(path.stem)
     if len(set(names)) < len(names):
-        names = [f"{name}.{_file_digest(path)[:8]}" for name, path in zip(names, paths)]
+        names = [f"{name}.{file_digest(path)[:8]}" for name, path in zip(names, paths)]
     return names
 
 
 def resolve_model(reference: str, family: str, experiment: str | None, store: Store) -> RunSummary:
     """The finished model run ``reference`` names (``best`` ranks ``experiment``'s runs); a
     decoder may be an ensemble of decoders."""
-    from bnet.tracking.registry import resolve_model_uri
-
+    if reference == "best" and not experiment:
+        raise ConfigError(f"{family} best needs --model-experiment NAME: the experiment whose runs to rank")
     if family != "decoder" or reference == "best":
         return resolve_upstream(reference, family, experiment, store=store)
     run = resolve_model_uri(reference, store)
@@ -428,20 +458,29 @@ def apply(family: str, reference: str, sources: list[str | Path], out: str | Pat
     if not sources:
         raise ConfigError("nothing to apply the model to: name at least one --data (or --latents) file")
     run = resolve_model(reference, family, model_experiment, store)
+    return _apply_run(family, run, reference, sources, out, experiment, store, n_workers, echo)
+
+
+def _apply_run(family, run: RunSummary, reference: str, sources, out, experiment, store, n_workers, echo,
+               input_run_ids: list[str] | None = None) -> list[Applied]:
     paths = [Path(s).absolute() for s in sources]
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: no such file")
     kind = "ensemble" if run.family == "ensemble" else family
-    model = _model(run.run_id, store)
-    if kind == "arhmm" and not model.config.model_class.endswith("-labels"):
+    model_class = run.tags.get(tags.TAG_MODEL_CLASS, family)
+    if kind == "arhmm" and input_run_ids is None and model_class not in LABEL_CLASSES:
         for path in paths:
             if not _is_export(path):
                 raise DataError(f"{path}: not a latents file (ARHMM run {run.run_id} segments AE latents: pass "
                                 f"--latents from bnet apply ae, or --data with bnet apply pipeline)")
-    jobs = [Job(kind, run.run_id, reference, str(path), experiment, str(out) if out else None, name)
-            for path, name in zip(paths, session_names(paths))]
-    echo(f"applying {model.config.model_class} run {run.run_id} ({reference}) to {len(jobs)} file(s)")
+    if kind == "arhmm" and model_class in LABEL_CLASSES and any(_is_export(path) for path in paths):
+        raise DataError(f"ARHMM run {run.run_id} ({model_class}) segments a session's labels, not latents: "
+                        f"pass --data SESSION")
+    jobs = [Job(kind, run.run_id, reference, str(path), experiment, str(out) if out else None, name,
+                input_run_ids[i] if input_run_ids else None)
+            for i, (path, name) in enumerate(zip(paths, session_names(paths)))]
+    echo(f"applying {model_class} run {run.run_id} ({reference}) to {len(jobs)} file(s)")
     return run_jobs(jobs, store, n_workers, echo)
 
 
@@ -449,24 +488,20 @@ def apply_pipeline(sources: list[str | Path], arhmm: str, ae: str | None = None,
                    experiment: str | None = None, ae_experiment: str | None = None,
                    arhmm_experiment: str | None = None, store: Store | None = None, n_workers: int = 1,
                    echo: Echo = say) -> list[tuple[Applied, Applied]]:
-    """Video sessions -> latents -> states: the AE (by default the ARHMM's own upstream AE, from
-    its lineage) then the ARHMM, each session's two apply runs linked by lineage tags."""
+    """Video sessions -> latents -> states: the ARHMM's own AE (from its lineage; ``ae``, if
+    given, must name it) then the ARHMM, each session's two apply runs linked by lineage tags."""
     store = store or resolve_store()
-    arhmm_run = resolve_upstream(arhmm, "arhmm", arhmm_experiment, store=store)
+    arhmm_run = resolve_model(arhmm, "arhmm", arhmm_experiment, store)
     own_ae = arhmm_run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id")
-    if ae is None:
-        if not own_ae:
-            raise ConfigError(f"ARHMM run {arhmm_run.run_id} was fitted to labels, not to an AE's latents: "
-                              f"apply it with bnet apply arhmm --data")
-        ae = own_ae
-    ae_run = resolve_upstream(ae, "ae", ae_experiment, store=store)
-    if own_ae and ae_run.run_id != own_ae:
+    if not own_ae:
+        raise ConfigError(f"ARHMM run {arhmm_run.run_id} was fitted to labels, not to an AE's latents: apply it "
+                          f"with bnet apply arhmm --data")
+    ae_run = resolve_model(ae or own_ae, "ae", ae_experiment, store)
+    if ae_run.run_id != own_ae:
         raise ConfigError(f"ARHMM run {arhmm_run.run_id} segments the latents of AE run {own_ae}, not of "
                           f"{ae_run.run_id}: another AE's latents mean something else")
-    latents = apply("ae", ae_run.run_id, sources, out, experiment, store=store, n_workers=n_workers, echo=echo)
-    names = session_names([Path(s).absolute() for s in sources])
-    jobs = [Job("arhmm", arhmm_run.run_id, arhmm, str(a.source), experiment, str(out) if out else None, name,
-                input_run_id=a.run_id) for a, name in zip(latents, names)]
-    echo(f"segmenting with {arhmm_run.tags.get(tags.TAG_MODEL_CLASS, 'arhmm')} run {arhmm_run.run_id}")
-    states = run_jobs(jobs, store, n_workers, echo)
+    latents = _apply_run("ae", ae_run, ae or f"the AE of ARHMM run {arhmm_run.run_id}", sources, out, experiment,
+                         store, n_workers, echo)
+    states = _apply_run("arhmm", arhmm_run, arhmm, [a.source for a in latents], out, experiment, store, n_workers,
+                        echo, input_run_ids=[a.run_id for a in latents])
     return list(zip(latents, states))

@@ -61,8 +61,8 @@ def ae(reference, data, model_experiment, out, experiment, n_workers, store, tra
 def arhmm(reference, latents, data, model_experiment, out, experiment, n_workers, store, tracking_uri):
     """States (Viterbi and posterior probabilities) of new latents or sessions (REF: an ARHMM run)."""
     from bnet.apply import apply as run, apply_pipeline
+    from bnet.apply.sessions import resolve_model
     from bnet.tracking import conventions as tags
-    from bnet.tracking.registry import resolve_upstream
 
     if bool(latents) == bool(data):
         raise click.UsageError("give --latents FILE or --data SESSION (one of them)")
@@ -70,12 +70,12 @@ def arhmm(reference, latents, data, model_experiment, out, experiment, n_workers
     if latents:
         return _summary(run("arhmm", reference, list(latents), out, experiment, model_experiment, resolved,
                             n_workers, click.echo))
-    model = resolve_upstream(reference, "arhmm", model_experiment, store=resolved)
+    model = resolve_model(reference, "arhmm", model_experiment, resolved)
     if not model.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"):
         return _summary(run("arhmm", reference, list(data), out, experiment, model_experiment, resolved,
                             n_workers, click.echo))
-    pairs = apply_pipeline(list(data), model.run_id, None, out, experiment, store=resolved, n_workers=n_workers,
-                           echo=click.echo)
+    pairs = apply_pipeline(list(data), reference, None, out, experiment, arhmm_experiment=model_experiment,
+                           store=resolved, n_workers=n_workers, echo=click.echo)
     _summary([a for pair in pairs for a in pair])
 
 
@@ -95,7 +95,7 @@ def decoder(reference, data, model_experiment, out, experiment, n_workers, store
 
 @apply.command()
 @click.option("--ae", "ae_reference", default=None, metavar="REF",
-              help="The AE [default the ARHMM's own, from its lineage].")
+              help="The AE: the ARHMM's own, from its lineage [default]; naming it checks it is.")
 @click.option("--arhmm", "arhmm_reference", required=True, metavar="REF", help="The ARHMM.")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="A new video session (repeatable).")

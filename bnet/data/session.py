@@ -102,13 +102,18 @@ class Session:
 
     @cached_property
     def data_hash(self) -> str:
-        """The data identity every run records: the first 16 hex digits of the file's sha256
-        (read once per session object; the file can be large)."""
-        sha = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                sha.update(block)
-        return sha.hexdigest()[:16]
+        """The data identity every run records (:func:`file_digest`; read once per session
+        object: the file can be large)."""
+        return file_digest(self.path)
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's sha256: the identity runs record for their data."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()[:16]
 
 
 def open_session(path: str | Path, require: tuple[str, ...] = ("images",)) -> Session:

@@ -2,9 +2,9 @@
 
 ``bnet apply`` (new sessions), the MLflow python-function models of :mod:`bnet.tracking.pyfunc`
 (``mlflow.pyfunc.load_model``, ``mlflow models serve``) and notebooks call the same functions,
-so a model answers alike wherever it runs. Each family registers a :class:`Face`: the input it
+so a model answers alike wherever it runs. Each family registers a :class:`ServingSpec`: the input it
 reads (one array: frames, latents of one trial, neural activity of one trial), how to check an
-input against the model with an error naming the mismatch, how to answer, and an example
+input against the model with an error naming the mismatch, how to predict, and an example
 input made from the model itself (the frame its decoder draws at zero latents, a trial sampled
 from an ARHMM, a decoder's mean input), so a checkpoint carries a working example without the
 data it was fitted to.
@@ -25,22 +25,22 @@ from bnet.models.registry import model_entry
 
 
 @dataclass(frozen=True)
-class Face:
+class ServingSpec:
     """How a family's models are used on data they were not fitted to.
 
     Attributes:
         inputs: ``model -> {name: shape}``, -1 where any length goes: what the model reads (one
             array, given bare or by name, or several by name: frames and labels).
-        layouts: each input's shape and values in words, for errors and documentation.
-        answer: ``(model, {name: checked float32 array}, params) -> {name: array}``; the first
+        input_docs: each input's shape and values in words, for errors and documentation.
+        predict: ``(model, {name: checked float32 array}, params) -> {name: array}``; the first
             name is the main answer (latents, states, predictions).
         example: a small input made from the model alone (``{name: array}``).
         params: the parameters ``answer`` takes, with their defaults.
     """
 
     inputs: Callable[[Any], dict[str, tuple[int, ...]]]
-    layouts: dict[str, str]
-    answer: Callable[[Any, dict[str, np.ndarray], dict[str, Any]], dict[str, np.ndarray]]
+    input_docs: dict[str, str]
+    predict: Callable[[Any, dict[str, np.ndarray], dict[str, Any]], dict[str, np.ndarray]]
     example: Callable[[Any], dict[str, np.ndarray]]
     params: dict[str, Any]
 
@@ -63,7 +63,7 @@ class Face:
             if array.ndim != len(shape) or any(e not in (-1, a) for e, a in zip(shape, array.shape)):
                 shown = "(" + ", ".join("n" if e == -1 else str(e) for e in shape) + ")"
                 raise DataError(f"{source}: {name} of shape {array.shape}, but {model.config.model_class} model "
-                                f"reads {self.layouts[name]} {shown}")
+                                f"reads {self.input_docs[name]} {shown}")
             if not np.issubdtype(array.dtype, np.number):
                 raise DataError(f"{source}: {name} of type {array.dtype}, not numbers")
             array = array.astype(np.float32, copy=False)
@@ -77,19 +77,19 @@ class Face:
         if unknown:
             raise DataError(f"{source}: unknown parameter(s) {', '.join(unknown)} (takes "
                             f"{', '.join(self.params) or 'none'})")
-        return self.answer(model, self.check(model, values, source), {**self.params, **params})
+        return self.predict(model, self.check(model, values, source), {**self.params, **params})
 
 
-_FACES: dict[str, Face] = {}
+_SPECS: dict[str, ServingSpec] = {}
 
 
-def register_face(family: str, face: Face) -> None:
-    _FACES[family] = face
+def register_serving(family: str, spec: ServingSpec) -> None:
+    _SPECS[family] = spec
 
 
-def face_of(model) -> Face | None:
-    """The face of a fitted model's family (None where its family registered none)."""
-    return _FACES.get(model_entry(model.config.model_class).family)
+def serving_spec(model) -> ServingSpec | None:
+    """How a fitted model is served (None where its family registered nothing)."""
+    return _SPECS.get(model_entry(model.config.model_class).family)
 
 
 # --- autoencoders: frames -> latents --------------------------------------------------------
@@ -141,7 +141,7 @@ def _ae_inputs(model) -> dict[str, tuple[int, ...]]:
     return {**frames, **labels} if reads_labels(model) else frames
 
 
-def _ae_answer(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+def _ae_predict(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
     """Latents of frames; frames of labels for a class with no encoder."""
     if not model.has_encoder:
         model.eval()
@@ -151,14 +151,9 @@ def _ae_answer(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> 
     if frames.size and float(frames.max()) > 1.5:
         raise DataError(f"frames range up to {float(frames.max()):g}: the model reads frames in [0, 1] "
                         f"(divide 8-bit frames by 255)")
-    n_sessions = int(getattr(model.config, "n_sessions", 1))
-    session = int(params["session"])
-    if not 0 <= session < n_sessions:
-        raise DataError(f"session {session} is not one of the model's {n_sessions} session(s)")
     labels = torch.from_numpy(inputs["labels"]) if "labels" in inputs else None
     model.eval()
-    latents = encode_frames(model, torch.from_numpy(frames), session if n_sessions > 1 else None, labels)
-    return {"latents": latents.numpy()}
+    return {"latents": encode_frames(model, torch.from_numpy(frames), labels=labels).numpy()}
 
 
 @torch.no_grad()
@@ -172,9 +167,9 @@ def _ae_example(model) -> dict[str, np.ndarray]:
     return {"frames": frame, **({"labels": labels.numpy()} if labels is not None else {})}
 
 
-register_face("ae", Face(
-    inputs=_ae_inputs, answer=_ae_answer, example=_ae_example, params={"session": 0},
-    layouts={"frames": "frames (n, channels, y pixels, x pixels) in [0, 1]",
+register_serving("ae", ServingSpec(
+    inputs=_ae_inputs, predict=_ae_predict, example=_ae_example, params={},
+    input_docs={"frames": "frames (n, channels, y pixels, x pixels) in [0, 1]",
              "labels": "labels (n, label dimensions)"}))
 
 
@@ -189,7 +184,7 @@ def segment(model, trials: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.
     return states, probs
 
 
-def _arhmm_answer(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+def _arhmm_predict(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
     latents = inputs["latents"]
     lags = int(model.config.n_arhmm_lags)
     if len(latents) <= lags:
@@ -203,19 +198,19 @@ def _arhmm_example(model) -> dict[str, np.ndarray]:
     return {"latents": x[0].cpu().numpy().astype(np.float32)}
 
 
-register_face("arhmm", Face(
-    inputs=lambda model: {"latents": (-1, model.engine.n_dims)}, answer=_arhmm_answer, example=_arhmm_example,
-    params={}, layouts={"latents": "one trial's latents (frames, dimensions)"}))
+register_serving("arhmm", ServingSpec(
+    inputs=lambda model: {"latents": (-1, model.engine.n_dims)}, predict=_arhmm_predict, example=_arhmm_example,
+    params={}, input_docs={"latents": "one trial's latents (frames, dimensions)"}))
 
 
 # --- decoders and their ensembles: neural activity of one trial -> predictions ---------------
 
-def n_inputs(model) -> int:
+def decoder_input_size(model) -> int:
     """What a decoder (or each member of an ensemble) reads per frame."""
     return int(model.config.members[0]["n_input"] if hasattr(model.config, "members") else model.config.n_input)
 
 
-def _decoder_answer(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+def _decoder_predict(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
     model.eval()
     with torch.no_grad():
         return {"predictions": model.predict(torch.from_numpy(inputs["inputs"])).float().numpy()}
@@ -227,8 +222,9 @@ def _decoder_example(model) -> dict[str, np.ndarray]:
     return {"inputs": np.repeat(decoder.input_mean.float().numpy()[None], 10, axis=0)}
 
 
-DECODER_FACE = Face(
-    inputs=lambda model: {"inputs": (-1, n_inputs(model))}, answer=_decoder_answer, example=_decoder_example,
-    params={}, layouts={"inputs": "one trial's inputs (frames, neurons or behaviour dimensions)"})
-register_face("decoder", DECODER_FACE)
-register_face("ensemble", DECODER_FACE)
+DECODER_SERVING = ServingSpec(
+    inputs=lambda model: {"inputs": (-1, decoder_input_size(model))}, predict=_decoder_predict,
+    example=_decoder_example, params={},
+    input_docs={"inputs": "one trial's inputs (frames, neurons or behaviour dimensions)"})
+register_serving("decoder", DECODER_SERVING)
+register_serving("ensemble", DECODER_SERVING)

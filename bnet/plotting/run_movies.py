@@ -140,7 +140,7 @@ def decoder_movie(reference: str, out: str | Path, store: Store, n_trials: int =
 
         session, trials, which = _shown_session(ae_run, model, data, n_trials, ("images", "neural"))
         decoder = load_model(run.run_id, store)
-        inputs = decoder_inputs(decoder, run, session)
+        inputs = decoder_inputs(decoder, run, session, store)
         predictions = {t: decoder.predict(torch.from_numpy(inputs[t])).numpy() for t in trials}
     panels = {"original": [], "AE reconstruction": [], "decoded from neural": []}
     for trial in trials:
@@ -190,7 +190,7 @@ def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4
                                 f"AE latents")
         ae_run = resolve_upstream(ae_id, "ae", store=store)
         ae = _ae_model(ae_run, store)
-        session, trials, _ = _shown_session(ae_run, ae, data, 0)
+        session, _, _ = _shown_session(ae_run, ae, data, 0)  # _ae_model: an AE that reads frames alone
         latents = encode_session(ae, session, torch.device("cpu"))
         paths, _ = segment(load_model(run.run_id, store), [latents[t] for t in session.trials])
         states, where = dict(zip(session.trials, paths)), f"{session.path.name}, new to the models"

@@ -27,6 +27,7 @@ TAG_TARGET_KIND = "bnet.target_kind"
 UPSTREAM_TAG_PREFIX = "bnet.upstream."  # + "<family>_run_id"
 TAG_BEST = "bnet.best"  # parent run: the study's answer so far ("best_val_loss 0.0033 (trial 3)")
 TAG_VERSION = "bnet.version"  # the bnet that made the run
+TAG_PYFUNC_ERROR = "bnet.pyfunc_error"  # why a run's checkpoint could not be saved as an MLflow Model
 MLFLOW_PARENT = "mlflow.parentRunId"
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # the project's commit, where it is a git repository

@@ -1,7 +1,7 @@
 """Every checkpoint bnet logs is also an MLflow Model with a python-function flavour.
 
 The run's ``checkpoint/`` folder is the model: ``MLmodel`` (signature, input example, pip
-requirements), ``code/pyfunc_model.py`` (what MLflow executes to load it: no pickled object is
+requirements), ``pyfunc_model.py`` (what MLflow executes to load it: no pickled object is
 stored) and ``artifacts/model.pt`` (the state dict and the config that rebuilds it). So
 ``mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(x)``, ``mlflow models predict`` and
 ``mlflow models serve`` use a registered version, answering as ``bnet apply`` does
@@ -19,7 +19,7 @@ import mlflow.pyfunc
 import numpy as np
 
 CODE = Path(__file__).with_name("pyfunc_model.py")
-ARTIFACT = "checkpoint"  # the name of the checkpoint among the model's artifacts
+CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint's name among the MLflow Model's artifacts
 
 
 class BnetModel(mlflow.pyfunc.PythonModel):
@@ -28,16 +28,16 @@ class BnetModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from bnet.models.checkpoint import load_checkpoint
 
-        self.model = load_checkpoint(context.artifacts[ARTIFACT])
+        self.model = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None):
-        from bnet.models.serving import face_of
+        from bnet.models.serving import serving_spec
 
-        return as_output(self.model, face_of(self.model)(self.model, _arrays(model_input), "model input",
-                                                           **(params or {})))
+        return pyfunc_answer(serving_spec(self.model)(self.model, _as_arrays(model_input), "model input",
+                                                      **(params or {})))
 
 
-def as_output(model, answer: dict[str, np.ndarray]):
+def pyfunc_answer(answer: dict[str, np.ndarray]):
     """The python-function answer: an array (latents, predictions), or for an ARHMM a table
     with the Viterbi ``state`` and ``p_state_<k>`` per frame."""
     if "states" in answer:
@@ -49,7 +49,7 @@ def as_output(model, answer: dict[str, np.ndarray]):
     return next(iter(answer.values()))
 
 
-def _arrays(model_input):
+def _as_arrays(model_input):
     """An array, or named arrays (frames and labels), as the signature's tensors arrive."""
     if isinstance(model_input, dict):
         return {name: np.asarray(value) for name, value in model_input.items()}
@@ -74,26 +74,26 @@ def requirements() -> list[str]:
 def save_model(folder: Path, checkpoint: Path) -> bool:
     """Write the checkpoint at ``checkpoint`` as an MLflow Model in ``folder``, its example and
     signature from the model rebuilt from it as every load will; False where the model's
-    family has no python-function face (an extension's family that registered none)."""
+    family has no serving spec (an extension's family that registered none)."""
     import warnings
 
     from mlflow.models import infer_signature
 
     from bnet.models.checkpoint import load_checkpoint
-    from bnet.models.serving import face_of
+    from bnet.models.serving import serving_spec
 
     model = load_checkpoint(checkpoint)
-    face = face_of(model)
-    if face is None:
+    spec = serving_spec(model)
+    if spec is None:
         return False
-    example = face.example(model)
+    example = spec.example(model)
     if len(example) == 1:  # one input goes bare: predict(frames)
         example = next(iter(example.values()))
-    answer = as_output(model, face(model, example, "the example input"))
+    answer = pyfunc_answer(spec(model, example, "the example input"))
     with warnings.catch_warnings():
         # an ARHMM's integer states: MLflow's hint about integer inputs with missing values
         warnings.filterwarnings("ignore", message=".*integer column.*", category=UserWarning)
-        signature = infer_signature(example, answer, params=face.params or None)
-        mlflow.pyfunc.save_model(folder, python_model=str(CODE), artifacts={ARTIFACT: str(checkpoint)},
+        signature = infer_signature(example, answer, params=spec.params or None)
+        mlflow.pyfunc.save_model(folder, python_model=str(CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
                                  signature=signature, input_example=example, pip_requirements=requirements())
     return True

@@ -7,6 +7,7 @@ epoch costs one batched call.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 import time
@@ -103,7 +104,15 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = save_checkpoint(Path(tmp) / "model.pt", model, {"run_id": self.run_id, **metadata})
             folder = Path(tmp) / tags.MODEL_DIR
-            if not save_model(folder, checkpoint):
+            try:
+                saved = save_model(folder, checkpoint)
+            except Exception as err:  # the fit is good whatever MLflow's model format makes of it
+                warnings.warn(f"run {self.run_id}: the checkpoint is saved, but not as an MLflow Model "
+                              f"({type(err).__name__}: {err})")
+                self.set_tags({tags.TAG_PYFUNC_ERROR: f"{type(err).__name__}: {err}"[:5000]})
+                shutil.rmtree(folder, ignore_errors=True)
+                saved = False
+            if not saved:
                 (folder / "artifacts").mkdir(parents=True)
                 checkpoint.rename(folder / "artifacts" / checkpoint.name)
             self.client.log_artifacts(self.run_id, str(folder), tags.MODEL_DIR)

@@ -254,21 +254,29 @@ def constant_prediction(data: DecodingData, n_max_lags: int) -> np.ndarray:
     return np.maximum(mean, 0.5 / len(train)) if data.kind == "counts" else mean
 
 
-def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
-    """The session and decoding problem a decoder run was fitted to (for ensembles and checks)."""
-    session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=("neural",))
-    values = dict(run.params)
-    refs = {family: (run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id"), None) for family in ("ae", "arhmm")}
+def neurons_of_run(run: RunSummary, session: Session, params: dict[str, Any] | None = None) -> np.ndarray | None:
+    """The neurons of ``session`` a decoder run read (its neuron subset, by the session's
+    regions), None for all; ``params`` are the run's own unless given (an ensemble's members')."""
+    values = dict(run.params if params is None else params)
     subset = run.tags.get(tags.TAG_NEURON_SUBSET, "all")
-    if subset != "all" and values.get("subsample_method", "none") == "none":
+    if subset == "all":
+        return None
+    if values.get("subsample_method", "none") == "none":
         # runs logged before the subset settings were params: the subset's name says its method
         values["subsample_method"] = "loo" if subset.startswith("loo-") else "single"
     subsets = neuron_subsets(session, values)
-    if subset != "all" and subset not in subsets:
-        raise DataError(f"decoder run {run.run_id} was fitted to neuron subset '{subset}', which "
-                        f"{session.path} no longer defines (it has {', '.join(s for s in subsets if s) or 'none'})")
-    data = assemble(values["model_class"], run.tags[tags.TAG_TARGET], session, values, refs, store,
-                    subsets[subset] if subset != "all" else None)
+    if subset not in subsets:
+        raise DataError(f"{run.family} run {run.run_id} was fitted to neuron subset '{subset}', which "
+                        f"{session.path} does not define (it has {', '.join(s for s in subsets if s) or 'none'})")
+    return subsets[subset]
+
+
+def data_for_run(run: RunSummary, store: Store) -> tuple[Session, DecodingData]:
+    """The session and decoding problem a decoder run was fitted to (for ensembles and checks)."""
+    session = open_session(run.tags.get(tags.TAG_DATA_PATH, ""), require=("neural",))
+    refs = {family: (run.tags.get(f"{tags.UPSTREAM_TAG_PREFIX}{family}_run_id"), None) for family in ("ae", "arhmm")}
+    data = assemble(run.params["model_class"], run.tags[tags.TAG_TARGET], session, dict(run.params), refs, store,
+                    neurons_of_run(run, session))
     return session, data
 
 
