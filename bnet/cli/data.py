@@ -21,17 +21,20 @@ def data():
 @click.option("--n-states", default=4, show_default=True, help="Discrete states of the latent process.")
 @click.option("--n-latents", default=4, show_default=True, help="Latent dimensions (even; 2 per body part).")
 @click.option("--neural-noise", type=click.Choice(["poisson", "gaussian"]), default="poisson", show_default=True)
+@click.option("--neural-noise-std", default=0.5, show_default=True,
+              help="Standard deviation of gaussian neural noise (the signal-to-noise knob).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the animal, rig and neurons (and the trials).")
 @click.option("--recording-seed", type=int, default=None,
               help="Seed of the trials alone: another recording of the --seed animal (a new session).")
 def synth(out, n_trials, n_frames, y_pixels, x_pixels, n_channels, n_neurons, n_states, n_latents,
-          neural_noise, seed, recording_seed):
+          neural_noise, neural_noise_std, seed, recording_seed):
     """Write a synthetic session with known states, latents and neural rates."""
     from bnet.data import SynthConfig, open_session, synthesize
 
     config = SynthConfig(n_trials=n_trials, n_frames=n_frames, y_pixels=y_pixels, x_pixels=x_pixels,
                          n_channels=n_channels, n_neurons=n_neurons, n_states=n_states,
-                         n_latents=n_latents, neural_noise=neural_noise, seed=seed, recording_seed=recording_seed)
+                         n_latents=n_latents, neural_noise=neural_noise, neural_noise_std=neural_noise_std, seed=seed,
+                         recording_seed=recording_seed)
     path = synthesize(out, config)
     session = open_session(path)
     click.echo(f"wrote {path}: {session.n_trials} trials x {n_frames} frames of "

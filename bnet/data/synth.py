@@ -39,6 +39,8 @@ class SynthConfig:
         self_transition: probability of staying in a state from one frame to the next.
         latent_noise: standard deviation of the AR innovations.
         neural_noise: ``poisson`` (spike counts) or ``gaussian``.
+        neural_noise_std: the standard deviation of ``gaussian`` neural noise around the
+            readout (whose own spread is about 1 per neuron): the signal-to-noise knob.
         pixel_noise: standard deviation of pixel noise, in [0, 1] intensity units.
         seed: everything is a deterministic function of the seed and the fields above.
         recording_seed: where set, the seed of the trials alone (paths, pixel and spike
@@ -58,6 +60,7 @@ class SynthConfig:
     self_transition: float = 0.95
     latent_noise: float = 0.04
     neural_noise: str = "poisson"
+    neural_noise_std: float = 0.5
     pixel_noise: float = 0.02
     seed: int = 0
     recording_seed: int | None = None
@@ -73,6 +76,7 @@ class SynthConfig:
             (self.n_latents >= 2 and self.n_latents % 2 == 0, "n_latents must be even and >= 2"),
             (0 < self.self_transition < 1, "self_transition must lie in (0, 1)"),
             (self.neural_noise in ("poisson", "gaussian"), "neural_noise must be poisson or gaussian"),
+            (self.neural_noise_std >= 0, "neural_noise_std must be non-negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -214,7 +218,7 @@ def synthesize(path: str | Path, config: SynthConfig = SynthConfig()) -> Path:
                     neural = rng.poisson(rates)
                 else:
                     rates = drive
-                    neural = drive + 0.5 * rng.standard_normal(drive.shape)
+                    neural = drive + config.neural_noise_std * rng.standard_normal(drive.shape)
                 groups["neural"].create_dataset(name, data=neural.astype(np.float32))
                 truth_groups["rates"].create_dataset(name, data=rates)
 

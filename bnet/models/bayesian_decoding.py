@@ -1,0 +1,332 @@
+"""Bayesian decoding of behaviour from neural activity: an ARHMM prior over the latents combined
+with discriminative decoders by Bayes' rule (the scheme BehaveNet's authors described and never
+released).
+
+Generative picture: states z_t follow the ARHMM's transition matrix P; latents follow
+x_t ~ N(A_{z_t} [x_{t-1}; ...; x_{t-L}] + b_{z_t}, Q_{z_t}), written as a linear dynamical system
+over the companion state s_t = [x_t; ...; x_{t-L+1}]. The neural likelihood is not fitted:
+p(n_t | x_t, z_t) is taken proportional to q(x_t | n) q(z_t | n) / (p_inf(x_t) p_inf(z_t)), the
+trained decoders' predictions divided by the prior marginals. Inference, per sample s:
+
+1. a state path z^(s) by forward filtering, backward sampling in the HMM with initial
+   distribution p_inf(z) (P's stationary distribution), transitions P and potentials
+   log q(z_t | n) - log p_inf(z_t) (:func:`sample_state_paths`);
+2. the prior marginals of x_t given z^(s) (a Kalman filter with no observations), their
+   variances scaled by ``scale`` (c) (:func:`prior_marginals`);
+3. the decoder's Gaussian divided by that prior, per dimension, as a pseudo-observation; where
+   the decoder's variance is not below the scaled prior's it is clamped just below it, and
+   counted (:func:`pseudo_observations`);
+4. a Kalman smoother over the pseudo-observations: E[x | z^(s), n] and one draw
+   (:func:`smooth`).
+
+Everything is batched over trials (and samples) in torch, CPU or CUDA, float64 by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from bnet.errors import ConfigError
+from bnet.models.arhmm.messages import forward_backward, viterbi
+
+CLAMP = 0.99
+"""A clamped decoder variance is this fraction of the scaled prior's variance."""
+
+
+# --- the discrete states ------------------------------------------------------------------
+
+def stationary_distribution(log_P: torch.Tensor) -> torch.Tensor:
+    """(K,) the stationary distribution of the row-stochastic ``exp(log_P)`` (the left
+    eigenvector of eigenvalue 1, found by solving (P^T - I) pi = 0 with sum(pi) = 1)."""
+    P = log_P.exp()
+    k = P.shape[0]
+    system = torch.cat([(P.T - torch.eye(k, dtype=P.dtype, device=P.device)), torch.ones(1, k, dtype=P.dtype,
+                                                                                      device=P.device)])
+    target = torch.zeros(k + 1, dtype=P.dtype, device=P.device)
+    target[-1] = 1
+    pi = torch.linalg.lstsq(system, target.unsqueeze(-1)).solution.squeeze(-1)
+    return pi.clamp_min(0) / pi.clamp_min(0).sum()
+
+
+def sample_state_paths(log_pi0: torch.Tensor, log_P: torch.Tensor, potentials: torch.Tensor, n_samples: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(S, N, T) state paths drawn from the HMM posterior by forward filtering, backward sampling.
+
+    Args:
+        log_pi0: (K,) log initial distribution.
+        log_P: (K, K) log transition matrix, rows summing to 1.
+        potentials: (N, T, K) log potentials of each frame's state.
+        n_samples: paths per sequence.
+    """
+    n_seq, n_steps, k = potentials.shape
+    P = log_P.exp()
+    # filtered[t] = p(z_t | potentials_0..t), renormalised every step (scaled recursion)
+    filtered = torch.empty(n_steps, n_seq, k, dtype=potentials.dtype, device=potentials.device)
+    emission = (potentials - potentials.amax(-1, keepdim=True)).exp().transpose(0, 1)
+    alpha = emission[0] * log_pi0.exp()
+    filtered[0] = alpha / alpha.sum(-1, keepdim=True)
+    for t in range(1, n_steps):
+        alpha = (filtered[t - 1] @ P) * emission[t]
+        filtered[t] = alpha / alpha.sum(-1, keepdim=True)
+    paths = torch.empty(n_steps, n_samples, n_seq, dtype=torch.long, device=potentials.device)
+    weights = filtered[-1].expand(n_samples, n_seq, k)
+    paths[-1] = _draw(weights, generator)
+    for t in range(n_steps - 2, -1, -1):
+        # p(z_t | z_t+1, potentials_0..t) is proportional to filtered[t] * P[:, z_t+1]
+        weights = filtered[t] * P.T[paths[t + 1]]
+        paths[t] = _draw(weights, generator)
+    return paths.permute(1, 2, 0).contiguous()
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One category per row of unnormalised ``weights`` (..., K)."""
+    flat = weights.reshape(-1, weights.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(weights.shape[:-1])
+
+
+class StatePosterior(NamedTuple):
+    probabilities: torch.Tensor
+    """(N, T, K) p(z_t | n) in the HMM with the decoder's potentials."""
+    viterbi: torch.Tensor
+    """(N, T) the most likely path."""
+
+
+def state_posterior(log_pi0: torch.Tensor, log_P: torch.Tensor, potentials: torch.Tensor) -> StatePosterior:
+    mask = torch.ones(potentials.shape[:2], dtype=torch.bool, device=potentials.device)
+    probabilities = forward_backward(log_pi0, log_P, potentials, mask).expected_states
+    return StatePosterior(probabilities, viterbi(log_pi0, log_P, potentials, mask))
+
+
+# --- the latents given a state path -------------------------------------------------------
+
+@dataclass(frozen=True)
+class SwitchingDynamics:
+    """The ARHMM's continuous part as a linear dynamical system per state, over the companion
+    state s_t = [x_t; x_{t-1}; ...; x_{t-L+1}] (an HMM, L = 0, has s_t = x_t and no dynamics).
+
+    Attributes:
+        transition: (K, M, M) F_k.
+        offset: (K, M) g_k.
+        noise: (K, M, M) W_k (Q_k in the top-left block, 0 elsewhere).
+        initial_mean: (M,) the prior mean of s_0.
+        initial_cov: (M, M) its covariance.
+        n_dims: D, the latents' dimensions (the first D of the companion state).
+    """
+
+    transition: torch.Tensor
+    offset: torch.Tensor
+    noise: torch.Tensor
+    initial_mean: torch.Tensor
+    initial_cov: torch.Tensor
+    n_dims: int
+
+    @classmethod
+    def from_arhmm(cls, As: torch.Tensor, bs: torch.Tensor, Sigmas: torch.Tensor, initial_mean: torch.Tensor,
+                   initial_cov: torch.Tensor) -> "SwitchingDynamics":
+        """From ssm's parameters: As (K, D, D*L), bs (K, D), Sigmas (K, D, D); the initial
+        moments are those of one frame (D,), (D, D), repeated over the L frames of s_0."""
+        k, d = bs.shape
+        lags = As.shape[2] // d
+        size = d * max(lags, 1)
+        like = {"dtype": bs.dtype, "device": bs.device}
+        transition = torch.zeros(k, size, size, **like)
+        if lags:
+            transition[:, :d] = As
+            transition[:, d:, : size - d] = torch.eye(size - d, **like)
+        offset = torch.zeros(k, size, **like)
+        offset[:, :d] = bs
+        noise = torch.zeros(k, size, size, **like)
+        noise[:, :d, :d] = Sigmas
+        repeats = max(lags, 1)
+        return cls(transition, offset, noise, initial_mean.repeat(repeats),
+                   torch.block_diag(*[initial_cov] * repeats), d)
+
+
+def _states_at(values: torch.Tensor, paths: torch.Tensor, t: int) -> torch.Tensor:
+    """``values[k]`` per sequence for its state at step t: (B, ...) from (K, ...) and paths (B, T)."""
+    return values[paths[:, t]]
+
+
+def prior_marginals(dynamics: SwitchingDynamics, paths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, D) means and variances of x_t given the state path alone (a Kalman filter with no
+    observations): the prior the decoder's Gaussian is divided by."""
+    n_seq, n_steps = paths.shape
+    d = dynamics.n_dims
+    mean = dynamics.initial_mean.expand(n_seq, -1)
+    cov = dynamics.initial_cov.expand(n_seq, -1, -1)
+    means = torch.empty(n_seq, n_steps, d, dtype=mean.dtype, device=mean.device)
+    variances = torch.empty_like(means)
+    for t in range(n_steps):
+        if t > 0:
+            mean, cov = _predict(dynamics, paths, t, mean, cov)
+        means[:, t] = mean[:, :d]
+        variances[:, t] = cov[:, :d, :d].diagonal(dim1=-2, dim2=-1)
+    return means, variances
+
+
+def _predict(dynamics, paths, t, mean, cov):
+    F = _states_at(dynamics.transition, paths, t)
+    mean = (F @ mean.unsqueeze(-1)).squeeze(-1) + _states_at(dynamics.offset, paths, t)
+    cov = F @ cov @ F.transpose(-1, -2) + _states_at(dynamics.noise, paths, t)
+    return mean, 0.5 * (cov + cov.transpose(-1, -2))
+
+
+class PseudoObservations(NamedTuple):
+    values: torch.Tensor
+    """(B, T, D) pseudo-observation means."""
+    variances: torch.Tensor
+    """(B, T, D) their variances."""
+    clamped: torch.Tensor
+    """(B, T, D) True where the decoder's variance was clamped below the scaled prior's."""
+
+
+def pseudo_observations(decoder_mean: torch.Tensor, decoder_var: torch.Tensor, prior_mean: torch.Tensor,
+                        prior_var: torch.Tensor, scale: float) -> PseudoObservations:
+    """The decoder's Gaussian N(decoder_mean, decoder_var) divided by the scaled prior
+    N(prior_mean, scale * prior_var), per dimension: a Gaussian likelihood of x_t."""
+    scaled = scale * prior_var
+    decoder_var = decoder_var.expand_as(decoder_mean)
+    clamped = decoder_var >= scaled
+    variance = torch.where(clamped, CLAMP * scaled, decoder_var)
+    precision = 1 / variance - 1 / scaled
+    values = (decoder_mean / variance - prior_mean / scaled) / precision
+    return PseudoObservations(values, 1 / precision, clamped)
+
+
+class Smoothed(NamedTuple):
+    means: torch.Tensor
+    """(B, T, D) E[x_t | z, observations]."""
+    samples: torch.Tensor | None
+    """(B, T, D) one draw of the latents from the same posterior, or None."""
+
+
+def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch.Tensor,
+           variances: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Smoothed:
+    """Kalman filter and Rauch-Tung-Striebel smoother of x given a state path and Gaussian
+    observations ``observations`` (B, T, D) of x_t with diagonal ``variances`` (B, T, D); with
+    ``sample``, one draw by backward sampling."""
+    n_seq, n_steps = paths.shape
+    d = dynamics.n_dims
+    size = dynamics.initial_mean.shape[0]
+    eye = torch.eye(size, dtype=observations.dtype, device=observations.device)
+    filtered_means, filtered_covs, predicted_means, predicted_covs = [], [], [], []
+    mean = dynamics.initial_mean.expand(n_seq, -1)
+    cov = dynamics.initial_cov.expand(n_seq, -1, -1)
+    for t in range(n_steps):
+        if t > 0:
+            mean, cov = _predict(dynamics, paths, t, mean, cov)
+        predicted_means.append(mean)
+        predicted_covs.append(cov)
+        # update on y_t = H s_t + e, H selecting the first D entries, e ~ N(0, diag(variances))
+        innovation_cov = cov[:, :d, :d] + torch.diag_embed(variances[:, t])
+        gain = torch.linalg.solve(innovation_cov, cov[:, :d, :]).transpose(-1, -2)  # (B, M, D)
+        mean = mean + (gain @ (observations[:, t] - mean[:, :d]).unsqueeze(-1)).squeeze(-1)
+        keep = eye.clone().expand(n_seq, -1, -1).clone()
+        keep[:, :, :d] -= gain
+        # Joseph form: stays symmetric and positive definite where the observation is sharp
+        cov = keep @ cov @ keep.transpose(-1, -2) + gain @ torch.diag_embed(variances[:, t]) @ gain.transpose(-1, -2)
+        filtered_means.append(mean)
+        filtered_covs.append(cov)
+
+    means = [None] * n_steps
+    means[-1] = filtered_means[-1]
+    cov_next = filtered_covs[-1]
+    draws = [None] * n_steps if sample else None
+    if sample:
+        draws[-1] = _gaussian(filtered_means[-1], filtered_covs[-1], generator)
+    for t in range(n_steps - 2, -1, -1):
+        F = _states_at(dynamics.transition, paths, t + 1)
+        # J = P_t|t F^T P_t+1|t^-1
+        smoother_gain = torch.linalg.solve(predicted_covs[t + 1], F @ filtered_covs[t]).transpose(-1, -2)
+        means[t] = filtered_means[t] + (smoother_gain @ (means[t + 1] - predicted_means[t + 1]).unsqueeze(-1)).squeeze(-1)
+        if sample:
+            conditional_mean = filtered_means[t] + (smoother_gain @ (draws[t + 1] - predicted_means[t + 1])
+                                                    .unsqueeze(-1)).squeeze(-1)
+            conditional_cov = filtered_covs[t] - smoother_gain @ predicted_covs[t + 1] @ smoother_gain.transpose(-1, -2)
+            draws[t] = _gaussian(conditional_mean, conditional_cov, generator)
+    stacked = torch.stack(means, 1)[:, :, :d]
+    return Smoothed(stacked, torch.stack(draws, 1)[:, :, :d] if sample else None)
+
+
+def _gaussian(mean: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A draw from N(mean, cov) per row; the companion state's copied lags make cov singular,
+    so the factor is an eigendecomposition with negative rounding clipped."""
+    values, vectors = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
+    factor = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
+    noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    return mean + (factor @ noise.unsqueeze(-1)).squeeze(-1)
+
+
+# --- the whole scheme ---------------------------------------------------------------------
+
+class Posterior(NamedTuple):
+    mean: torch.Tensor
+    """(N, T, D) posterior mean of the latents (over the sampled state paths)."""
+    spread: torch.Tensor
+    """(N, T, D) posterior standard deviation (of the per-path draws)."""
+    samples: torch.Tensor
+    """(S, N, T, D) one latent draw per sampled state path."""
+    state_probabilities: torch.Tensor
+    """(N, T, K) p(z_t | n)."""
+    viterbi: torch.Tensor
+    """(N, T) the most likely state path."""
+    clamped_fraction: float
+    """Share of (path, frame, dimension) where the decoder's variance was clamped."""
+
+
+@dataclass(frozen=True)
+class ARHMMPrior:
+    """What the Bayesian decoder takes from an ARHMM: its transition matrix (log), the
+    stationary distribution of its states, and its dynamics."""
+
+    log_P: torch.Tensor
+    log_p_inf: torch.Tensor
+    dynamics: SwitchingDynamics
+
+    @classmethod
+    def from_engine(cls, engine, initial_mean: torch.Tensor, initial_cov: torch.Tensor) -> "ARHMMPrior":
+        """From a fitted :class:`bnet.models.arhmm.ARHMM` with stationary or sticky transitions
+        and Gaussian noise; ``initial_*`` are the moments of one frame of the training latents."""
+        config, p = engine.config, engine.parameters
+        if config.transitions not in ("stationary", "sticky"):
+            raise ConfigError(f"the Bayesian decoder needs an ARHMM with stationary or sticky transitions, not "
+                              f"{config.transitions} (its states would depend on the latents)")
+        if config.noise_type not in ("gaussian", "diagonal_gaussian"):
+            raise ConfigError(f"the Bayesian decoder needs Gaussian ARHMM noise, not {config.noise_type}")
+        log_P = torch.log_softmax(p.log_Ps, dim=-1)
+        pi = stationary_distribution(log_P)
+        dynamics = SwitchingDynamics.from_arhmm(p.As, p.bs, p.Sigmas, initial_mean.to(p.bs), initial_cov.to(p.bs))
+        return cls(log_P, pi.clamp_min(torch.finfo(pi.dtype).tiny).log(), dynamics)
+
+
+def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Tensor, state_probs: torch.Tensor,
+           scale: float, n_samples: int, generator: torch.Generator | None = None) -> Posterior:
+    """The posterior over latents and states of N trials of T frames.
+
+    Args:
+        prior: the ARHMM's prior.
+        decoder_mean: (N, T, D) the latent decoder's predictions.
+        decoder_var: (D,) its error variance per dimension (on the validation trials).
+        state_probs: (N, T, K) the state decoder's probabilities.
+        scale: c, the factor on the prior marginals' variances.
+        n_samples: S, state paths sampled per trial.
+    """
+    if scale <= 0 or n_samples < 1:
+        raise ConfigError(f"the Bayesian decoder needs scale > 0 and n_samples >= 1, got {scale} and {n_samples}")
+    n_seq, n_steps, d = decoder_mean.shape
+    tiny = torch.finfo(state_probs.dtype).tiny
+    potentials = state_probs.clamp_min(tiny).log() - prior.log_p_inf
+    paths = sample_state_paths(prior.log_p_inf, prior.log_P, potentials, n_samples, generator)
+    flat_paths = paths.reshape(n_samples * n_seq, n_steps)
+    prior_mean, prior_var = prior_marginals(prior.dynamics, flat_paths)
+    repeated = decoder_mean.repeat(n_samples, 1, 1)
+    pseudo = pseudo_observations(repeated, decoder_var, prior_mean, prior_var, scale)
+    smoothed = smooth(prior.dynamics, flat_paths, pseudo.values, pseudo.variances, generator)
+    means = smoothed.means.reshape(n_samples, n_seq, n_steps, d)
+    samples = smoothed.samples.reshape(n_samples, n_seq, n_steps, d)
+    states = state_posterior(prior.log_p_inf, prior.log_P, potentials)
+    return Posterior(means.mean(0), samples.std(0, unbiased=False) if n_samples > 1 else torch.zeros_like(means[0]),
+                     samples, states.probabilities, states.viterbi, float(pseudo.clamped.double().mean()))

@@ -1,0 +1,147 @@
+"""The Bayesian decoder's inference, checked exactly against closed forms on tiny problems."""
+
+import numpy as np
+import pytest
+import torch
+
+from bnet.models.arhmm.messages import forward_backward
+from bnet.models.bayesian_decoding import (
+    CLAMP, ARHMMPrior, SwitchingDynamics, decode, prior_marginals, pseudo_observations, sample_state_paths, smooth,
+    stationary_distribution,
+)
+
+DOUBLE = {"dtype": torch.float64}
+
+
+def _random_hmm(k=3, n=2, t=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_P = torch.log_softmax(torch.randn(k, k, generator=g, **DOUBLE) + 2 * torch.eye(k, **DOUBLE), -1)
+    log_pi0 = torch.log_softmax(torch.randn(k, generator=g, **DOUBLE), -1)
+    potentials = torch.randn(n, t, k, generator=g, **DOUBLE)
+    return log_pi0, log_P, potentials
+
+
+def _random_dynamics(k=2, d=2, lags=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    As = 0.4 * torch.randn(k, d, d * lags, generator=g, **DOUBLE)
+    bs = torch.randn(k, d, generator=g, **DOUBLE)
+    roots = torch.randn(k, d, d, generator=g, **DOUBLE)
+    Sigmas = roots @ roots.transpose(-1, -2) + 0.3 * torch.eye(d, **DOUBLE)
+    root = torch.randn(d, d, generator=g, **DOUBLE)
+    return SwitchingDynamics.from_arhmm(As, bs, Sigmas, torch.randn(d, generator=g, **DOUBLE),
+                                        root @ root.T + torch.eye(d, **DOUBLE))
+
+
+def test_the_stationary_distribution_is_left_fixed_by_the_transitions():
+    _, log_P, _ = _random_hmm(k=4)
+    pi = stationary_distribution(log_P)
+    torch.testing.assert_close(pi @ log_P.exp(), pi, atol=1e-12, rtol=0)
+    assert float(pi.sum()) == pytest.approx(1.0) and bool((pi > 0).all())
+
+
+def test_sampled_state_paths_have_the_forward_backward_marginals():
+    log_pi0, log_P, potentials = _random_hmm()
+    paths = sample_state_paths(log_pi0, log_P, potentials, 40000, torch.Generator().manual_seed(1))
+    sampled = torch.nn.functional.one_hot(paths, 3).double().mean(0)
+    exact = forward_backward(log_pi0, log_P, potentials, torch.ones(potentials.shape[:2], dtype=torch.bool))
+    assert float((sampled - exact.expected_states).abs().max()) < 0.02
+
+
+def _dense_posterior_mean(dynamics, path, observations, variances):
+    """E[x | y] by conditioning the joint Gaussian of every frame's latents, built directly."""
+    size, d, n_steps = dynamics.initial_mean.shape[0], dynamics.n_dims, len(path)
+    # s_t = F_t s_t-1 + g_t + w_t: s = M u + c with u = (s_0, w_1, ..., w_T-1)
+    mean = [dynamics.initial_mean]
+    maps = [[torch.eye(size, **DOUBLE)] + [torch.zeros(size, size, **DOUBLE)] * (n_steps - 1)]
+    for t in range(1, n_steps):
+        F, g = dynamics.transition[path[t]], dynamics.offset[path[t]]
+        mean.append(F @ mean[-1] + g)
+        row = [F @ block for block in maps[-1]]
+        row[t] = torch.eye(size, **DOUBLE)
+        maps.append(row)
+    M = torch.cat([torch.cat(row, 1) for row in maps], 0)
+    u_cov = torch.block_diag(dynamics.initial_cov, *[dynamics.noise[path[t]] for t in range(1, n_steps)])
+    s_mean, s_cov = torch.cat(mean), M @ u_cov @ M.T
+    pick = torch.cat([torch.arange(t * size, t * size + d) for t in range(n_steps)])
+    x_mean, x_cov = s_mean[pick], s_cov[pick][:, pick]
+    gain = torch.linalg.solve(x_cov + torch.diag(variances.reshape(-1)), x_cov).T
+    return (x_mean + gain @ (observations.reshape(-1) - x_mean)).reshape(n_steps, d)
+
+
+@pytest.mark.parametrize("lags", [0, 1, 2])
+def test_the_smoother_mean_is_dense_gaussian_conditioning(lags):
+    dynamics = _random_dynamics(lags=lags)
+    g = torch.Generator().manual_seed(2)
+    path = torch.tensor([[0, 0, 1, 1, 0]])
+    observations = torch.randn(1, 5, 2, generator=g, **DOUBLE)
+    variances = 0.1 + torch.rand(1, 5, 2, generator=g, **DOUBLE)
+    smoothed = smooth(dynamics, path, observations, variances, sample=False)
+    expected = _dense_posterior_mean(dynamics, path[0], observations[0], variances[0])
+    assert float((smoothed.means[0] - expected).abs().max()) < 1e-8
+
+
+def test_smoothed_draws_scatter_about_the_smoothed_mean():
+    dynamics = _random_dynamics(lags=2)
+    path = torch.tensor([[0, 1, 1, 0]]).expand(20000, -1)
+    observations = torch.full((20000, 4, 2), 0.5, **DOUBLE)
+    smoothed = smooth(dynamics, path, observations, torch.full_like(observations, 0.2),
+                      torch.Generator().manual_seed(3))
+    assert float((smoothed.samples.mean(0) - smoothed.means[0]).abs().max()) < 0.03
+
+
+def test_no_observations_leave_the_prior_marginals():
+    dynamics = _random_dynamics(lags=1)
+    path = torch.tensor([[1, 0, 0, 1, 1, 0]])
+    means, variances = prior_marginals(dynamics, path)
+    flat = smooth(dynamics, path, torch.zeros(1, 6, 2, **DOUBLE), torch.full((1, 6, 2), 1e12, **DOUBLE), sample=False)
+    torch.testing.assert_close(flat.means, means, atol=1e-6, rtol=0)
+    assert bool((variances > 0).all())
+
+
+def test_pseudo_observations_divide_the_decoder_by_the_prior():
+    decoder_mean, decoder_var = torch.tensor([[[1.0, -2.0]]], **DOUBLE), torch.tensor([0.5, 3.0], **DOUBLE)
+    prior_mean, prior_var = torch.tensor([[[0.2, 0.4]]], **DOUBLE), torch.tensor([[[2.0, 1.0]]], **DOUBLE)
+    pseudo = pseudo_observations(decoder_mean, decoder_var, prior_mean, prior_var, scale=1.0)
+    # dimension 0: 1/r = 1/0.5 - 1/2; the product of the prior and the pseudo-likelihood is the decoder's Gaussian
+    assert float(pseudo.variances[0, 0, 0]) == pytest.approx(1 / (1 / 0.5 - 1 / 2.0))
+    product_precision = 1 / 2.0 + 1 / pseudo.variances[0, 0, 0]
+    product_mean = (0.2 / 2.0 + pseudo.values[0, 0, 0] / pseudo.variances[0, 0, 0]) / product_precision
+    assert float(product_precision) == pytest.approx(1 / 0.5) and float(product_mean) == pytest.approx(1.0)
+    # dimension 1: the decoder is less sure than the prior: clamped just below it, and counted
+    assert pseudo.clamped.tolist() == [[[False, True]]]
+    assert float(pseudo.variances[0, 0, 1]) == pytest.approx(1 / (1 / (CLAMP * 1.0) - 1.0))
+
+
+def _prior(k=3, d=2, lags=1, seed=0):
+    dynamics = _random_dynamics(k=k, d=d, lags=lags, seed=seed)
+    _, log_P, _ = _random_hmm(k=k, seed=seed)
+    return ARHMMPrior(log_P, stationary_distribution(log_P).log(), dynamics)
+
+
+def test_a_fixed_seed_gives_identical_posteriors_and_another_seed_other_draws():
+    prior = _prior()
+    g = torch.Generator().manual_seed(4)
+    decoder_mean = torch.randn(2, 8, 2, generator=g, **DOUBLE)
+    state_probs = torch.softmax(torch.randn(2, 8, 3, generator=g, **DOUBLE), -1)
+    runs = [decode(prior, decoder_mean, torch.tensor([0.3, 0.3], **DOUBLE), state_probs, 10.0, 5,
+                   torch.Generator().manual_seed(seed)) for seed in (7, 7, 8)]
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    assert not torch.equal(runs[0].samples, runs[2].samples)
+    assert runs[0].samples.shape == (5, 2, 8, 2) and runs[0].state_probabilities.shape == (2, 8, 3)
+    torch.testing.assert_close(runs[0].state_probabilities.sum(-1), torch.ones(2, 8, **DOUBLE))
+
+
+def test_a_small_scale_clamps_most_frames_and_a_large_one_few():
+    prior = _prior()
+    g = torch.Generator().manual_seed(5)
+    decoder_mean = torch.randn(3, 20, 2, generator=g, **DOUBLE)
+    state_probs = torch.full((3, 20, 3), 1 / 3, **DOUBLE)
+    decoder_var = torch.tensor([0.5, 0.5], **DOUBLE)
+    tight = decode(prior, decoder_mean, decoder_var, state_probs, 1e-3, 2, torch.Generator().manual_seed(0))
+    loose = decode(prior, decoder_mean, decoder_var, state_probs, 1e6, 2, torch.Generator().manual_seed(0))
+    assert tight.clamped_fraction > 0.5 > loose.clamped_fraction
+    # a decoder far surer than the dynamics decides the posterior
+    sure = decode(prior, decoder_mean, torch.tensor([1e-8, 1e-8], **DOUBLE), state_probs, 1e6, 2,
+                  torch.Generator().manual_seed(0))
+    assert float((sure.mean - decoder_mean).abs().max()) < 1e-4
