@@ -35,18 +35,27 @@ def _summary(applied) -> None:
     click.echo("lineage of any output: bnet lineage FILE (or the run id)")
 
 
-@apply.command()
-@click.argument("reference", metavar="REF")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="A new session file (repeatable).")
-@click.option("--model-experiment", default=None, help="The experiment REF=best ranks.")
-@common_options
-def ae(reference, data, model_experiment, out, experiment, n_workers, store, tracking_uri):
-    """Latents of every trial of new sessions (REF: an AE run id, models:/NAME@ALIAS, or best)."""
-    from bnet.apply import apply as run
+def session_command(family: str, data_help: str, summary: str) -> click.Command:
+    """``bnet apply FAMILY REF --data ...``: one model over new session files."""
 
-    _summary(run("ae", reference, list(data), out, experiment, model_experiment, resolve(store, tracking_uri),
-                 n_workers, click.echo))
+    @click.argument("reference", metavar="REF")
+    @click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False), help=data_help)
+    @click.option("--model-experiment", default=None, help="The experiment REF=best ranks.")
+    @common_options
+    def command(reference, data, model_experiment, out, experiment, n_workers, store, tracking_uri):
+        from bnet.apply import apply as run
+
+        _summary(run(family, reference, list(data), out, experiment, model_experiment, resolve(store, tracking_uri),
+                     n_workers, click.echo))
+
+    command.__doc__ = summary
+    return apply.command(family)(command)
+
+
+session_command("ae", "A new session file (repeatable).",
+                "Latents of every trial of new sessions (REF: an AE run id, models:/NAME@ALIAS, or best).")
+session_command("decoder", "A new session with neural activity (repeatable).",
+                "Predictions from the neural activity of new sessions (REF: a decoder or ensemble run).")
 
 
 @apply.command()
@@ -77,20 +86,6 @@ def arhmm(reference, latents, data, model_experiment, out, experiment, n_workers
     pairs = apply_pipeline(list(data), reference, None, out, experiment, arhmm_experiment=model_experiment,
                            store=resolved, n_workers=n_workers, echo=click.echo)
     _summary([a for pair in pairs for a in pair])
-
-
-@apply.command()
-@click.argument("reference", metavar="REF")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="A new session with neural activity (repeatable).")
-@click.option("--model-experiment", default=None, help="The experiment REF=best ranks.")
-@common_options
-def decoder(reference, data, model_experiment, out, experiment, n_workers, store, tracking_uri):
-    """Predictions from the neural activity of new sessions (REF: a decoder or ensemble run)."""
-    from bnet.apply import apply as run
-
-    _summary(run("decoder", reference, list(data), out, experiment, model_experiment, resolve(store, tracking_uri),
-                 n_workers, click.echo))
 
 
 @apply.command()
