@@ -1,8 +1,9 @@
 """The Bayesian decoder's inference, checked exactly against closed forms on tiny problems."""
 
-import numpy as np
 import pytest
 import torch
+
+from bnet.errors import ConfigError
 
 from bnet.models.arhmm.messages import forward_backward
 from bnet.models.bayesian_decoding import (
@@ -47,25 +48,46 @@ def test_sampled_state_paths_have_the_forward_backward_marginals():
     assert float((sampled - exact.expected_states).abs().max()) < 0.02
 
 
-def _dense_posterior_mean(dynamics, path, observations, variances):
-    """E[x | y] by conditioning the joint Gaussian of every frame's latents, built directly."""
+def _dense_latents(dynamics, path):
+    """Mean and covariance of every frame's latents given a state path, built directly as one
+    Gaussian: s = M u + c, u = (s_start, w_first, ..., w_T-1), with an HMM's first frame drawn
+    from its state like the others."""
     size, d, n_steps = dynamics.initial_mean.shape[0], dynamics.n_dims, len(path)
-    # s_t = F_t s_t-1 + g_t + w_t: s = M u + c with u = (s_0, w_1, ..., w_T-1)
-    mean = [dynamics.initial_mean]
-    maps = [[torch.eye(size, **DOUBLE)] + [torch.zeros(size, size, **DOUBLE)] * (n_steps - 1)]
-    for t in range(1, n_steps):
+    first = 0 if dynamics.n_lags == 0 else 1  # the first step that is predicted
+    n_noise = n_steps - first
+    mean, maps = [dynamics.initial_mean], [[torch.eye(size, **DOUBLE)] + [torch.zeros(size, size, **DOUBLE)] * n_noise]
+    for t in range(first, n_steps):
         F, g = dynamics.transition[path[t]], dynamics.offset[path[t]]
         mean.append(F @ mean[-1] + g)
         row = [F @ block for block in maps[-1]]
-        row[t] = torch.eye(size, **DOUBLE)
+        row[t - first + 1] = torch.eye(size, **DOUBLE)
         maps.append(row)
+    if first == 0:  # the start state is only where an HMM's frames are drawn from
+        mean, maps = mean[1:], maps[1:]
     M = torch.cat([torch.cat(row, 1) for row in maps], 0)
-    u_cov = torch.block_diag(dynamics.initial_cov, *[dynamics.noise[path[t]] for t in range(1, n_steps)])
+    u_cov = torch.block_diag(dynamics.initial_cov, *[dynamics.noise[path[t]] for t in range(first, n_steps)])
     s_mean, s_cov = torch.cat(mean), M @ u_cov @ M.T
     pick = torch.cat([torch.arange(t * size, t * size + d) for t in range(n_steps)])
-    x_mean, x_cov = s_mean[pick], s_cov[pick][:, pick]
+    return s_mean[pick], s_cov[pick][:, pick]
+
+
+def _dense_posterior(dynamics, path, observations, variances):
+    """E[x | y] and Cov[x | y] by conditioning the joint Gaussian of every frame's latents."""
+    x_mean, x_cov = _dense_latents(dynamics, path)
     gain = torch.linalg.solve(x_cov + torch.diag(variances.reshape(-1)), x_cov).T
-    return (x_mean + gain @ (observations.reshape(-1) - x_mean)).reshape(n_steps, d)
+    mean = x_mean + gain @ (observations.reshape(-1) - x_mean)
+    return mean.reshape(len(path), -1), x_cov - gain @ x_cov
+
+
+def test_the_companion_form_is_the_arhmm_regression():
+    g = torch.Generator().manual_seed(9)
+    As, bs = torch.randn(2, 3, 6, generator=g, **DOUBLE), torch.randn(2, 3, generator=g, **DOUBLE)
+    dynamics = SwitchingDynamics.from_arhmm(As, bs, torch.eye(3, **DOUBLE).expand(2, 3, 3), torch.zeros(3, **DOUBLE),
+                                            torch.eye(3, **DOUBLE))
+    x_1, x_2 = torch.randn(3, generator=g, **DOUBLE), torch.randn(3, generator=g, **DOUBLE)  # x_{t-1}, x_{t-2}
+    step = dynamics.transition[1] @ torch.cat([x_1, x_2]) + dynamics.offset[1]
+    torch.testing.assert_close(step[:3], As[1] @ torch.cat([x_1, x_2]) + bs[1])  # ssm: lag 1 first
+    torch.testing.assert_close(step[3:], x_1)
 
 
 @pytest.mark.parametrize("lags", [0, 1, 2])
@@ -76,26 +98,33 @@ def test_the_smoother_mean_is_dense_gaussian_conditioning(lags):
     observations = torch.randn(1, 5, 2, generator=g, **DOUBLE)
     variances = 0.1 + torch.rand(1, 5, 2, generator=g, **DOUBLE)
     smoothed = smooth(dynamics, path, observations, variances, sample=False)
-    expected = _dense_posterior_mean(dynamics, path[0], observations[0], variances[0])
+    expected, cov = _dense_posterior(dynamics, path[0], observations[0], variances[0])
     assert float((smoothed.means[0] - expected).abs().max()) < 1e-8
+    assert float((smoothed.variances[0].reshape(-1) - cov.diagonal()).abs().max()) < 1e-8
 
 
-def test_smoothed_draws_scatter_about_the_smoothed_mean():
+def test_smoothed_draws_have_the_posterior_mean_and_covariance():
     dynamics = _random_dynamics(lags=2)
-    path = torch.tensor([[0, 1, 1, 0]]).expand(20000, -1)
-    observations = torch.full((20000, 4, 2), 0.5, **DOUBLE)
+    path = torch.tensor([[0, 1, 1, 0]]).expand(40000, -1)
+    observations = torch.full((40000, 4, 2), 0.5, **DOUBLE)
     smoothed = smooth(dynamics, path, observations, torch.full_like(observations, 0.2),
                       torch.Generator().manual_seed(3))
-    assert float((smoothed.samples.mean(0) - smoothed.means[0]).abs().max()) < 0.03
+    mean, cov = _dense_posterior(dynamics, path[0], observations[0], torch.full((4, 2), 0.2, **DOUBLE))
+    draws = smoothed.samples.reshape(40000, -1)
+    assert float((draws.mean(0) - mean.reshape(-1)).abs().max()) < 0.03
+    assert float((torch.cov(draws.T) - cov).abs().max()) < 0.03 * float(cov.abs().max())
 
 
-def test_no_observations_leave_the_prior_marginals():
-    dynamics = _random_dynamics(lags=1)
+@pytest.mark.parametrize("lags", [0, 2])
+def test_the_prior_marginals_are_the_latents_given_the_path_alone(lags):
+    dynamics = _random_dynamics(lags=lags)
     path = torch.tensor([[1, 0, 0, 1, 1, 0]])
     means, variances = prior_marginals(dynamics, path)
+    x_mean, x_cov = _dense_latents(dynamics, path[0])
+    assert float((means[0].reshape(-1) - x_mean).abs().max()) < 1e-10
+    assert float((variances[0].reshape(-1) - x_cov.diagonal()).abs().max()) < 1e-10
     flat = smooth(dynamics, path, torch.zeros(1, 6, 2, **DOUBLE), torch.full((1, 6, 2), 1e12, **DOUBLE), sample=False)
     torch.testing.assert_close(flat.means, means, atol=1e-6, rtol=0)
-    assert bool((variances > 0).all())
 
 
 def test_pseudo_observations_divide_the_decoder_by_the_prior():
@@ -132,15 +161,21 @@ def test_a_fixed_seed_gives_identical_posteriors_and_another_seed_other_draws():
     torch.testing.assert_close(runs[0].state_probabilities.sum(-1), torch.ones(2, 8, **DOUBLE))
 
 
-def test_a_small_scale_clamps_most_frames_and_a_large_one_few():
-    prior = _prior()
+@pytest.mark.parametrize("lags", [0, 1])
+def test_the_prior_divided_out_exactly_clamps_most_frames_and_a_loose_one_few(lags):
+    prior = _prior(lags=lags)
     g = torch.Generator().manual_seed(5)
     decoder_mean = torch.randn(3, 20, 2, generator=g, **DOUBLE)
     state_probs = torch.full((3, 20, 3), 1 / 3, **DOUBLE)
-    decoder_var = torch.tensor([0.5, 0.5], **DOUBLE)
-    tight = decode(prior, decoder_mean, decoder_var, state_probs, 1e-3, 2, torch.Generator().manual_seed(0))
+    decoder_var = torch.tensor([5.0, 5.0], **DOUBLE)
+    exact = decode(prior, decoder_mean, decoder_var, state_probs, 1.0, 2, torch.Generator().manual_seed(0))
     loose = decode(prior, decoder_mean, decoder_var, state_probs, 1e6, 2, torch.Generator().manual_seed(0))
-    assert tight.clamped_fraction > 0.5 > loose.clamped_fraction
+    assert exact.clamped_fraction > 0.5 > loose.clamped_fraction
+    # clamped frames are uninformative, not wild: the posterior stays near the data
+    assert float(exact.mean.abs().max()) < 3 * float(decoder_mean.abs().max())
+    assert bool((exact.spread > 0).all()) and bool((loose.spread > 0).all())
+    with pytest.raises(ConfigError, match="at least 1"):
+        decode(prior, decoder_mean, decoder_var, state_probs, 0.5, 2)
     # a decoder far surer than the dynamics decides the posterior
     sure = decode(prior, decoder_mean, torch.tensor([1e-8, 1e-8], **DOUBLE), state_probs, 1e6, 2,
                   torch.Generator().manual_seed(0))

@@ -34,6 +34,9 @@ from bnet.models.arhmm.messages import forward_backward, viterbi
 
 CLAMP = 0.99
 """A clamped decoder variance is this fraction of the scaled prior's variance."""
+MIN_STATE_PROBABILITY = 1e-8
+"""The floor of a state's stationary probability: a state the chain (almost) never reaches
+would otherwise get a potential of hundreds of nats from any decoder probability."""
 
 
 # --- the discrete states ------------------------------------------------------------------
@@ -111,9 +114,10 @@ class SwitchingDynamics:
         transition: (K, M, M) F_k.
         offset: (K, M) g_k.
         noise: (K, M, M) W_k (Q_k in the top-left block, 0 elsewhere).
-        initial_mean: (M,) the prior mean of s_0.
+        initial_mean: (M,) the prior mean of s_0 (with lags; an HMM's x_0 comes from its state).
         initial_cov: (M, M) its covariance.
         n_dims: D, the latents' dimensions (the first D of the companion state).
+        n_lags: L.
     """
 
     transition: torch.Tensor
@@ -122,6 +126,12 @@ class SwitchingDynamics:
     initial_mean: torch.Tensor
     initial_cov: torch.Tensor
     n_dims: int
+    n_lags: int
+
+    def starts_at(self, t: int) -> bool:
+        """Whether step t is predicted from the one before (every step of an HMM: its frames
+        are drawn from their state alone, the first too)."""
+        return t > 0 or self.n_lags == 0
 
     @classmethod
     def from_arhmm(cls, As: torch.Tensor, bs: torch.Tensor, Sigmas: torch.Tensor, initial_mean: torch.Tensor,
@@ -142,7 +152,7 @@ class SwitchingDynamics:
         noise[:, :d, :d] = Sigmas
         repeats = max(lags, 1)
         return cls(transition, offset, noise, initial_mean.repeat(repeats),
-                   torch.block_diag(*[initial_cov] * repeats), d)
+                   torch.block_diag(*[initial_cov] * repeats), d, lags)
 
 
 def _states_at(values: torch.Tensor, paths: torch.Tensor, t: int) -> torch.Tensor:
@@ -160,7 +170,7 @@ def prior_marginals(dynamics: SwitchingDynamics, paths: torch.Tensor) -> tuple[t
     means = torch.empty(n_seq, n_steps, d, dtype=mean.dtype, device=mean.device)
     variances = torch.empty_like(means)
     for t in range(n_steps):
-        if t > 0:
+        if dynamics.starts_at(t):
             mean, cov = _predict(dynamics, paths, t, mean, cov)
         means[:, t] = mean[:, :d]
         variances[:, t] = cov[:, :d, :d].diagonal(dim1=-2, dim2=-1)
@@ -187,8 +197,10 @@ def pseudo_observations(decoder_mean: torch.Tensor, decoder_var: torch.Tensor, p
                         prior_var: torch.Tensor, scale: float) -> PseudoObservations:
     """The decoder's Gaussian N(decoder_mean, decoder_var) divided by the scaled prior
     N(prior_mean, scale * prior_var), per dimension: a Gaussian likelihood of x_t."""
-    scaled = scale * prior_var
-    decoder_var = decoder_var.expand_as(decoder_mean)
+    tiny = torch.finfo(decoder_mean.dtype).eps
+    # a dimension constant in training (zero variance) still gets a (sharp) Gaussian
+    scaled = scale * prior_var.clamp_min(tiny)
+    decoder_var = decoder_var.clamp_min(tiny).expand_as(decoder_mean)
     clamped = decoder_var >= scaled
     variance = torch.where(clamped, CLAMP * scaled, decoder_var)
     precision = 1 / variance - 1 / scaled
@@ -199,6 +211,8 @@ def pseudo_observations(decoder_mean: torch.Tensor, decoder_var: torch.Tensor, p
 class Smoothed(NamedTuple):
     means: torch.Tensor
     """(B, T, D) E[x_t | z, observations]."""
+    variances: torch.Tensor
+    """(B, T, D) Var[x_t | z, observations] per dimension."""
     samples: torch.Tensor | None
     """(B, T, D) one draw of the latents from the same posterior, or None."""
 
@@ -216,7 +230,7 @@ def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch
     mean = dynamics.initial_mean.expand(n_seq, -1)
     cov = dynamics.initial_cov.expand(n_seq, -1, -1)
     for t in range(n_steps):
-        if t > 0:
+        if dynamics.starts_at(t):
             mean, cov = _predict(dynamics, paths, t, mean, cov)
         predicted_means.append(mean)
         predicted_covs.append(cov)
@@ -231,9 +245,8 @@ def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch
         filtered_means.append(mean)
         filtered_covs.append(cov)
 
-    means = [None] * n_steps
-    means[-1] = filtered_means[-1]
-    cov_next = filtered_covs[-1]
+    means, covs = [None] * n_steps, [None] * n_steps
+    means[-1], covs[-1] = filtered_means[-1], filtered_covs[-1]
     draws = [None] * n_steps if sample else None
     if sample:
         draws[-1] = _gaussian(filtered_means[-1], filtered_covs[-1], generator)
@@ -242,13 +255,14 @@ def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch
         # J = P_t|t F^T P_t+1|t^-1
         smoother_gain = torch.linalg.solve(predicted_covs[t + 1], F @ filtered_covs[t]).transpose(-1, -2)
         means[t] = filtered_means[t] + (smoother_gain @ (means[t + 1] - predicted_means[t + 1]).unsqueeze(-1)).squeeze(-1)
+        covs[t] = filtered_covs[t] + smoother_gain @ (covs[t + 1] - predicted_covs[t + 1]) @ smoother_gain.transpose(-1, -2)
         if sample:
             conditional_mean = filtered_means[t] + (smoother_gain @ (draws[t + 1] - predicted_means[t + 1])
                                                     .unsqueeze(-1)).squeeze(-1)
             conditional_cov = filtered_covs[t] - smoother_gain @ predicted_covs[t + 1] @ smoother_gain.transpose(-1, -2)
             draws[t] = _gaussian(conditional_mean, conditional_cov, generator)
-    stacked = torch.stack(means, 1)[:, :, :d]
-    return Smoothed(stacked, torch.stack(draws, 1)[:, :, :d] if sample else None)
+    variances = torch.stack([c[:, :d, :d].diagonal(dim1=-2, dim2=-1) for c in covs], 1)
+    return Smoothed(torch.stack(means, 1)[:, :, :d], variances, torch.stack(draws, 1)[:, :, :d] if sample else None)
 
 
 def _gaussian(mean: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -266,7 +280,7 @@ class Posterior(NamedTuple):
     mean: torch.Tensor
     """(N, T, D) posterior mean of the latents (over the sampled state paths)."""
     spread: torch.Tensor
-    """(N, T, D) posterior standard deviation (of the per-path draws)."""
+    """(N, T, D) posterior standard deviation: within each path's Gaussian and between paths."""
     samples: torch.Tensor
     """(S, N, T, D) one latent draw per sampled state path."""
     state_probabilities: torch.Tensor
@@ -296,10 +310,12 @@ class ARHMMPrior:
                               f"{config.transitions} (its states would depend on the latents)")
         if config.noise_type not in ("gaussian", "diagonal_gaussian"):
             raise ConfigError(f"the Bayesian decoder needs Gaussian ARHMM noise, not {config.noise_type}")
-        log_P = torch.log_softmax(p.log_Ps, dim=-1)
-        pi = stationary_distribution(log_P)
-        dynamics = SwitchingDynamics.from_arhmm(p.As, p.bs, p.Sigmas, initial_mean.to(p.bs), initial_cov.to(p.bs))
-        return cls(log_P, pi.clamp_min(torch.finfo(pi.dtype).tiny).log(), dynamics)
+        # float64 whatever the engine ran in: the smoother's covariances span many orders of magnitude
+        log_P = torch.log_softmax(p.log_Ps.double(), dim=-1)
+        pi = stationary_distribution(log_P).clamp_min(MIN_STATE_PROBABILITY)
+        dynamics = SwitchingDynamics.from_arhmm(p.As.double(), p.bs.double(), p.Sigmas.double(),
+                                                initial_mean.to(p.bs).double(), initial_cov.to(p.bs).double())
+        return cls(log_P, (pi / pi.sum()).log(), dynamics)
 
 
 def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Tensor, state_probs: torch.Tensor,
@@ -311,11 +327,13 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
         decoder_mean: (N, T, D) the latent decoder's predictions.
         decoder_var: (D,) its error variance per dimension (on the validation trials).
         state_probs: (N, T, K) the state decoder's probabilities.
-        scale: c, the factor on the prior marginals' variances.
+        scale: c >= 1, the factor on the prior marginals' variances (below 1 the prior divided
+            out would be sharper than the prior the smoother puts back).
         n_samples: S, state paths sampled per trial.
     """
-    if scale <= 0 or n_samples < 1:
-        raise ConfigError(f"the Bayesian decoder needs scale > 0 and n_samples >= 1, got {scale} and {n_samples}")
+    if scale < 1 or n_samples < 1:
+        raise ConfigError(f"the Bayesian decoder needs a prior scale of at least 1 and at least 1 sample, got "
+                          f"{scale} and {n_samples}")
     n_seq, n_steps, d = decoder_mean.shape
     tiny = torch.finfo(state_probs.dtype).tiny
     potentials = state_probs.clamp_min(tiny).log() - prior.log_p_inf
@@ -326,7 +344,8 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
     pseudo = pseudo_observations(repeated, decoder_var, prior_mean, prior_var, scale)
     smoothed = smooth(prior.dynamics, flat_paths, pseudo.values, pseudo.variances, generator)
     means = smoothed.means.reshape(n_samples, n_seq, n_steps, d)
-    samples = smoothed.samples.reshape(n_samples, n_seq, n_steps, d)
+    within = smoothed.variances.reshape(n_samples, n_seq, n_steps, d).mean(0)
+    between = means.var(0, unbiased=False)
     states = state_posterior(prior.log_p_inf, prior.log_P, potentials)
-    return Posterior(means.mean(0), samples.std(0, unbiased=False) if n_samples > 1 else torch.zeros_like(means[0]),
-                     samples, states.probabilities, states.viterbi, float(pseudo.clamped.double().mean()))
+    return Posterior(means.mean(0), (within + between).sqrt(), smoothed.samples.reshape(n_samples, n_seq, n_steps, d),
+                     states.probabilities, states.viterbi, float(pseudo.clamped.double().mean()))
