@@ -27,6 +27,10 @@ demo: install
 	$(BIN)/bnet best arhmm --experiment arhmm-demo --top 3
 	$(BIN)/bnet tune decoder --data demo-data/demo.hdf5 --target ae --ae-experiment ae-demo --config projects/demo/decoder.yaml
 	$(BIN)/bnet ensemble --experiment decoder-demo --max-members 4 --name decoder-demo-ensemble
+	$(BIN)/bnet tune decoder --data demo-data/demo.hdf5 --target arhmm --arhmm-experiment arhmm-demo --config projects/demo/state-decoder.yaml
+	$(BIN)/bnet tune bayesian-decoder --data demo-data/demo.hdf5 --arhmm-experiment arhmm-demo \
+		--decoder-experiment decoder-demo --state-decoder-experiment state-decoder-demo --config projects/demo/bayesian-decoder.yaml
+	$(BIN)/bnet plot bayesian-decoder best --experiment bayesian-decoder-demo --out demo-data/bayesian-decoder.mp4 --log
 	$(BIN)/bnet plot reconstruction models:/ae-demo@champion --out demo-data/ae-reconstruction.mp4 --log
 	$(BIN)/bnet plot syllables best --experiment arhmm-demo --out demo-data/syllables.mp4 --log
 	$(BIN)/bnet plot samples best --experiment arhmm-demo --out demo-data/samples.mp4 --log

@@ -9,12 +9,16 @@ activity (+-2 frames), then the Bayesian decoder with its scale c chosen on the 
 trials. Prints test latent R^2 of both, the gain, c, the clamped fraction and the state
 accuracy (argmax of the state decoder vs the Viterbi path), after the machine's description.
 
-    python bench/bayesian_decoding.py [--noise 0.5 2 3] [--seeds 0 1 2] [--samples 8]
+    python bench/bayesian_decoding.py [--noise 0.5 2 3] [--seeds 0 1 2] [--samples 8] [--json]
+
+``--json`` prints one JSON object per setting instead of the table (the acceptance tests in
+tests/test_bayesian_decoding.py read them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -106,7 +110,15 @@ def main() -> None:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.5, 2.0, 3.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="One JSON object per setting, no table.")
     args = parser.parse_args()
+    if args.json:
+        with tempfile.TemporaryDirectory() as tmp:
+            for noise in args.noise:
+                for seed in args.seeds:
+                    print(json.dumps({"noise": noise, "seed": seed, **one_setting(Path(tmp), noise, seed,
+                                                                                 args.samples)}), flush=True)
+        return
     print(cpu_description(), flush=True)
     print("| neural noise | seed | direct test R² | Bayesian test R² | gain | c | clamped (c=1) | state accuracy: "
           "decoder / Viterbi | s |")

@@ -9,7 +9,8 @@ from bnet.cli.options import resolve, store_option, tracking_uri_option
 
 @click.group()
 def plot():
-    """Movies of tracked runs: reconstructions, decoders, syllables, sampled latents, traversals."""
+    """Movies of tracked runs: reconstructions, decoders, syllables, sampled latents, traversals,
+    Bayesian decoders."""
 
 
 def movie_options(default_fps: int):
@@ -77,6 +78,18 @@ def syllables(reference, out, log, fps, experiment, store, tracking_uri, clips, 
 
     resolved = resolve(store, tracking_uri)
     _finish(syllable_movie(reference, out, resolved, clips, min_frames, fps, experiment, data), log, resolved)
+
+
+@plot.command("bayesian-decoder")
+@movie_options(20)
+@click.option("--trials", default=2, show_default=True, help="Held-out trials shown, one after another.")
+def bayesian_decoder(reference, out, log, fps, experiment, store, tracking_uri, trials):
+    """Bayesian decoder movie: original | AE reconstruction | direct decoder | posterior mean |
+    posterior draws (REF: a bayesian-decoder run)."""
+    from bnet.plotting.run_movies import bayesian_movie
+
+    resolved = resolve(store, tracking_uri)
+    _finish(bayesian_movie(reference, out, resolved, trials, fps, experiment), log, resolved)
 
 
 @plot.command()

@@ -72,10 +72,11 @@ def tune_command(name: str) -> click.Command:
                             device=device, store=resolved, echo=click.echo, **options):
             summary(outcome, resolved)
 
-    upstream = [option for other in family.upstream for option in (
-        click.option(f"--{other}-experiment", default=None, help=f"The {other} experiment that --{other} best searches."),
-        click.option(f"--{other}", default=None,
-                     help=f"The {other} run to read: best, a run id or models:/NAME@ALIAS [default best]."))]
+    upstream = [option for other in family.upstream for flag in (other.replace("_", "-"),) for option in (
+        click.option(f"--{flag}-experiment", f"{other}_experiment", default=None,
+                     help=f"The {flag} experiment that --{flag} best searches."),
+        click.option(f"--{flag}", other, default=None,
+                     help=f"The {flag} run to read: best, a run id or models:/NAME@ALIAS [default best]."))]
     own = [click.option(f"--{option.name.replace('_', '-')}", option.name, is_flag=option.flag,
                         default=None, required=option.required, help=option.help,
                         type=click.Choice(option.choices) if option.choices else None)

@@ -24,13 +24,17 @@ Everything is batched over trials (and samples) in torch, CPU or CUDA, float64 b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
+from bnet.config import FILLED
 from bnet.errors import ConfigError
 from bnet.models.arhmm.messages import forward_backward, viterbi
+from bnet.models.registry import build_model, config_from_dict, register
+from bnet.models.serving import ServingSpec, register_serving
 
 CLAMP = 0.99
 """A clamped decoder variance is this fraction of the scaled prior's variance."""
@@ -349,3 +353,114 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
     states = state_posterior(prior.log_p_inf, prior.log_P, potentials)
     return Posterior(means.mean(0), (within + between).sqrt(), smoothed.samples.reshape(n_samples, n_seq, n_steps, d),
                      states.probabilities, states.viterbi, float(pseudo.clamped.double().mean()))
+
+
+# --- the fitted combination, as the model registry builds it ---------------------------------
+
+@dataclass
+class BayesianDecoderConfig:
+    """A Bayesian decoder: an ARHMM prior and two trained decoders of the same neural activity.
+
+    Attributes:
+        model_class: ``bayesian-decoder``.
+        prior_scale: c >= 1, the factor on the prior marginals' variances before they are
+            divided out of the latent decoder's Gaussian (large: the prior counted twice; 1:
+            divided out exactly, most frames clamped).
+        n_posterior_samples: S, state paths sampled per trial.
+        rng_seed_model: seed of the sampled paths and draws.
+        latent_decoder: the config of the decoder of AE latents (filled from its run).
+        state_decoder: the config of the decoder of ARHMM states (filled from its run).
+        n_states, n_dims, n_lags: the ARHMM's states, latent dimensions and lags (filled).
+    """
+
+    model_class: str = "bayesian-decoder"
+    prior_scale: float = 1e3
+    n_posterior_samples: int = 8
+    rng_seed_model: int = 0
+    latent_decoder: dict = field(default_factory=dict, metadata=FILLED)
+    state_decoder: dict = field(default_factory=dict, metadata=FILLED)
+    n_states: int = field(default=2, metadata=FILLED)
+    n_dims: int = field(default=1, metadata=FILLED)
+    n_lags: int = field(default=1, metadata=FILLED)
+
+    def validate(self) -> None:
+        if self.prior_scale < 1:
+            raise ConfigError(f"prior_scale must be at least 1, got {self.prior_scale} (below 1 the prior divided out "
+                              f"would be sharper than the one the smoother puts back)")
+        if self.n_posterior_samples < 1:
+            raise ConfigError(f"n_posterior_samples must be at least 1, got {self.n_posterior_samples}")
+
+
+PRIOR_BUFFERS = ("log_P", "log_p_inf", "transition", "offset", "noise", "initial_mean", "initial_cov")
+
+
+@register("bayesian-decoder", family="bayesian-decoder", config_type=BayesianDecoderConfig)
+class BayesianDecoder(nn.Module):
+    """The latent and state decoders and the ARHMM's prior, saved and loaded as one model."""
+
+    def __init__(self, config: BayesianDecoderConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.latent_decoder = build_model(config_from_dict(config.latent_decoder))
+        self.state_decoder = build_model(config_from_dict(config.state_decoder))
+        k, d, size = config.n_states, config.n_dims, config.n_dims * max(config.n_lags, 1)
+        shapes = {"log_P": (k, k), "log_p_inf": (k,), "transition": (k, size, size), "offset": (k, size),
+                  "noise": (k, size, size), "initial_mean": (size,), "initial_cov": (size, size), "error_var": (d,)}
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float64))
+
+    def set_prior(self, prior: ARHMMPrior, error_var: torch.Tensor) -> None:
+        """The ARHMM's prior and the latent decoder's error variance per dimension."""
+        for name in PRIOR_BUFFERS:
+            source = getattr(prior, name) if hasattr(prior, name) else getattr(prior.dynamics, name)
+            getattr(self, name).copy_(source)
+        self.error_var.copy_(error_var)
+
+    def prior(self) -> ARHMMPrior:
+        dynamics = SwitchingDynamics(self.transition, self.offset, self.noise, self.initial_mean, self.initial_cov,
+                                     self.config.n_dims, self.config.n_lags)
+        return ARHMMPrior(self.log_P, self.log_p_inf, dynamics)
+
+    @torch.no_grad()
+    def direct(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two decoders' own answers for one trial's inputs (T, n_input): latent means and
+        state probabilities."""
+        self.eval()
+        return self.latent_decoder.predict(inputs).double(), self.state_decoder.predict(inputs).double()
+
+    @torch.no_grad()
+    def posterior(self, trials: list[torch.Tensor], generator: torch.Generator | None = None) -> list[Posterior]:
+        """The posterior of each trial (inputs (T, n_input) each); trials of one length are
+        decoded together."""
+        generator = generator or torch.Generator().manual_seed(self.config.rng_seed_model)
+        answers: list[Posterior | None] = [None] * len(trials)
+        by_length: dict[int, list[int]] = {}
+        for i, inputs in enumerate(trials):
+            by_length.setdefault(len(inputs), []).append(i)
+        for indices in by_length.values():
+            direct = [self.direct(trials[i]) for i in indices]
+            batch = decode(self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
+                           torch.stack([p for _, p in direct]), self.config.prior_scale,
+                           self.config.n_posterior_samples, generator)
+            for j, i in enumerate(indices):
+                answers[i] = Posterior(batch.mean[j], batch.spread[j], batch.samples[:, j],
+                                       batch.state_probabilities[j], batch.viterbi[j], batch.clamped_fraction)
+        return answers
+
+
+def _serve_posterior(model: BayesianDecoder, inputs: dict, params: dict) -> dict:
+    (posterior,) = model.posterior([torch.from_numpy(inputs["inputs"])])
+    return {"latents": posterior.mean.float().numpy(), "spread": posterior.spread.float().numpy()}
+
+
+def _serving_example(model: BayesianDecoder) -> dict:
+    """Ten frames of the decoders' mean training input."""
+    mean = model.latent_decoder.input_mean.float().numpy()
+    return {"inputs": mean[None].repeat(10, axis=0)}
+
+
+register_serving("bayesian-decoder", ServingSpec(
+    inputs=lambda model: {"inputs": (-1, int(model.config.latent_decoder["n_input"]))}, predict=_serve_posterior,
+    example=_serving_example, params={},
+    input_docs={"inputs": "one trial's neural activity (frames, neurons)"}))

@@ -47,3 +47,31 @@ def plot_ensemble_curve(sizes: list[int], val_scores: list[float], test_scores: 
     ax.legend(frameon=False, fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def plot_posterior_latents(truth: list[np.ndarray], direct: list[np.ndarray], means: list[np.ndarray],
+                           spreads: list[np.ndarray], titles: list[str], max_dims: int = 4):
+    """One row per trial: each latent's true trace (black), the direct decoder's (grey) and the
+    Bayesian posterior mean (colour) with its 90% band, each latent in units of its spread in
+    the trial, stacked."""
+    n_dims = min(truth[0].shape[1], max_dims)
+    figure, axes = plt.subplots(len(truth), 1, figsize=(10, 2.4 * len(truth)), squeeze=False)
+    for ax, x, d, m, s, title in zip(axes[:, 0], truth, direct, means, spreads, titles):
+        frames = np.arange(len(x))
+        for dim in range(n_dims):
+            centre, unit = x[:, dim].mean(), x[:, dim].std() or 1.0
+
+            def shown(values, dim=dim, centre=centre, unit=unit):
+                return (values - centre) / unit + 5.0 * dim
+
+            colour = f"C{dim}"
+            ax.plot(frames, shown(x[:, dim]), color="black", lw=1)
+            ax.plot(frames, shown(d[:, dim]), color="grey", lw=0.8, ls="--")
+            ax.plot(frames, shown(m[:, dim]), color=colour, lw=1.2)
+            ax.fill_between(frames, shown(m[:, dim] - 1.645 * s[:, dim]), shown(m[:, dim] + 1.645 * s[:, dim]),
+                            color=colour, alpha=0.25, lw=0)
+        ax.set_title(f"{title}: true (black), direct decoder (grey dashed), posterior mean and 90% band")
+        ax.set_yticks([])
+    axes[-1, 0].set_xlabel("frame")
+    figure.tight_layout()
+    return figure

@@ -206,6 +206,36 @@ def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4
     return Movie(path, run, f"{n_states} states of ARHMM run {run.run_id} in {where}, up to {clips} clips each")
 
 
+def bayesian_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20,
+                   experiment: str | None = None, n_draws: int = 2) -> Movie:
+    """Original | AE reconstruction | direct decoder | Bayesian posterior mean | posterior draws,
+    all through the AE's decoder, on held-out trials of a Bayesian decoder run."""
+    run = resolve_upstream(reference, "bayesian-decoder", experiment, store=store)
+    arhmm_run = resolve_upstream(run.tags[f"{tags.UPSTREAM_TAG_PREFIX}arhmm_run_id"], "arhmm", store=store)
+    ae_run = resolve_upstream(arhmm_run.tags[f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"], "ae", store=store)
+    model = _ae_model(ae_run, store)
+    session = run_session(run, ("images", "neural"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run, f"{tags.EXPORTS_DIR}/posterior.hdf5", tmp, store)
+        if path is None:
+            raise TrackingError(f"Bayesian decoder run {run.run_id} has no exports/posterior.hdf5")
+        (means, splits), (draws, _), (direct, _) = (read_export(path, group) for group in ("means", "samples", "direct"))
+    trials = list(splits.test[:n_trials])
+    titles = ["original", "AE reconstruction", "direct decoder", "posterior mean",
+              *(f"posterior draw {k + 1}" for k in range(min(n_draws, len(draws[trials[0]]))))]
+    panels: list[list[np.ndarray]] = [[] for _ in titles]
+    for trial in trials:
+        images = session.read("images", trial)
+        shown = [images / 255.0, _reconstruct(model, images)[0], _reconstruct(model, images, direct[trial])[0],
+                 _reconstruct(model, images, means[trial])[0],
+                 *(_reconstruct(model, images, draws[trial][k])[0] for k in range(len(titles) - 4))]
+        for panel, frames in zip(panels, shown):
+            panel.append(channels_side_by_side(frames))
+    path = write_panel_movie([np.concatenate(p) for p in panels], titles, out, fps)
+    return Movie(path, run, f"{len(trials)} held-out trials of Bayesian decoder run {run.run_id} (AE run "
+                            f"{ae_run.run_id}): {' | '.join(titles)}")
+
+
 SAMPLE_BURN_IN = 20
 """Sampled frames dropped at the start: the ARHMM's first lags are drawn from N(0, I)."""
 
