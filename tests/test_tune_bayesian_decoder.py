@@ -64,7 +64,8 @@ def test_a_study_combines_the_runs_and_scores_them_beside_the_direct_decoders(st
             for name in ("latent_mse", "direct_latent_mse", "mean_latent_mse", "frame_mse", "direct_frame_mse",
                          "state_accuracy", "direct_state_accuracy", "common_state_accuracy", "coverage_90"):
                 assert np.isfinite(m[f"{split}_{name}"]), (split, name)
-        assert 0 <= m["clamped_fraction"] <= 1
+        # c is searched between 1 and 1e6: the smaller the scale, the more of the decoder is clamped
+        assert m["clamped_fraction"] < 0.5 or float(run.data.params["prior_scale"]) < 10
         for upstream in ("arhmm", "decoder", "state_decoder"):
             assert t[f"bnet.upstream.{upstream}_run_id"]
         assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/posterior_latents.png"}
@@ -89,8 +90,9 @@ def test_the_posterior_is_exported_and_the_model_reloads(study, tmp_path):
     model = load_model(run.info.run_id, study["resolved"])
     with h5py.File(study["data"]) as f:
         neural = torch.from_numpy(f[f"neural/{trial}"][()])
-    again = model.posterior([neural])[0]
-    np.testing.assert_allclose(again.mean.numpy(), means, rtol=1e-4, atol=1e-4)
+    # a trial's draws are its own (seeded by its index), whatever is decoded with it
+    again = model.posterior([neural], keys=[int(trial.removeprefix("trial_"))])[0]
+    np.testing.assert_allclose(again.mean.numpy(), means, rtol=1e-5, atol=1e-6)
     invoke("best", "bayesian-decoder", "--experiment", "bayes", "--store", study["store"])
     invoke("register", "bayesian-decoder", "--experiment", "bayes", "--name", "bayes", "--store", study["store"])
     assert load_model("models:/bayes@champion", study["resolved"]).config.model_class == "bayesian-decoder"

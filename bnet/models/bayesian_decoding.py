@@ -430,22 +430,18 @@ class BayesianDecoder(nn.Module):
         return self.latent_decoder.predict(inputs).double(), self.state_decoder.predict(inputs).double()
 
     @torch.no_grad()
-    def posterior(self, trials: list[torch.Tensor], generator: torch.Generator | None = None) -> list[Posterior]:
-        """The posterior of each trial (inputs (T, n_input) each); trials of one length are
-        decoded together."""
-        generator = generator or torch.Generator().manual_seed(self.config.rng_seed_model)
-        answers: list[Posterior | None] = [None] * len(trials)
-        by_length: dict[int, list[int]] = {}
-        for i, inputs in enumerate(trials):
-            by_length.setdefault(len(inputs), []).append(i)
-        for indices in by_length.values():
-            direct = [self.direct(trials[i]) for i in indices]
-            batch = decode(self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
-                           torch.stack([p for _, p in direct]), self.config.prior_scale,
-                           self.config.n_posterior_samples, generator)
-            for j, i in enumerate(indices):
-                answers[i] = Posterior(batch.mean[j], batch.spread[j], batch.samples[:, j],
-                                       batch.state_probabilities[j], batch.viterbi[j], batch.clamped_fraction)
+    def posterior(self, trials: list[torch.Tensor], keys: list[int] | None = None) -> list[Posterior]:
+        """The posterior of each trial (inputs (T, n_input) each). Each trial draws from its own
+        generator, seeded by ``rng_seed_model`` and its key (its trial index; by default its
+        position), so a trial's answer does not depend on which trials are decoded with it."""
+        answers = []
+        for key, inputs in zip(keys if keys is not None else range(len(trials)), trials):
+            generator = torch.Generator().manual_seed(self.config.rng_seed_model * 1_000_003 + int(key))
+            latent_means, state_probs = self.direct(inputs)
+            batch = decode(self.prior(), latent_means[None], self.error_var, state_probs[None],
+                           self.config.prior_scale, self.config.n_posterior_samples, generator)
+            answers.append(Posterior(batch.mean[0], batch.spread[0], batch.samples[:, 0], batch.state_probabilities[0],
+                                     batch.viterbi[0], batch.clamped_fraction))
         return answers
 
 

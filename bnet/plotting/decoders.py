@@ -9,6 +9,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+INTERVAL_90 = 1.6449
+"""Half a Gaussian's central 90% interval, in standard deviations."""
+
 
 def plot_predictions(targets: list[np.ndarray], predictions: list[np.ndarray], titles: list[str], kind: str,
                      max_dims: int = 4):
@@ -68,7 +71,7 @@ def plot_posterior_latents(truth: list[np.ndarray], direct: list[np.ndarray], me
             ax.plot(frames, shown(x[:, dim]), color="black", lw=1)
             ax.plot(frames, shown(d[:, dim]), color="grey", lw=0.8, ls="--")
             ax.plot(frames, shown(m[:, dim]), color=colour, lw=1.2)
-            ax.fill_between(frames, shown(m[:, dim] - 1.645 * s[:, dim]), shown(m[:, dim] + 1.645 * s[:, dim]),
+            ax.fill_between(frames, shown(m[:, dim] - INTERVAL_90 * s[:, dim]), shown(m[:, dim] + INTERVAL_90 * s[:, dim]),
                             color=colour, alpha=0.25, lw=0)
         ax.set_title(f"{title}: true (black), direct decoder (grey dashed), posterior mean and 90% band")
         ax.set_yticks([])

@@ -192,7 +192,8 @@ class Family:
             mean frame, one state, a constant: :mod:`bnet.tuning.trivial`); None for runs
             without the metrics it needs.
         summary: what the family tunes, in one sentence (``bnet tune NAME --help``).
-        upstream: the families whose runs a study reads (``--ae REF``, ``--ae-experiment``).
+        upstream: the upstream runs a study reads, each by a family's name or a role
+            (``state_decoder``: ``--state-decoder REF``, ``--state-decoder-experiment``).
         options: the family's own options (:class:`FamilyOption`).
         behavenet_configs: the BehaveNet JSON sections it reads (``--model-config`` ...).
         budget_flag: a trial's steps on the command line (``--max-epochs``, ``--budget-epochs``).

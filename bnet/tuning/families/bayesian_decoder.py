@@ -30,8 +30,9 @@ from bnet.data.session import Session, trial_name
 from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
 from bnet.models.bayesian_decoding import ARHMMPrior, BayesianDecoder, BayesianDecoderConfig
-from bnet.models.decoder_metrics import trim_lags
-from bnet.plotting.decoders import plot_posterior_latents
+from bnet.models.decoder_metrics import r2_score, trim_lags
+from bnet.models.serving import reads_labels
+from bnet.plotting.decoders import INTERVAL_90, plot_posterior_latents
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import load_model
@@ -46,9 +47,9 @@ OBJECTIVE = Objective(metric="val_latent_mse", direction="minimize", step_metric
 DEFAULT_SPACE = {"prior_scale": Range(1.0, 1e6, log=True), "n_posterior_samples": Categorical((4, 8, 16))}
 DEFAULT_BUDGET: dict[str, Any] = {}
 MAX_CLAMPED = 0.5
-"""Above this share of clamped pseudo-observations the prior is divided out of decoders it is
-wider than: the scale is too small for them to carry information."""
-INTERVAL = 1.6449  # the 90% central interval of a Gaussian, in standard deviations
+"""A trial warns above this share of clamped pseudo-observations: the scaled prior is then
+narrower than the decoder almost everywhere, so the decoder's information is discarded."""
+CHUNK = 256  # frames through the AE's decoder at once
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Upstream:
     inputs: dict[int, np.ndarray]
     splits: TrialSplits
     n_max_lags: int
+    models: dict[str, Any]
 
 
 def read_upstream(session: Session, refs: dict[str, tuple[str | None, str | None]], store: Store) -> Upstream:
@@ -95,43 +97,75 @@ def read_upstream(session: Session, refs: dict[str, tuple[str | None, str | None
                           f"{state_decoder.tags.get(f'{tags.UPSTREAM_TAG_PREFIX}arhmm_run_id')}, not of "
                           f"{arhmm.run_id}")
     ae = upstream_run("ae", ae_id, None, session, store)
+    if ae.tags.get(tags.TAG_N_SESSIONS, "1") != "1":
+        raise ConfigError(f"AE run {ae.run_id} was fitted to several sessions: the Bayesian decoder draws frames "
+                          f"through one session's AE")
     latents = upstream_export(ae, "latents", "latents", session, store)
     states = upstream_export(arhmm, "states", "states", session, store)
     if latents is None or states is None:
         raise DataError(f"AE run {ae.run_id} or ARHMM run {arhmm.run_id} exported no latents or states to combine")
+    if states[1] != latents[1]:
+        raise ConfigError(f"ARHMM run {arhmm.run_id} split {session.path}'s trials otherwise than AE run {ae.run_id}")
+    if not latents[1].val or not latents[1].test:
+        raise DataError(f"{session.path}: the splits of AE run {ae.run_id} hold no validation or no test trials "
+                        f"(the decoder's error variance and the scores need both)")
     models = [load_model(run.run_id, store) for run in (decoder, state_decoder)]
     inputs = [decoder_inputs(model, run, session, store) for model, run in zip(models, (decoder, state_decoder))]
     if any(not np.array_equal(inputs[0][t], inputs[1][t]) for t in session.trials):
         raise ConfigError(f"decoder runs {decoder.run_id} and {state_decoder.run_id} read different neurons: the "
                           f"Bayesian decoder combines decoders of the same activity")
+    ae_model = load_model(ae.run_id, store)
+    if reads_labels(ae_model):
+        raise ConfigError(f"AE run {ae.run_id} ({ae_model.config.model_class}) draws frames from labels too: the "
+                          f"Bayesian decoder draws them from latents alone")
     n_max_lags = max(int(run.params.get("n_max_lags") or 0) for run in (decoder, state_decoder))
-    return Upstream(arhmm, decoder, state_decoder, ae, latents[0], states[0], inputs[0], latents[1], n_max_lags)
+    return Upstream(arhmm, decoder, state_decoder, ae, latents[0], states[0], inputs[0], latents[1], n_max_lags,
+                    {"decoder": models[0], "state_decoder": models[1], "ae": ae_model,
+                     "arhmm": load_model(arhmm.run_id, store)})
 
 
 class BayesianTrials:
     """Combines the upstream models once per trial (the family's TrialFitter)."""
 
-    def __init__(self, upstream: Upstream, session: Session, store: Store):
+    def __init__(self, upstream: Upstream, session: Session):
         self.upstream = upstream
         self.session = session
-        self.models = {name: load_model(getattr(upstream, name).run_id, store)
-                       for name in ("arhmm", "decoder", "state_decoder", "ae")}
-        train = np.concatenate(trim_lags([upstream.latents[t] for t in upstream.splits.train], upstream.n_max_lags))
+        self.models = upstream.models
+        lags = upstream.n_max_lags
+        train = np.concatenate(trim_lags([upstream.latents[t] for t in upstream.splits.train], lags))
         self.train_mean = train.mean(0)
         self.prior = ARHMMPrior.from_engine(self.models["arhmm"].engine, torch.from_numpy(self.train_mean),
                                             torch.from_numpy(np.atleast_2d(np.cov(train.T))))
-        decoder = self.models["decoder"].eval()
         with torch.no_grad():
-            self.direct = {t: decoder.predict(torch.from_numpy(x)).double().numpy() for t, x in upstream.inputs.items()}
-        # the decoder's Gaussian: its errors on the validation trials
-        errors = np.concatenate(trim_lags([upstream.latents[t] - self.direct[t] for t in upstream.splits.val],
-                                          upstream.n_max_lags))
-        self.error_var = torch.from_numpy(errors.var(0))
+            self.direct = {t: self.models["decoder"].eval().predict(torch.from_numpy(x)).double().numpy()
+                           for t, x in upstream.inputs.items()}
+            self.direct_states = {t: self.models["state_decoder"].eval().predict(torch.from_numpy(x)).argmax(-1)
+                                  .numpy() for t, x in upstream.inputs.items()}
+        # the decoder's Gaussian, from its errors on trials it was not fitted to (its training
+        # errors are smaller than its errors anywhere else); its bias counts as error
+        errors = np.concatenate(trim_lags([upstream.latents[t] - self.direct[t] for t in upstream.splits.val], lags))
+        self.error_var = torch.from_numpy((errors ** 2).mean(0))
         counts = np.bincount(np.concatenate([upstream.states[t] for t in upstream.splits.train]),
                              minlength=self.models["arhmm"].config.n_arhmm_states)
         self.common_state = int(counts.argmax())
+        # what every trial compares with: the held-out frames and the direct decoder's drawing of them
+        self.held_out = [t for split in ("val", "test") for t in upstream.splits[split]]
+        self.frames = {t: session.read("images", t) for t in self.held_out}
+        self.direct_frame_errors = {t: self._frame_errors(t, self.direct[t]) for t in self.held_out}
 
-    def configs(self, hparams: dict[str, Any]) -> BayesianDecoderConfig:
+    @torch.no_grad()
+    def _frame_errors(self, trial: int, latents: np.ndarray) -> np.ndarray:
+        """Per-frame MSE of the frames the AE's decoder draws from ``latents``, decoder lags trimmed."""
+        ae, frames = self.models["ae"].eval(), self.frames[trial]
+        errors = []
+        for start in range(0, len(frames), CHUNK):
+            drawn = ae.decode(torch.from_numpy(np.ascontiguousarray(latents[start:start + CHUNK], np.float32)))
+            original = torch.from_numpy(frames[start:start + CHUNK]).float() / 255
+            errors.append(((drawn.float() - original) ** 2).flatten(1).mean(1).numpy())
+        lags = self.upstream.n_max_lags
+        return np.concatenate(errors)[lags:len(frames) - lags]
+
+    def config(self, hparams: dict[str, Any]) -> BayesianDecoderConfig:
         arhmm = self.models["arhmm"].config
         config = dataclass_from_values(BayesianDecoderConfig, {
             **hparams, "model_class": FAMILY, "latent_decoder": asdict(self.models["decoder"].config),
@@ -141,11 +175,7 @@ class BayesianTrials:
         return config
 
     def check(self, hparams: dict[str, Any]) -> None:
-        self.configs(hparams)
-        shortest = min(len(x) for x in self.upstream.inputs.values())
-        if 2 * self.upstream.n_max_lags >= shortest:
-            raise DataError(f"{self.session.path}: the decoders' {self.upstream.n_max_lags} lags leave no frames to "
-                            f"score in the shortest trial ({shortest} frames)")
+        self.config(hparams)
 
     def metric_names(self, hparams: dict[str, Any]) -> dict[str, str]:
         names = {"clamped_fraction": "minimize"}
@@ -156,7 +186,7 @@ class BayesianTrials:
         return names
 
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        config = self.configs(hparams)
+        config = self.config(hparams)
         params = {k: v for k, v in asdict(config).items() if k not in ("latent_decoder", "state_decoder")}
         params.update({"n_max_lags": self.upstream.n_max_lags,
                        **{f"n_{k}_trials": len(v) for k, v in self.upstream.splits.as_dict().items()}})
@@ -170,16 +200,18 @@ class BayesianTrials:
         return model.eval()
 
     def fit(self, context: TrialContext) -> TrialResult:
-        config = self.configs(context.hparams)
+        config = self.config(context.hparams)
         model = self.model(config)
         up = self.upstream
-        shown = [t for split in ("val", "test") for t in up.splits[split]]
-        posteriors = dict(zip(shown, model.posterior([torch.from_numpy(up.inputs[t]) for t in shown])))
+        shown = self.held_out
+        posteriors = dict(zip(shown, model.posterior([torch.from_numpy(up.inputs[t]) for t in shown], keys=shown)))
+        context.report(config.n_posterior_samples, {}, config.n_posterior_samples)
         metrics: dict[str, float] = {}
         for split in ("val", "test"):
             metrics.update(self.scores(split, posteriors))
+        lengths = [len(up.inputs[t]) for t in up.splits.val]
         clamped = [posteriors[t].clamped_fraction for t in up.splits.val]
-        metrics["clamped_fraction"] = float(np.mean(clamped))
+        metrics["clamped_fraction"] = float(np.average(clamped, weights=lengths))
         if metrics["clamped_fraction"] > MAX_CLAMPED:
             context.echo(f"  warning: prior_scale {config.prior_scale:.3g} clamps {100 * metrics['clamped_fraction']:.0f}% "
                          f"of the latent decoder's variances (the prior is wider than the decoder there): a larger "
@@ -195,43 +227,28 @@ class BayesianTrials:
         def pooled(per_trial):
             return np.concatenate(trim_lags(per_trial, lags))
 
-        truth = pooled([up.latents[t] for t in trials])
-        bayes = pooled([posteriors[t].mean.numpy() for t in trials])
-        direct = pooled([self.direct[t] for t in trials])
+        truth = [up.latents[t] for t in trials]
+        bayes = [posteriors[t].mean.numpy() for t in trials]
         spread = pooled([posteriors[t].spread.numpy() for t in trials])
-        total = ((truth - truth.mean(0)) ** 2).sum()
 
         def latent_scores(estimate, name):
-            mse = float(((truth - estimate) ** 2).mean())
-            return {f"{split}_{name}latent_mse": mse,
-                    f"{split}_{name}latent_r2": 1 - float(((truth - estimate) ** 2).sum()) / float(total)}
+            return {f"{split}_{name}latent_mse": float(((pooled(truth) - pooled(estimate)) ** 2).mean()),
+                    f"{split}_{name}latent_r2": float(r2_score(pooled(truth), pooled(estimate))[0])}
 
-        scores = {**latent_scores(bayes, ""), **latent_scores(direct, "direct_"),
-                  f"{split}_mean_latent_mse": float(((truth - self.train_mean) ** 2).mean()),
-                  f"{split}_coverage_90": float((np.abs(truth - bayes) <= INTERVAL * spread).mean())}
+        scores = {**latent_scores(bayes, ""), **latent_scores([self.direct[t] for t in trials], "direct_"),
+                  f"{split}_mean_latent_mse": float(((pooled(truth) - self.train_mean) ** 2).mean()),
+                  f"{split}_coverage_90": float((np.abs(pooled(truth) - pooled(bayes)) <= INTERVAL_90 * spread).mean())}
         true_states = pooled([up.states[t] for t in trials])
         viterbi = pooled([posteriors[t].viterbi.numpy() for t in trials])
-        with torch.no_grad():
-            argmax = pooled([self.models["state_decoder"].predict(torch.from_numpy(up.inputs[t])).argmax(-1).numpy()
-                             for t in trials])
+        argmax = pooled([self.direct_states[t] for t in trials])
         scores.update({f"{split}_state_accuracy": float((viterbi == true_states).mean()),
                        f"{split}_direct_state_accuracy": float((argmax == true_states).mean()),
-                       f"{split}_common_state_accuracy": float((true_states == self.common_state).mean())})
-        scores.update(self.frame_scores(split, trials, posteriors))
+                       f"{split}_common_state_accuracy": float((true_states == self.common_state).mean()),
+                       f"{split}_frame_mse": float(np.concatenate(
+                           [self._frame_errors(t, posteriors[t].mean.numpy()) for t in trials]).mean()),
+                       f"{split}_direct_frame_mse": float(np.concatenate(
+                           [self.direct_frame_errors[t] for t in trials]).mean())})
         return scores
-
-    @torch.no_grad()
-    def frame_scores(self, split: str, trials: list[int], posteriors) -> dict[str, float]:
-        """Frame MSE of the Bayesian mean and of the direct decoder, both through the AE's decoder."""
-        ae, lags = self.models["ae"].eval(), self.upstream.n_max_lags
-        errors = {"": [], "direct_": []}
-        for t in trials:
-            frames = torch.from_numpy(self.session.read("images", t)).float() / 255
-            keep = slice(lags, len(frames) - lags)
-            for name, latents in (("", posteriors[t].mean), ("direct_", torch.from_numpy(self.direct[t]))):
-                drawn = ae.decode(latents.float())
-                errors[name].append(((drawn - frames) ** 2)[keep].flatten(1).mean(1).numpy())
-        return {f"{split}_{name}frame_mse": float(np.concatenate(values).mean()) for name, values in errors.items()}
 
     def _log_artifacts(self, context: TrialContext, shown: list[int], posteriors) -> None:
         up = self.upstream
@@ -252,16 +269,15 @@ class BayesianTrials:
             [f"held-out {trial_name(t)}" for t in examples]), "posterior_latents")
 
 
-def against_direct(metrics) -> TrivialComparison | None:
-    """A Bayesian decoder run against the training mean latents, beside the direct decoder."""
+def against_mean_latents(metrics) -> TrivialComparison | None:
+    """A Bayesian decoder run against the training mean latents (and the most common state),
+    beside the direct decoders it combines."""
     if "val_latent_mse" not in metrics or "val_mean_latent_mse" not in metrics:
         return None
     figure = (f"predicts held-out latents with R² {metrics['val_latent_r2']:.3f} (the direct decoder "
-              f"{metrics['val_direct_latent_r2']:.3f}, the training mean 0)")
-    if "val_state_accuracy" in metrics:
-        figure += (f" and states with accuracy {metrics['val_state_accuracy']:.3f} (the state decoder "
-                   f"{metrics['val_direct_state_accuracy']:.3f}, the most common state "
-                   f"{metrics['val_common_state_accuracy']:.3f})")
+              f"{metrics['val_direct_latent_r2']:.3f}, the training mean 0) and states with accuracy "
+              f"{metrics['val_state_accuracy']:.3f} (the state decoder {metrics['val_direct_state_accuracy']:.3f}, "
+              f"the most common state {metrics['val_common_state_accuracy']:.3f})")
     caveat = ("it is no better than the direct decoder it starts from: the neural signal is strong or the "
               "ARHMM's dynamics weak" if metrics["val_latent_mse"] >= metrics["val_direct_latent_mse"] else "")
     return TrivialComparison(figure, metrics["val_latent_mse"] < metrics["val_mean_latent_mse"], (
@@ -273,14 +289,14 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
     upstream = read_upstream(session, request.upstream, store)
     run_tags = {f"{tags.UPSTREAM_TAG_PREFIX}{name}_run_id": getattr(upstream, name).run_id
                 for name in ("arhmm", "decoder", "state_decoder")}
-    return [PreparedStudy(session, BayesianTrials(upstream, session, store), OBJECTIVE, run_tags)]
+    return [PreparedStudy(session, BayesianTrials(upstream, session), OBJECTIVE, run_tags)]
 
 
 register_family(Family(
     name=FAMILY, default_space=DEFAULT_SPACE, default_budget=DEFAULT_BUDGET, conditions={},
     step_name="sample", budget_key="n_posterior_samples", prepare=prepare,
     default_model_class=lambda request: FAMILY, machinery=LOCATION_KEYS,
-    trivial=against_direct,
+    trivial=against_mean_latents,
     summary="Tune Bayesian decoders: an ARHMM prior combined with decoders of AE latents and of ARHMM states.",
     upstream=("arhmm", "decoder", "state_decoder"), behavenet_configs=(), budget_flag="samples",
     default_device="cpu", shown_params=("prior_scale", "n_posterior_samples"),
