@@ -100,9 +100,9 @@ def one_setting(folder: Path, noise: float, seed: int, n_samples: int) -> dict[s
     true_states = np.concatenate([states[t] for t in test])
     return {"direct": r2([latents[t] for t in test], [direct[t] for t in test]),
             "bayes": r2([latents[t] for t in test], list(result.mean.numpy())), "scale": scale,
-            "clamped": result.clamped_fraction, "direct_states": float((direct_states == true_states).mean()),
+            "clamped": float(result.clamped_fraction.mean()), "direct_states": float((direct_states == true_states).mean()),
             "viterbi_states": float((result.viterbi.numpy().ravel() == true_states).mean()), "seconds": seconds,
-            "clamped_at_1": posterior(test, 1.0).clamped_fraction}
+            "clamped_at_1": float(posterior(test, 1.0).clamped_fraction.mean())}
 
 
 def main() -> None:

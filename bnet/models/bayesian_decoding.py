@@ -43,6 +43,23 @@ MIN_STATE_PROBABILITY = 1e-8
 would otherwise get a potential of hundreds of nats from any decoder probability."""
 
 
+# --- randomness ----------------------------------------------------------------------------
+
+Randomness = "torch.Generator | list[torch.Generator] | None"
+
+
+def _draws(kind: str, shape: tuple[int, ...], generator, like: torch.Tensor, sequence_axis: int) -> torch.Tensor:
+    """Uniform or standard normal draws of ``shape``; with one generator per sequence (a list),
+    each sequence's slice along ``sequence_axis`` comes from its own generator, so a sequence's
+    draws do not depend on which sequences share its batch."""
+    draw = torch.rand if kind == "uniform" else torch.randn
+    if not isinstance(generator, list):
+        return draw(shape, generator=generator, dtype=like.dtype, device=like.device)
+    one = shape[:sequence_axis] + shape[sequence_axis + 1:]
+    return torch.stack([draw(one, generator=g, dtype=like.dtype, device=like.device) for g in generator],
+                       sequence_axis)
+
+
 # --- the discrete states ------------------------------------------------------------------
 
 def stationary_distribution(log_P: torch.Tensor) -> torch.Tensor:
@@ -59,7 +76,7 @@ def stationary_distribution(log_P: torch.Tensor) -> torch.Tensor:
 
 
 def sample_state_paths(log_pi0: torch.Tensor, log_P: torch.Tensor, potentials: torch.Tensor, n_samples: int,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: Randomness = None) -> torch.Tensor:
     """(S, N, T) state paths drawn from the HMM posterior by forward filtering, backward sampling.
 
     Args:
@@ -67,6 +84,7 @@ def sample_state_paths(log_pi0: torch.Tensor, log_P: torch.Tensor, potentials: t
         log_P: (K, K) log transition matrix, rows summing to 1.
         potentials: (N, T, K) log potentials of each frame's state.
         n_samples: paths per sequence.
+        generator: one generator, or one per sequence.
     """
     n_seq, n_steps, k = potentials.shape
     P = log_P.exp()
@@ -78,20 +96,23 @@ def sample_state_paths(log_pi0: torch.Tensor, log_P: torch.Tensor, potentials: t
     for t in range(1, n_steps):
         alpha = (filtered[t - 1] @ P) * emission[t]
         filtered[t] = alpha / alpha.sum(-1, keepdim=True)
+    uniforms = _draws("uniform", (n_steps, n_samples, n_seq), generator, potentials, 2)
     paths = torch.empty(n_steps, n_samples, n_seq, dtype=torch.long, device=potentials.device)
     weights = filtered[-1].expand(n_samples, n_seq, k)
-    paths[-1] = _draw(weights, generator)
+    paths[-1] = _draw(weights, uniforms[-1])
     for t in range(n_steps - 2, -1, -1):
         # p(z_t | z_t+1, potentials_0..t) is proportional to filtered[t] * P[:, z_t+1]
         weights = filtered[t] * P.T[paths[t + 1]]
-        paths[t] = _draw(weights, generator)
+        paths[t] = _draw(weights, uniforms[t])
     return paths.permute(1, 2, 0).contiguous()
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One category per row of unnormalised ``weights`` (..., K)."""
-    flat = weights.reshape(-1, weights.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(weights.shape[:-1])
+def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One category per row of unnormalised ``weights`` (..., K), by inverting the cumulative
+    distribution at ``uniforms`` (...)."""
+    cumulative = weights.cumsum(-1)
+    chosen = torch.searchsorted(cumulative, (uniforms * cumulative[..., -1]).unsqueeze(-1))
+    return chosen.squeeze(-1).clamp_max(weights.shape[-1] - 1)
 
 
 class StatePosterior(NamedTuple):
@@ -222,10 +243,10 @@ class Smoothed(NamedTuple):
 
 
 def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch.Tensor,
-           variances: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Smoothed:
+           variances: torch.Tensor, generator: Randomness = None, sample: bool = True) -> Smoothed:
     """Kalman filter and Rauch-Tung-Striebel smoother of x given a state path and Gaussian
     observations ``observations`` (B, T, D) of x_t with diagonal ``variances`` (B, T, D); with
-    ``sample``, one draw by backward sampling."""
+    ``sample``, one draw by backward sampling (``generator``: one, or one per sequence)."""
     n_seq, n_steps = paths.shape
     d = dynamics.n_dims
     size = dynamics.initial_mean.shape[0]
@@ -253,7 +274,8 @@ def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch
     means[-1], covs[-1] = filtered_means[-1], filtered_covs[-1]
     draws = [None] * n_steps if sample else None
     if sample:
-        draws[-1] = _gaussian(filtered_means[-1], filtered_covs[-1], generator)
+        normals = _draws("normal", (n_steps, n_seq, size), generator, observations, 1)
+        draws[-1] = _gaussian(filtered_means[-1], filtered_covs[-1], normals[-1])
     for t in range(n_steps - 2, -1, -1):
         F = _states_at(dynamics.transition, paths, t + 1)
         # J = P_t|t F^T P_t+1|t^-1
@@ -264,18 +286,17 @@ def smooth(dynamics: SwitchingDynamics, paths: torch.Tensor, observations: torch
             conditional_mean = filtered_means[t] + (smoother_gain @ (draws[t + 1] - predicted_means[t + 1])
                                                     .unsqueeze(-1)).squeeze(-1)
             conditional_cov = filtered_covs[t] - smoother_gain @ predicted_covs[t + 1] @ smoother_gain.transpose(-1, -2)
-            draws[t] = _gaussian(conditional_mean, conditional_cov, generator)
+            draws[t] = _gaussian(conditional_mean, conditional_cov, normals[t])
     variances = torch.stack([c[:, :d, :d].diagonal(dim1=-2, dim2=-1) for c in covs], 1)
     return Smoothed(torch.stack(means, 1)[:, :, :d], variances, torch.stack(draws, 1)[:, :, :d] if sample else None)
 
 
-def _gaussian(mean: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A draw from N(mean, cov) per row; the companion state's copied lags make cov singular,
-    so the factor is an eigendecomposition with negative rounding clipped."""
+def _gaussian(mean: torch.Tensor, cov: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """A draw from N(mean, cov) per row from standard ``normals``; the companion state's copied
+    lags make cov singular, so the factor is an eigendecomposition with negative rounding clipped."""
     values, vectors = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
     factor = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
-    noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
-    return mean + (factor @ noise.unsqueeze(-1)).squeeze(-1)
+    return mean + (factor @ normals.unsqueeze(-1)).squeeze(-1)
 
 
 # --- the whole scheme ---------------------------------------------------------------------
@@ -291,8 +312,8 @@ class Posterior(NamedTuple):
     """(N, T, K) p(z_t | n)."""
     viterbi: torch.Tensor
     """(N, T) the most likely state path."""
-    clamped_fraction: float
-    """Share of (path, frame, dimension) where the decoder's variance was clamped."""
+    clamped_fraction: torch.Tensor
+    """(N,) per trial, the share of (path, frame, dimension) where the decoder's variance was clamped."""
 
 
 @dataclass(frozen=True)
@@ -323,7 +344,7 @@ class ARHMMPrior:
 
 
 def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Tensor, state_probs: torch.Tensor,
-           scale: float, n_samples: int, generator: torch.Generator | None = None) -> Posterior:
+           scale: float, n_samples: int, generator: Randomness = None) -> Posterior:
     """The posterior over latents and states of N trials of T frames.
 
     Args:
@@ -334,6 +355,8 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
         scale: c >= 1, the factor on the prior marginals' variances (below 1 the prior divided
             out would be sharper than the prior the smoother puts back).
         n_samples: S, state paths sampled per trial.
+        generator: one generator, or one per trial (each trial's draws are then its own,
+            whatever else is decoded with it).
     """
     if scale < 1 or n_samples < 1:
         raise ConfigError(f"the Bayesian decoder needs a prior scale of at least 1 and at least 1 sample, got "
@@ -346,13 +369,17 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
     prior_mean, prior_var = prior_marginals(prior.dynamics, flat_paths)
     repeated = decoder_mean.repeat(n_samples, 1, 1)
     pseudo = pseudo_observations(repeated, decoder_var, prior_mean, prior_var, scale)
-    smoothed = smooth(prior.dynamics, flat_paths, pseudo.values, pseudo.variances, generator)
+    # the smoother's sequences are (sample, trial) pairs, sample-major: trial n's generator serves
+    # sequences n, N + n, 2N + n, ...
+    per_sequence = generator * n_samples if isinstance(generator, list) else generator
+    smoothed = smooth(prior.dynamics, flat_paths, pseudo.values, pseudo.variances, per_sequence)
     means = smoothed.means.reshape(n_samples, n_seq, n_steps, d)
     within = smoothed.variances.reshape(n_samples, n_seq, n_steps, d).mean(0)
     between = means.var(0, unbiased=False)
     states = state_posterior(prior.log_p_inf, prior.log_P, potentials)
+    clamped = pseudo.clamped.reshape(n_samples, n_seq, n_steps, d).double().mean((0, 2, 3))
     return Posterior(means.mean(0), (within + between).sqrt(), smoothed.samples.reshape(n_samples, n_seq, n_steps, d),
-                     states.probabilities, states.viterbi, float(pseudo.clamped.double().mean()))
+                     states.probabilities, states.viterbi, clamped)
 
 
 # --- the fitted combination, as the model registry builds it ---------------------------------
@@ -391,6 +418,8 @@ class BayesianDecoderConfig:
             raise ConfigError(f"n_posterior_samples must be at least 1, got {self.n_posterior_samples}")
 
 
+TRIALS_PER_BATCH = 64
+"""Trials of one length decoded together (each holds S paths of T x M x M covariances)."""
 PRIOR_BUFFERS = ("log_P", "log_p_inf", "transition", "offset", "noise", "initial_mean", "initial_cov")
 
 
@@ -431,17 +460,27 @@ class BayesianDecoder(nn.Module):
 
     @torch.no_grad()
     def posterior(self, trials: list[torch.Tensor], keys: list[int] | None = None) -> list[Posterior]:
-        """The posterior of each trial (inputs (T, n_input) each). Each trial draws from its own
-        generator, seeded by ``rng_seed_model`` and its key (its trial index; by default its
-        position), so a trial's answer does not depend on which trials are decoded with it."""
-        answers = []
-        for key, inputs in zip(keys if keys is not None else range(len(trials)), trials):
-            generator = torch.Generator().manual_seed(self.config.rng_seed_model * 1_000_003 + int(key))
-            latent_means, state_probs = self.direct(inputs)
-            batch = decode(self.prior(), latent_means[None], self.error_var, state_probs[None],
-                           self.config.prior_scale, self.config.n_posterior_samples, generator)
-            answers.append(Posterior(batch.mean[0], batch.spread[0], batch.samples[:, 0], batch.state_probabilities[0],
-                                     batch.viterbi[0], batch.clamped_fraction))
+        """The posterior of each trial (inputs (T, n_input) each), trials of one length decoded
+        together. Each trial draws from its own generator, seeded by ``rng_seed_model`` and its
+        key (its trial index; by default its position), so its answer does not depend on which
+        trials are decoded with it."""
+        keys = list(keys) if keys is not None else list(range(len(trials)))
+        answers: list[Posterior | None] = [None] * len(trials)
+        by_length: dict[int, list[int]] = {}
+        for i, inputs in enumerate(trials):
+            by_length.setdefault(len(inputs), []).append(i)
+        for indices in by_length.values():
+            for start in range(0, len(indices), TRIALS_PER_BATCH):
+                chunk = indices[start:start + TRIALS_PER_BATCH]
+                direct = [self.direct(trials[i]) for i in chunk]
+                generators = [torch.Generator().manual_seed(self.config.rng_seed_model * 1_000_003 + int(keys[i]))
+                              for i in chunk]
+                batch = decode(self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
+                               torch.stack([p for _, p in direct]), self.config.prior_scale,
+                               self.config.n_posterior_samples, generators)
+                for j, i in enumerate(chunk):
+                    answers[i] = Posterior(batch.mean[j], batch.spread[j], batch.samples[:, j],
+                                           batch.state_probabilities[j], batch.viterbi[j], batch.clamped_fraction[j])
         return answers
 
 

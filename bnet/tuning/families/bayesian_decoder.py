@@ -210,7 +210,7 @@ class BayesianTrials:
         for split in ("val", "test"):
             metrics.update(self.scores(split, posteriors))
         lengths = [len(up.inputs[t]) for t in up.splits.val]
-        clamped = [posteriors[t].clamped_fraction for t in up.splits.val]
+        clamped = [float(posteriors[t].clamped_fraction) for t in up.splits.val]
         metrics["clamped_fraction"] = float(np.average(clamped, weights=lengths))
         if metrics["clamped_fraction"] > MAX_CLAMPED:
             context.echo(f"  warning: prior_scale {config.prior_scale:.3g} clamps {100 * metrics['clamped_fraction']:.0f}% "
