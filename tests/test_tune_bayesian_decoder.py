@@ -68,7 +68,7 @@ def test_a_study_combines_the_runs_and_scores_them_beside_the_direct_decoders(st
         assert m["clamped_fraction"] < 0.5 or float(run.data.params["prior_scale"]) < 10
         for upstream in ("arhmm", "decoder", "state_decoder"):
             assert t[f"bnet.upstream.{upstream}_run_id"]
-        assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/posterior_latents.png"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/posterior_latents.png", "plots/posterior_states.png"}
     best = min(runs, key=lambda r: r.data.metrics["val_latent_mse"])
     # the weak signal: the prior helps the held-out latents and the states
     assert best.data.metrics["test_latent_mse"] < best.data.metrics["test_direct_latent_mse"]

@@ -78,3 +78,18 @@ def plot_posterior_latents(truth: list[np.ndarray], direct: list[np.ndarray], me
     axes[-1, 0].set_xlabel("frame")
     figure.tight_layout()
     return figure
+
+
+def plot_state_rasters(rows: list[dict[str, np.ndarray]], titles: list[str], n_states: int):
+    """One panel per trial: a raster of states per frame, one line per source (the ARHMM's own
+    states, the state decoder's argmax, the Bayesian Viterbi path)."""
+    figure, axes = plt.subplots(len(rows), 1, figsize=(10, 0.8 + 0.6 * len(rows[0]) * len(rows)), squeeze=False,
+                                layout="constrained")
+    for ax, row, title in zip(axes[:, 0], rows, titles):
+        image = ax.imshow(np.stack(list(row.values())), aspect="auto", interpolation="nearest", cmap="tab10",
+                          vmin=0, vmax=max(n_states - 1, 9))
+        ax.set_yticks(range(len(row)), list(row))
+        ax.set_title(title)
+    axes[-1, 0].set_xlabel("frame")
+    figure.colorbar(image, ax=axes[:, 0].tolist(), label="state", ticks=range(n_states))
+    return figure

@@ -32,7 +32,7 @@ from bnet.errors import ConfigError, DataError
 from bnet.models.bayesian_decoding import ARHMMPrior, BayesianDecoder, BayesianDecoderConfig
 from bnet.models.decoder_metrics import r2_score, trim_lags
 from bnet.models.serving import reads_labels
-from bnet.plotting.decoders import INTERVAL_90, plot_posterior_latents
+from bnet.plotting.decoders import INTERVAL_90, plot_posterior_latents, plot_state_rasters
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import load_model
@@ -267,6 +267,11 @@ class BayesianTrials:
             [up.latents[t] for t in examples], [self.direct[t] for t in examples],
             [posteriors[t].mean.numpy() for t in examples], [posteriors[t].spread.numpy() for t in examples],
             [f"held-out {trial_name(t)}" for t in examples]), "posterior_latents")
+        context.run.log_figure(plot_state_rasters(
+            [{"ARHMM (true latents)": up.states[t], "state decoder": self.direct_states[t],
+              "Bayesian Viterbi": posteriors[t].viterbi.numpy()} for t in examples],
+            [f"held-out {trial_name(t)}" for t in examples], self.models["arhmm"].config.n_arhmm_states),
+            "posterior_states")
 
 
 def against_mean_latents(metrics) -> TrivialComparison | None:
