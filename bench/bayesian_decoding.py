@@ -9,7 +9,7 @@ activity (+-2 frames), then the Bayesian decoder with its scale c chosen on the 
 trials. Prints test latent R^2 of both, the gain, c, the clamped fraction and the state
 accuracy (argmax of the state decoder vs the Viterbi path), after the machine's description.
 
-    python bench/bayesian_decoding.py [--noise 0.5 2 3] [--seeds 0 1 2] [--samples 8] [--json]
+    python bench/bayesian_decoding.py [--noise 0.5 2 3] [--seeds 0 1 2] [--samples 8] [--method gibbs] [--json]
 
 ``--json`` prints one JSON object per setting instead of the table (the acceptance tests in
 tests/test_bayesian_decoding.py read them).
@@ -32,7 +32,7 @@ from arhmm_science import cpu_description  # noqa: E402  (CPU model, instruction
 
 from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials, synthesize  # noqa: E402
 from bnet.models.arhmm import ARHMM, ARHMMConfig  # noqa: E402
-from bnet.models.bayesian_decoding import ARHMMPrior, decode  # noqa: E402
+from bnet.models.bayesian_decoding import METHODS, ARHMMPrior  # noqa: E402
 
 SCALES = (1, 3, 10, 30, 100, 1e3, 1e4, 1e6)
 WINDOW = 2  # frames of neural activity either side
@@ -50,7 +50,7 @@ def r2(truth: list[np.ndarray], estimate: list[np.ndarray]) -> float:
     return float(1 - ((y - e) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
 
-def one_setting(folder: Path, noise: float, seed: int, n_samples: int) -> dict[str, float]:
+def one_setting(folder: Path, noise: float, seed: int, n_samples: int, method: str = "sample") -> dict[str, float]:
     config = SynthConfig(n_trials=60, n_frames=100, y_pixels=16, x_pixels=16, n_neurons=30, n_states=4, n_latents=4,
                          neural_noise="gaussian", neural_noise_std=noise, seed=seed)
     path = synthesize(folder / f"noise{noise}_seed{seed}.hdf5", config)
@@ -89,8 +89,9 @@ def one_setting(folder: Path, noise: float, seed: int, n_samples: int) -> dict[s
                                    torch.from_numpy(np.cov(train_latents.T)))
 
     def posterior(trials, scale):
-        return decode(prior, torch.from_numpy(np.stack([direct[t] for t in trials])), torch.from_numpy(error_var),
-                      torch.stack([probs[t] for t in trials]), scale, n_samples, torch.Generator().manual_seed(0))
+        return METHODS[method](prior, torch.from_numpy(np.stack([direct[t] for t in trials])),
+                               torch.from_numpy(error_var), torch.stack([probs[t] for t in trials]), scale, n_samples,
+                               torch.Generator().manual_seed(0))
 
     started = time.perf_counter()
     val_r2, scale = max((r2([latents[t] for t in val], list(posterior(val, c).mean.numpy())), c) for c in SCALES)
@@ -111,13 +112,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="One JSON object per setting, no table.")
+    parser.add_argument("--method", choices=sorted(METHODS), default="sample",
+                        help="sample: sampled state paths, then the smoother (default); gibbs: the Gibbs sampler.")
     args = parser.parse_args()
     if args.json:
         with tempfile.TemporaryDirectory() as tmp:
             for noise in args.noise:
                 for seed in args.seeds:
                     print(json.dumps({"noise": noise, "seed": seed, **one_setting(Path(tmp), noise, seed,
-                                                                                 args.samples)}), flush=True)
+                                                                                 args.samples, args.method)}),
+                          flush=True)
         return
     print(cpu_description(), flush=True)
     print("| neural noise | seed | direct test R² | Bayesian test R² | gain | c | clamped (c=1) | state accuracy: "
@@ -126,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for noise in args.noise:
             for seed in args.seeds:
-                r = one_setting(Path(tmp), noise, seed, args.samples)
+                r = one_setting(Path(tmp), noise, seed, args.samples, args.method)
                 print(f"| {noise:g} | {seed} | {r['direct']:.3f} | {r['bayes']:.3f} | {r['bayes'] - r['direct']:+.3f} | "
                       f"{r['scale']:g} | {r['clamped']:.2f} ({r['clamped_at_1']:.2f}) | "
                       f"{r['direct_states']:.3f} / {r['viterbi_states']:.3f} | {r['seconds']:.1f} |", flush=True)

@@ -1,5 +1,6 @@
 """The Bayesian decoder's inference, checked exactly against closed forms on tiny problems."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,8 +8,8 @@ from bnet.errors import ConfigError
 
 from bnet.models.arhmm.messages import forward_backward
 from bnet.models.bayesian_decoding import (
-    CLAMP, ARHMMPrior, SwitchingDynamics, decode, prior_marginals, pseudo_observations, sample_state_paths, smooth,
-    stationary_distribution,
+    CLAMP, ARHMMPrior, SwitchingDynamics, ar_log_likelihoods, decode, gibbs, prior_marginals, pseudo_observations,
+    sample_state_paths, smooth, stationary_distribution,
 )
 
 DOUBLE = {"dtype": torch.float64}
@@ -206,6 +207,13 @@ def test_the_prior_helps_where_the_neural_signal_is_weak_and_costs_nothing_where
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 6
+    # the Gibbs sampler, a cross-check, agrees on one weak-signal setting
+    gibbs_run = subprocess.run([sys.executable, str(bench), "--noise", "3", "--seeds", "1", "--method", "gibbs",
+                                "--json"], capture_output=True, text=True, timeout=600)
+    assert gibbs_run.returncode == 0, gibbs_run.stderr[-3000:]
+    (cross,) = [json.loads(line) for line in gibbs_run.stdout.splitlines()]
+    (default,) = [row for row in rows if row["noise"] == 3 and row["seed"] == 1]
+    assert cross["bayes"] - cross["direct"] >= 0.05 and abs(cross["bayes"] - default["bayes"]) < 0.1, (cross, default)
     for row in rows:
         gain = row["bayes"] - row["direct"]
         if row["noise"] == 3:
@@ -214,3 +222,32 @@ def test_the_prior_helps_where_the_neural_signal_is_weak_and_costs_nothing_where
         else:
             assert row["direct"] > 0.9 and gain >= -0.01, row
         assert row["clamped_at_1"] > 0.5, row
+
+
+def test_gibbs_with_one_state_is_the_smoother_over_stationary_pseudo_observations():
+    prior = _prior(k=1, lags=1)
+    g = torch.Generator().manual_seed(6)
+    decoder_mean = torch.randn(2, 12, 2, generator=g, **DOUBLE)
+    decoder_var = torch.tensor([0.4, 0.7], **DOUBLE)
+    state_probs = torch.ones(2, 12, 1, **DOUBLE)
+    posterior = gibbs(prior, decoder_mean, decoder_var, state_probs, 5.0, 3, torch.Generator().manual_seed(0),
+                      burn_in=2)
+    dynamics = prior.dynamics
+    pseudo = pseudo_observations(decoder_mean, decoder_var, dynamics.initial_mean[:2].expand(2, 12, 2),
+                                 dynamics.initial_cov.diagonal()[:2].expand(2, 12, 2), 5.0)
+    expected = smooth(dynamics, torch.zeros(2, 12, dtype=torch.long), pseudo.values, pseudo.variances, sample=False)
+    torch.testing.assert_close(posterior.mean, expected.means, atol=1e-10, rtol=0)
+    assert posterior.samples.shape == (3, 2, 12, 2) and bool((posterior.viterbi == 0).all())
+
+
+def test_the_ar_likelihood_is_the_arhmm_engines():
+    from bnet.models.arhmm import ARHMM, ARHMMConfig
+
+    g = torch.Generator().manual_seed(8)
+    x = [torch.randn(15, 2, generator=g, **DOUBLE).numpy() for _ in range(2)]
+    engine = ARHMM(ARHMMConfig(n_arhmm_states=3, n_arhmm_lags=2, n_iters=3))
+    engine.fit(x)
+    prior = ARHMMPrior.from_engine(engine, torch.zeros(2, **DOUBLE), torch.eye(2, **DOUBLE))
+    ours = ar_log_likelihoods(prior.dynamics, torch.from_numpy(np.stack(x)))
+    theirs = engine._emission_log_likelihoods(engine.batch(x))
+    torch.testing.assert_close(ours[:, 2:], theirs[:, 2:].to(ours.dtype), atol=1e-8, rtol=1e-8)

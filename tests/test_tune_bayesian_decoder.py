@@ -110,3 +110,15 @@ def test_runs_that_do_not_fit_together_are_refused(study):
     result = run_cli("tune", "bayesian-decoder", "--data", study["data"], "--arhmm-experiment", "seg",
                      "--decoder-experiment", "dec-ae", "--experiment", "bad", "--store", study["store"])
     assert_clean_failure(result, "--state-decoder best needs --state-decoder-experiment")
+
+
+@pytest.mark.slow
+def test_the_gibbs_method_is_a_study_too(study):
+    invoke("tune", "bayesian-decoder", "--data", study["data"], "--arhmm-experiment", "seg", "--decoder-experiment",
+           "dec-ae", "--state-decoder-experiment", "dec-states", "--method", "gibbs", "--experiment", "bayes-gibbs",
+           "--n-trials", 1, "--config", study["root"] / "bayes.yaml", "--store", study["store"])
+    client = MlflowClient(study["resolved"].tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bayes-gibbs").experiment_id],
+                                "tags.`bnet.role` = 'trial'")
+    assert run.data.params["method"] == "gibbs" and run.data.tags["bnet.model_type"] == "gibbs"
+    assert run.data.metrics["test_latent_mse"] < run.data.metrics["test_direct_latent_mse"]

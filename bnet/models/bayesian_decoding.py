@@ -382,6 +382,72 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
                      states.probabilities, states.viterbi, clamped)
 
 
+GIBBS_BURN_IN = 20
+"""Gibbs sweeps dropped before the kept ones (the chain starts from a path drawn as the default
+scheme draws its first)."""
+
+
+def ar_log_likelihoods(dynamics: SwitchingDynamics, latents: torch.Tensor) -> torch.Tensor:
+    """(N, T, K) log N(x_t; A_k [x_t-1 .. x_t-L] + b_k, Q_k); 0 for the first L frames, whose
+    prior does not depend on the state."""
+    n_seq, n_steps, d = latents.shape
+    lags = dynamics.n_lags
+    lagged = torch.cat([torch.nn.functional.pad(latents[:, : n_steps - lag], (0, 0, lag, 0))
+                        for lag in range(1, lags + 1)], -1) if lags else latents.new_zeros(n_seq, n_steps, 0)
+    weights = dynamics.transition[:, :d, : d * lags]  # (K, D, D*L)
+    predicted = torch.einsum("kdj,ntj->ntkd", weights, lagged) + dynamics.offset[:, :d]
+    residual = latents.unsqueeze(2) - predicted  # (N, T, K, D)
+    chol = torch.linalg.cholesky(dynamics.noise[:, :d, :d])
+    solved = torch.linalg.solve_triangular(chol, residual.unsqueeze(-1), upper=False).squeeze(-1)
+    log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    log_likes = -0.5 * (solved.pow(2).sum(-1) + log_det + d * torch.log(torch.tensor(2 * torch.pi, dtype=latents.dtype)))
+    log_likes[:, :lags] = 0
+    return log_likes
+
+
+def gibbs(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Tensor, state_probs: torch.Tensor,
+          scale: float, n_samples: int, generator: Randomness = None, burn_in: int = GIBBS_BURN_IN) -> Posterior:
+    """The same posterior by Gibbs sampling over (z, x) of the switching linear dynamical system
+    (slower; a cross-check of :func:`decode`). The decoder's Gaussian is divided by the latents'
+    stationary marginal (the training moments, variances scaled by c), so the pseudo-observations
+    do not depend on the path; each sweep draws x given z (the Kalman smoother) and z given x
+    (forward filtering, backward sampling with the ARHMM's own likelihood of x beside the state
+    decoder's potentials). After ``burn_in`` sweeps, ``n_samples`` are kept: the mean averages
+    each kept path's smoothed mean, the states are the kept paths' frequencies (``viterbi`` is
+    the most frequent state per frame)."""
+    if scale < 1 or n_samples < 1:
+        raise ConfigError(f"the Bayesian decoder needs a prior scale of at least 1 and at least 1 sample, got "
+                          f"{scale} and {n_samples}")
+    n_seq, n_steps, d = decoder_mean.shape
+    dynamics = prior.dynamics
+    tiny = torch.finfo(state_probs.dtype).tiny
+    potentials = state_probs.clamp_min(tiny).log() - prior.log_p_inf
+    stationary_mean = dynamics.initial_mean[:d].expand(n_seq, n_steps, d)
+    stationary_var = dynamics.initial_cov[:d, :d].diagonal().expand(n_seq, n_steps, d)
+    pseudo = pseudo_observations(decoder_mean, decoder_var, stationary_mean, stationary_var, scale)
+    paths = sample_state_paths(prior.log_p_inf, prior.log_P, potentials, 1, generator)[0]
+    means, variances, draws, kept_paths = [], [], [], []
+    for sweep in range(burn_in + n_samples):
+        smoothed = smooth(dynamics, paths, pseudo.values, pseudo.variances, generator)
+        if sweep >= burn_in:
+            means.append(smoothed.means)
+            variances.append(smoothed.variances)
+            draws.append(smoothed.samples)
+            kept_paths.append(paths)
+        emissions = potentials + ar_log_likelihoods(dynamics, smoothed.samples)
+        paths = sample_state_paths(prior.log_p_inf, prior.log_P, emissions, 1, generator)[0]
+    means, draws = torch.stack(means), torch.stack(draws)
+    within, between = torch.stack(variances).mean(0), means.var(0, unbiased=False)
+    k = prior.log_P.shape[0]
+    frequencies = torch.nn.functional.one_hot(torch.stack(kept_paths), k).to(decoder_mean.dtype).mean(0)
+    clamped = pseudo.clamped.double().mean((1, 2))
+    return Posterior(means.mean(0), (within + between).sqrt(), draws, frequencies, frequencies.argmax(-1), clamped)
+
+
+METHODS = {"sample": decode, "gibbs": gibbs}
+"""The inference methods by name (``method`` of a Bayesian decoder)."""
+
+
 # --- the fitted combination, as the model registry builds it ---------------------------------
 
 @dataclass
@@ -393,7 +459,9 @@ class BayesianDecoderConfig:
         prior_scale: c >= 1, the factor on the prior marginals' variances before they are
             divided out of the latent decoder's Gaussian (large: the prior counted twice; 1:
             divided out exactly, most frames clamped).
-        n_posterior_samples: S, state paths sampled per trial.
+        n_posterior_samples: S, state paths sampled per trial (Gibbs: sweeps kept).
+        method: ``sample`` (sampled state paths, then the smoother) or ``gibbs`` (Gibbs
+            sampling over states and latents; slower, a cross-check).
         rng_seed_model: seed of the sampled paths and draws.
         latent_decoder: the config of the decoder of AE latents (filled from its run).
         state_decoder: the config of the decoder of ARHMM states (filled from its run).
@@ -403,6 +471,7 @@ class BayesianDecoderConfig:
     model_class: str = "bayesian-decoder"
     prior_scale: float = 1e3
     n_posterior_samples: int = 8
+    method: str = "sample"
     rng_seed_model: int = 0
     latent_decoder: dict = field(default_factory=dict, metadata=FILLED)
     state_decoder: dict = field(default_factory=dict, metadata=FILLED)
@@ -416,6 +485,8 @@ class BayesianDecoderConfig:
                               f"would be sharper than the one the smoother puts back)")
         if self.n_posterior_samples < 1:
             raise ConfigError(f"n_posterior_samples must be at least 1, got {self.n_posterior_samples}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
 
 
 TRIALS_PER_BATCH = 64
@@ -475,9 +546,10 @@ class BayesianDecoder(nn.Module):
                 direct = [self.direct(trials[i]) for i in chunk]
                 generators = [torch.Generator().manual_seed(self.config.rng_seed_model * 1_000_003 + int(keys[i]))
                               for i in chunk]
-                batch = decode(self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
-                               torch.stack([p for _, p in direct]), self.config.prior_scale,
-                               self.config.n_posterior_samples, generators)
+                batch = METHODS[self.config.method](
+                    self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
+                    torch.stack([p for _, p in direct]), self.config.prior_scale, self.config.n_posterior_samples,
+                    generators)
                 for j, i in enumerate(chunk):
                     answers[i] = Posterior(batch.mean[j], batch.spread[j], batch.samples[:, j],
                                            batch.state_probabilities[j], batch.viterbi[j], batch.clamped_fraction[j])

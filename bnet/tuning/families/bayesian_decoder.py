@@ -38,7 +38,9 @@ from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import load_model
 from bnet.tracking.store import Store
 from bnet.tuning.common import resolve_data_path, upstream_export, upstream_run
-from bnet.tuning.family import LOCATION_KEYS, Family, Objective, PreparedStudy, StudyRequest, TrialResult, register_family
+from bnet.tuning.family import (
+    LOCATION_KEYS, Family, FamilyOption, Objective, PreparedStudy, StudyRequest, TrialResult, register_family,
+)
 from bnet.tuning.study import StudyOutcome, TrialContext
 from bnet.tuning.trivial import TrivialComparison
 
@@ -190,7 +192,7 @@ class BayesianTrials:
         params = {k: v for k, v in asdict(config).items() if k not in ("latent_decoder", "state_decoder")}
         params.update({"n_max_lags": self.upstream.n_max_lags,
                        **{f"n_{k}_trials": len(v) for k, v in self.upstream.splits.as_dict().items()}})
-        return params, {tags.TAG_MODEL_CLASS: FAMILY, tags.TAG_MODEL_TYPE: "arhmm-prior"}
+        return params, {tags.TAG_MODEL_CLASS: FAMILY, tags.TAG_MODEL_TYPE: config.method}
 
     def model(self, config: BayesianDecoderConfig) -> BayesianDecoder:
         model = BayesianDecoder(config)
@@ -304,6 +306,9 @@ register_family(Family(
     trivial=against_mean_latents,
     summary="Tune Bayesian decoders: an ARHMM prior combined with decoders of AE latents and of ARHMM states.",
     upstream=("arhmm", "decoder", "state_decoder"), behavenet_configs=(), budget_flag="samples",
+    options=(FamilyOption("method", "Inference: sampled state paths then the smoother, or Gibbs sampling over "
+                                    "states and latents (slower; a cross-check) [default sample].",
+                          choices=("sample", "gibbs"), config_key=True),),
     default_device="cpu", shown_params=("prior_scale", "n_posterior_samples"),
 ))
 
