@@ -98,7 +98,7 @@ def test_the_posterior_is_exported_and_the_model_reloads(study, tmp_path):
     assert load_model("models:/bayes@champion", study["resolved"]).config.model_class == "bayesian-decoder"
     output = invoke("plot", "bayesian-decoder", "models:/bayes@champion", "--trials", 1, "--out", tmp_path / "b.gif",
                     "--store", study["store"])
-    assert "posterior mean | posterior draw 1 | posterior draw 2" in output and (tmp_path / "b.gif").stat().st_size
+    assert "posterior mean | posterior draw 1 | posterior draw 2 | states: ARHMM / decoder / Bayesian" in output and (tmp_path / "b.gif").stat().st_size
 
 
 @pytest.mark.slow

@@ -80,3 +80,17 @@ def write_panel_movie(panels: list[np.ndarray], titles: list[str], path: str | P
     animation.FuncAnimation(figure, draw, frames=length, blit=True).save(path, writer=writer)
     plt.close(figure)
     return path
+
+
+def state_raster_frames(rows: list[np.ndarray], n_states: int, half_window: int = 25, row_height: int = 12,
+                        frame_width: int = 3) -> np.ndarray:
+    """Movie frames (T, len(rows) * row_height, (2 half_window + 1) frame_width) of state rasters:
+    one band per row of states (T,), a grey level per state (0.3 to 1), a window of frames around
+    the current one, which is the black column at the centre (so a long trial costs no more than
+    a short one); beyond the trial's ends the bands are dark (0.1)."""
+    states = 0.3 + 0.7 * np.stack(rows).astype(float) / max(n_states - 1, 1)  # (R, T)
+    n_frames = states.shape[1]
+    padded = np.pad(states, ((0, 0), (half_window, half_window)), constant_values=0.1)
+    frames = np.stack([padded[:, t : t + 2 * half_window + 1] for t in range(n_frames)])  # (T, R, W)
+    frames[:, :, half_window] = 0.0
+    return np.repeat(np.repeat(frames, row_height, axis=1), frame_width, axis=2)

@@ -18,7 +18,7 @@ from bnet.data import open_session
 from bnet.data.exports import read_export
 from bnet.data.session import Session, trial_name
 from bnet.errors import TrackingError
-from bnet.plotting.movies import state_segments, write_panel_movie
+from bnet.plotting.movies import state_raster_frames, state_segments, write_panel_movie
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
 from bnet.tracking.registry import download_artifact, load_model, resolve_upstream
@@ -209,7 +209,8 @@ def syllable_movie(reference: str, out: str | Path, store: Store, clips: int = 4
 def bayesian_movie(reference: str, out: str | Path, store: Store, n_trials: int = 2, fps: int = 20,
                    experiment: str | None = None, n_draws: int = 2) -> Movie:
     """Original | AE reconstruction | direct decoder | Bayesian posterior mean | posterior draws,
-    all through the AE's decoder, on held-out trials of a Bayesian decoder run."""
+    all through the AE's decoder, and the states around the current frame (the ARHMM's own, the
+    state decoder's, the Bayesian path), on held-out trials of a Bayesian decoder run."""
     run = resolve_upstream(reference, "bayesian-decoder", experiment, store=store)
     arhmm_run = resolve_upstream(run.tags[f"{tags.UPSTREAM_TAG_PREFIX}arhmm_run_id"], "arhmm", store=store)
     ae_run = resolve_upstream(arhmm_run.tags[f"{tags.UPSTREAM_TAG_PREFIX}ae_run_id"], "ae", store=store)
@@ -219,18 +220,26 @@ def bayesian_movie(reference: str, out: str | Path, store: Store, n_trials: int 
         path = download_artifact(run, f"{tags.EXPORTS_DIR}/posterior.hdf5", tmp, store)
         if path is None:
             raise TrackingError(f"Bayesian decoder run {run.run_id} has no exports/posterior.hdf5")
-        (means, splits), (draws, _), (direct, _) = (read_export(path, group) for group in ("means", "samples", "direct"))
+        (means, splits), (draws, _), (direct, _), (direct_probs, _), (paths, _) = (
+            read_export(path, group) for group in ("means", "samples", "direct", "direct_probs", "viterbi"))
+        states_path = download_artifact(arhmm_run, f"{tags.EXPORTS_DIR}/states.hdf5", tmp, store)
+        if states_path is None:
+            raise TrackingError(f"ARHMM run {arhmm_run.run_id} exported no states")
+        states, _ = read_export(states_path, "states")
+    n_states = int(arhmm_run.params["n_arhmm_states"])
     trials = list(splits.test[:n_trials])
+    n_shown = min(n_draws, len(draws[trials[0]]))
     titles = ["original", "AE reconstruction", "direct decoder", "posterior mean",
-              *(f"posterior draw {k + 1}" for k in range(min(n_draws, len(draws[trials[0]]))))]
+              *(f"posterior draw {k + 1}" for k in range(n_shown)), "states: ARHMM / decoder / Bayesian"]
     panels: list[list[np.ndarray]] = [[] for _ in titles]
     for trial in trials:
         images = session.read("images", trial)
         shown = [images / 255.0, _reconstruct(model, images)[0], _reconstruct(model, images, direct[trial])[0],
                  _reconstruct(model, images, means[trial])[0],
-                 *(_reconstruct(model, images, draws[trial][k])[0] for k in range(len(titles) - 4))]
+                 *(_reconstruct(model, images, draws[trial][k])[0] for k in range(n_shown))]
         for panel, frames in zip(panels, shown):
             panel.append(channels_side_by_side(frames))
+        panels[-1].append(state_raster_frames([states[trial], direct_probs[trial].argmax(-1), paths[trial]], n_states))
     path = write_panel_movie([np.concatenate(p) for p in panels], titles, out, fps)
     return Movie(path, run, f"{len(trials)} held-out trials of Bayesian decoder run {run.run_id} (AE run "
                             f"{ae_run.run_id}): {' | '.join(titles)}")

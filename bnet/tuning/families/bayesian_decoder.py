@@ -141,8 +141,9 @@ class BayesianTrials:
         with torch.no_grad():
             self.direct = {t: self.models["decoder"].eval().predict(torch.from_numpy(x)).double().numpy()
                            for t, x in upstream.inputs.items()}
-            self.direct_states = {t: self.models["state_decoder"].eval().predict(torch.from_numpy(x)).argmax(-1)
-                                  .numpy() for t, x in upstream.inputs.items()}
+            self.direct_state_probs = {t: self.models["state_decoder"].eval().predict(torch.from_numpy(x)).numpy()
+                                       for t, x in upstream.inputs.items()}
+        self.direct_states = {t: p.argmax(-1) for t, p in self.direct_state_probs.items()}
         # the decoder's Gaussian, from its errors on trials it was not fitted to (its training
         # errors are smaller than its errors anywhere else); its bias counts as error
         errors = np.concatenate(trim_lags([upstream.latents[t] - self.direct[t] for t in upstream.splits.val], lags))
@@ -254,13 +255,15 @@ class BayesianTrials:
 
     def _log_artifacts(self, context: TrialContext, shown: list[int], posteriors) -> None:
         up = self.upstream
-        groups = {"means": {}, "spreads": {}, "samples": {}, "probs": {}, "viterbi": {}, "direct": {}}
+        groups = {"means": {}, "spreads": {}, "samples": {}, "probs": {}, "viterbi": {}, "direct": {},
+                  "direct_probs": {}}
         for t in shown:
             p = posteriors[t]
             for name, value in (("means", p.mean), ("spreads", p.spread), ("samples", p.samples),
                                 ("probs", p.state_probabilities), ("viterbi", p.viterbi)):
                 groups[name][t] = value.numpy().astype(np.int64 if name == "viterbi" else np.float32)
             groups["direct"][t] = self.direct[t].astype(np.float32)
+            groups["direct_probs"][t] = self.direct_state_probs[t].astype(np.float32)
         with tempfile.TemporaryDirectory() as tmp:
             path = write_export(Path(tmp) / "posterior.hdf5", groups, up.splits, {"run_id": context.run.run_id})
             context.run.log_file(path, tags.EXPORTS_DIR)
