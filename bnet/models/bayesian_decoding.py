@@ -527,6 +527,7 @@ class BayesianDecoder(nn.Module):
         """The two decoders' own answers for one trial's inputs (T, n_input): latent means and
         state probabilities."""
         self.eval()
+        inputs = inputs.to(self.log_P.device)
         return self.latent_decoder.predict(inputs).double(), self.state_decoder.predict(inputs).double()
 
     @torch.no_grad()
@@ -544,8 +545,8 @@ class BayesianDecoder(nn.Module):
             for start in range(0, len(indices), TRIALS_PER_BATCH):
                 chunk = indices[start:start + TRIALS_PER_BATCH]
                 direct = [self.direct(trials[i]) for i in chunk]
-                generators = [torch.Generator().manual_seed(self.config.rng_seed_model * 1_000_003 + int(keys[i]))
-                              for i in chunk]
+                seeds = [self.config.rng_seed_model * 1_000_003 + int(keys[i]) for i in chunk]
+                generators = [torch.Generator(self.log_P.device).manual_seed(seed) for seed in seeds]
                 batch = METHODS[self.config.method](
                     self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
                     torch.stack([p for _, p in direct]), self.config.prior_scale, self.config.n_posterior_samples,
