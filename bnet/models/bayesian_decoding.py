@@ -45,7 +45,8 @@ would otherwise get a potential of hundreds of nats from any decoder probability
 
 # --- randomness ----------------------------------------------------------------------------
 
-Randomness = "torch.Generator | list[torch.Generator] | None"
+Randomness = torch.Generator | list[torch.Generator] | None
+"""One generator for a whole batch, or one per sequence (whose draws are then its own)."""
 
 
 def _draws(kind: str, shape: tuple[int, ...], generator, like: torch.Tensor, sequence_axis: int) -> torch.Tensor:
