@@ -77,7 +77,10 @@ def test_two_workers_share_one_study(postgres, tmp_path, tiny_session):
     client = MlflowClient(tracking)
     experiment = client.get_experiment_by_name("shared")
     runs = client.search_runs([experiment.experiment_id], "tags.`bnet.role` = 'trial'")
-    assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    # a trial asked for at the moment the other worker started the last needed one is surplus:
+    # told FAIL, never fitted, no run (the race shows more often as checkpoints take longer)
+    fitted = [t for t in study.trials if not t.user_attrs.get("bnet_surplus")]
+    assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in fitted}
     parents = client.search_runs([experiment.experiment_id], "tags.`bnet.role` = 'study'")
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= {p.info.run_id for p in parents}
