@@ -33,6 +33,7 @@ from arhmm_science import cpu_description  # noqa: E402  (CPU model, instruction
 from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials, synthesize  # noqa: E402
 from bnet.models.arhmm import ARHMM, ARHMMConfig  # noqa: E402
 from bnet.models.bayesian_decoding import METHODS, ARHMMPrior  # noqa: E402
+from bnet.models.decoder_metrics import r2_score  # noqa: E402
 
 SCALES = (1, 3, 10, 30, 100, 1e3, 1e4, 1e6)
 WINDOW = 2  # frames of neural activity either side
@@ -46,8 +47,7 @@ def windows(neural: np.ndarray) -> np.ndarray:
 
 
 def r2(truth: list[np.ndarray], estimate: list[np.ndarray]) -> float:
-    y, e = np.concatenate(truth), np.concatenate(estimate)
-    return float(1 - ((y - e) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    return float(r2_score(np.concatenate(truth), np.concatenate(estimate))[0])
 
 
 def one_setting(folder: Path, noise: float, seed: int, n_samples: int, method: str = "sample") -> dict[str, float]:
@@ -67,7 +67,8 @@ def one_setting(folder: Path, noise: float, seed: int, n_samples: int, method: s
     weights = np.linalg.solve(design.T @ design + np.eye(design.shape[1]), design.T @ np.concatenate(
         [latents[t] for t in train]))
     direct = [f @ weights for f in features]
-    error_var = np.concatenate([latents[t] - direct[t] for t in val]).var(0)
+    # as bnet tune bayesian-decoder: the mean squared validation error (the decoder's bias counts)
+    error_var = (np.concatenate([latents[t] - direct[t] for t in val]) ** 2).mean(0)
 
     classifier = torch.nn.Linear(design.shape[1], 4, bias=False).double()
     optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=200, line_search_fn="strong_wolfe")

@@ -237,7 +237,7 @@ def test_gibbs_with_one_state_is_the_smoother_over_stationary_pseudo_observation
                                  dynamics.initial_cov.diagonal()[:2].expand(2, 12, 2), 5.0)
     expected = smooth(dynamics, torch.zeros(2, 12, dtype=torch.long), pseudo.values, pseudo.variances, sample=False)
     torch.testing.assert_close(posterior.mean, expected.means, atol=1e-10, rtol=0)
-    assert posterior.samples.shape == (3, 2, 12, 2) and bool((posterior.viterbi == 0).all())
+    assert posterior.samples.shape == (3, 2, 12, 2)
 
 
 def test_the_ar_likelihood_is_the_arhmm_engines():

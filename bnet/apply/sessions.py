@@ -38,7 +38,10 @@ from bnet.data.sessions import session_slug
 from bnet.data.splits import TrialSplits, split_trials
 from bnet.errors import BnetError, ConfigError, DataError
 from bnet.models.arhmm.registered import LABEL_CLASSES
-from bnet.models.serving import decoder_input_size, encode_frames, frame_shape, reads_labels, segment, serving_spec
+from bnet.models.serving import (
+    FRAMES_PER_CHUNK, decoder_input_size, encode_frames, frame_shape, reads_labels, segment, serving_spec,
+)
+from bnet.plotting.arhmm import run_lengths
 from bnet.progress import Echo, Progress, say
 from bnet.tracking import conventions as tags
 from bnet.tracking.lineage import run_of_file
@@ -46,12 +49,11 @@ from bnet.tracking.query import RunSummary, get_run
 from bnet.tracking.registry import load_model, resolve_model_uri, resolve_upstream
 from bnet.tracking.store import Store, resolve_store
 from bnet.tracking.tracker import Tracker
-from bnet.tuning.common import split_settings
+from bnet.tuning.common import split_settings, upstream_export
 
 FAMILY = "apply"
 TAG_APPLIED = "bnet.applied_family"  # the family of the model an apply run used
 TAG_MODEL_REFERENCE = "bnet.model_reference"  # the model as the user named it (models:/ae@champion)
-CHUNK = 256  # frames encoded at once
 
 
 @dataclass
@@ -131,9 +133,10 @@ def _apply_ae(model, run: RunSummary, session: Session, echo: Echo) -> tuple[dic
         images = session.read("images", trial)
         trial_labels = session.read("labels", trial) if labels else None
         parts = []
-        for start in range(0, len(images), CHUNK):
-            frames = torch.from_numpy(images[start : start + CHUNK]).float().div_(255.0)
-            chunk_labels = (torch.from_numpy(np.nan_to_num(trial_labels[start : start + CHUNK]).astype(np.float32))
+        for start in range(0, len(images), FRAMES_PER_CHUNK):
+            stop = start + FRAMES_PER_CHUNK
+            frames = torch.from_numpy(images[start:stop]).float().div_(255.0)
+            chunk_labels = (torch.from_numpy(np.nan_to_num(trial_labels[start:stop]).astype(np.float32))
                             if labels else None)
             code = encode_frames(model, frames, labels=chunk_labels)
             reconstruction = model.decode(code, None, chunk_labels).float()
@@ -181,9 +184,8 @@ def _apply_arhmm(model, values: dict[int, np.ndarray]) -> tuple[dict, dict[str, 
     n_states = model.config.n_arhmm_states
     flat = np.concatenate(states)
     usage = np.bincount(flat, minlength=n_states) / len(flat)
-    runs = [np.diff(np.flatnonzero(np.diff(np.r_[-1, z, -1]) != 0)) for z in states]
-    durations = np.concatenate(runs)
-    summary = {"mean_state_duration": float(durations.mean()), "n_states_used": int((usage > 0).sum()),
+    durations = [d for per_state in run_lengths(states, n_states) for d in per_state]
+    summary = {"mean_state_duration": float(np.mean(durations)), "n_states_used": int((usage > 0).sum()),
                "ll_per_step": model.engine.log_likelihood_per_step([values[t].astype(np.float64) for t in trials]),
                "n_frames": int(len(flat)), "n_trials": len(trials),
                **{f"state_usage_{k}": float(u) for k, u in enumerate(usage)}}
@@ -244,7 +246,7 @@ def apply_one(job: Job, store: Store, echo: Echo = say) -> Applied:
         # latents: of the session named (pipeline), or in the file itself
         session = open_session(source, require=()) if latents_run_id else None
         if latents_run_id:
-            values = _latents_of_run(latents_run_id, store)
+            values = upstream_export(get_run(latents_run_id, store), "latents", "latents", session, store)[0]
         else:
             values = read_export(source, "latents")[0]
             latents_run_id = _writer(source)
@@ -338,16 +340,6 @@ def _is_export(path: Path) -> bool:
             return "latents" in f and "splits" in f
     except OSError:
         return False
-
-
-def _latents_of_run(run_id: str, store: Store) -> dict[int, np.ndarray]:
-    from bnet.tracking.registry import download_artifact
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_artifact(get_run(run_id, store), f"{tags.EXPORTS_DIR}/latents.hdf5", tmp, store)
-        if path is None:
-            raise BnetError(f"apply run {run_id} has no exports/latents.hdf5")
-        return read_export(path, "latents")[0]
 
 
 # --- many sessions --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from bnet.config import FILLED
 from bnet.errors import ConfigError
 from bnet.models.arhmm.messages import forward_backward, viterbi
 from bnet.models.registry import build_model, config_from_dict, register
-from bnet.models.serving import ServingSpec, register_serving
+from bnet.models.serving import ServingSpec, decoder_example, decoder_input_size, register_serving
 
 CLAMP = 0.99
 """A clamped decoder variance is this fraction of the scaled prior's variance."""
@@ -344,6 +344,15 @@ class ARHMMPrior:
         return cls(log_P, (pi / pi.sum()).log(), dynamics)
 
 
+def state_potentials(prior: ARHMMPrior, state_probs: torch.Tensor, scale: float, n_samples: int) -> torch.Tensor:
+    """(N, T, K) log q(z | n) - log p(z), after checking the scale and sample count both
+    inference methods take."""
+    if scale < 1 or n_samples < 1:
+        raise ConfigError(f"the Bayesian decoder needs a prior scale of at least 1 and at least 1 sample, got "
+                          f"{scale} and {n_samples}")
+    return state_probs.clamp_min(torch.finfo(state_probs.dtype).tiny).log() - prior.log_p_inf
+
+
 def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Tensor, state_probs: torch.Tensor,
            scale: float, n_samples: int, generator: Randomness = None) -> Posterior:
     """The posterior over latents and states of N trials of T frames.
@@ -359,12 +368,8 @@ def decode(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Ten
         generator: one generator, or one per trial (each trial's draws are then its own,
             whatever else is decoded with it).
     """
-    if scale < 1 or n_samples < 1:
-        raise ConfigError(f"the Bayesian decoder needs a prior scale of at least 1 and at least 1 sample, got "
-                          f"{scale} and {n_samples}")
+    potentials = state_potentials(prior, state_probs, scale, n_samples)
     n_seq, n_steps, d = decoder_mean.shape
-    tiny = torch.finfo(state_probs.dtype).tiny
-    potentials = state_probs.clamp_min(tiny).log() - prior.log_p_inf
     paths = sample_state_paths(prior.log_p_inf, prior.log_P, potentials, n_samples, generator)
     flat_paths = paths.reshape(n_samples * n_seq, n_steps)
     prior_mean, prior_var = prior_marginals(prior.dynamics, flat_paths)
@@ -416,13 +421,9 @@ def gibbs(prior: ARHMMPrior, decoder_mean: torch.Tensor, decoder_var: torch.Tens
     decoder's potentials). After ``burn_in`` sweeps, ``n_samples`` are kept: the mean averages
     each kept path's smoothed mean, the states are the kept paths' frequencies (``viterbi`` is
     the most frequent state per frame)."""
-    if scale < 1 or n_samples < 1:
-        raise ConfigError(f"the Bayesian decoder needs a prior scale of at least 1 and at least 1 sample, got "
-                          f"{scale} and {n_samples}")
+    potentials = state_potentials(prior, state_probs, scale, n_samples)
     n_seq, n_steps, d = decoder_mean.shape
     dynamics = prior.dynamics
-    tiny = torch.finfo(state_probs.dtype).tiny
-    potentials = state_probs.clamp_min(tiny).log() - prior.log_p_inf
     stationary_mean = dynamics.initial_mean[:d].expand(n_seq, n_steps, d)
     stationary_var = dynamics.initial_cov[:d, :d].diagonal().expand(n_seq, n_steps, d)
     pseudo = pseudo_observations(decoder_mean, decoder_var, stationary_mean, stationary_var, scale)
@@ -532,12 +533,15 @@ class BayesianDecoder(nn.Module):
         return self.latent_decoder.predict(inputs).double(), self.state_decoder.predict(inputs).double()
 
     @torch.no_grad()
-    def posterior(self, trials: list[torch.Tensor], keys: list[int] | None = None) -> list[Posterior]:
+    def posterior(self, trials: list[torch.Tensor], keys: list[int] | None = None,
+                  direct: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[Posterior]:
         """The posterior of each trial (inputs (T, n_input) each), trials of one length decoded
         together. Each trial draws from its own generator, seeded by ``rng_seed_model`` and its
         key (its trial index; by default its position), so its answer does not depend on which
-        trials are decoded with it."""
+        trials are decoded with it. ``direct``: the decoders' answers (:meth:`direct`) where the
+        caller has them already."""
         keys = list(keys) if keys is not None else list(range(len(trials)))
+        direct = direct if direct is not None else [self.direct(inputs) for inputs in trials]
         answers: list[Posterior | None] = [None] * len(trials)
         by_length: dict[int, list[int]] = {}
         for i, inputs in enumerate(trials):
@@ -545,31 +549,24 @@ class BayesianDecoder(nn.Module):
         for indices in by_length.values():
             for start in range(0, len(indices), TRIALS_PER_BATCH):
                 chunk = indices[start:start + TRIALS_PER_BATCH]
-                direct = [self.direct(trials[i]) for i in chunk]
                 seeds = [self.config.rng_seed_model * 1_000_003 + int(keys[i]) for i in chunk]
                 generators = [torch.Generator(self.log_P.device).manual_seed(seed) for seed in seeds]
                 batch = METHODS[self.config.method](
-                    self.prior(), torch.stack([m for m, _ in direct]), self.error_var,
-                    torch.stack([p for _, p in direct]), self.config.prior_scale, self.config.n_posterior_samples,
-                    generators)
+                    self.prior(), torch.stack([direct[i][0] for i in chunk]), self.error_var,
+                    torch.stack([direct[i][1] for i in chunk]), self.config.prior_scale,
+                    self.config.n_posterior_samples, generators)
                 for j, i in enumerate(chunk):
                     answers[i] = Posterior(batch.mean[j], batch.spread[j], batch.samples[:, j],
                                            batch.state_probabilities[j], batch.viterbi[j], batch.clamped_fraction[j])
         return answers
 
 
-def _serve_posterior(model: BayesianDecoder, inputs: dict, params: dict) -> dict:
+def _serve_posterior(model: BayesianDecoder, inputs: dict) -> dict:
     (posterior,) = model.posterior([torch.from_numpy(inputs["inputs"])])
-    return {"latents": posterior.mean.float().numpy(), "spread": posterior.spread.float().numpy()}
-
-
-def _serving_example(model: BayesianDecoder) -> dict:
-    """Ten frames of the decoders' mean training input."""
-    mean = model.latent_decoder.input_mean.float().numpy()
-    return {"inputs": mean[None].repeat(10, axis=0)}
+    return {"latents": posterior.mean.float().numpy()}
 
 
 register_serving("bayesian-decoder", ServingSpec(
-    inputs=lambda model: {"inputs": (-1, int(model.config.latent_decoder["n_input"]))}, predict=_serve_posterior,
-    example=_serving_example, params={},
+    inputs=lambda model: {"inputs": (-1, decoder_input_size(model.latent_decoder))}, predict=_serve_posterior,
+    example=lambda model: decoder_example(model.latent_decoder),
     input_docs={"inputs": "one trial's neural activity (frames, neurons)"}))

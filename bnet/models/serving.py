@@ -32,17 +32,15 @@ class ServingSpec:
         inputs: ``model -> {name: shape}``, -1 where any length goes: what the model reads (one
             array, given bare or by name, or several by name: frames and labels).
         input_docs: each input's shape and values in words, for errors and documentation.
-        predict: ``(model, {name: checked float32 array}, params) -> {name: array}``; the first
-            name is the main answer (latents, states, predictions).
+        predict: ``(model, {name: checked float32 array}) -> {name: array}``; the first name
+            is the main answer (latents, states, predictions).
         example: a small input made from the model alone (``{name: array}``).
-        params: the parameters ``answer`` takes, with their defaults.
     """
 
     inputs: Callable[[Any], dict[str, tuple[int, ...]]]
     input_docs: dict[str, str]
-    predict: Callable[[Any, dict[str, np.ndarray], dict[str, Any]], dict[str, np.ndarray]]
+    predict: Callable[[Any, dict[str, np.ndarray]], dict[str, np.ndarray]]
     example: Callable[[Any], dict[str, np.ndarray]]
-    params: dict[str, Any]
 
     def check(self, model, values, source: str) -> dict[str, np.ndarray]:
         """``values`` by name as float32 if they fit the model; a DataError naming ``source``
@@ -72,12 +70,8 @@ class ServingSpec:
             checked[name] = array
         return checked
 
-    def __call__(self, model, values, source: str = "input", **params) -> dict[str, np.ndarray]:
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            raise DataError(f"{source}: unknown parameter(s) {', '.join(unknown)} (takes "
-                            f"{', '.join(self.params) or 'none'})")
-        return self.predict(model, self.check(model, values, source), {**self.params, **params})
+    def __call__(self, model, values, source: str = "input") -> dict[str, np.ndarray]:
+        return self.predict(model, self.check(model, values, source))
 
 
 _SPECS: dict[str, ServingSpec] = {}
@@ -118,9 +112,13 @@ def encode_frames(model, frames: torch.Tensor, session_index: int | None = None,
     return model.posterior(batch)[0].float()
 
 
+FRAMES_PER_CHUNK = 256
+"""Frames through an AE's encoder or decoder at once outside training (bounded memory)."""
+
+
 @torch.no_grad()
 def encode_session(model, session: Session, device: torch.device, session_index: int | None = None,
-                   labels: bool = False, chunk: int = 256) -> dict[int, np.ndarray]:
+                   labels: bool = False, chunk: int = FRAMES_PER_CHUNK) -> dict[int, np.ndarray]:
     """Latents (T, n_latents) of every trial of a session, read ``chunk`` frames at a time
     (a session larger than the preload limit is never all in memory)."""
     model.to(device).eval()
@@ -141,7 +139,7 @@ def _ae_inputs(model) -> dict[str, tuple[int, ...]]:
     return {**frames, **labels} if reads_labels(model) else frames
 
 
-def _ae_predict(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+def _ae_predict(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Latents of frames; frames of labels for a class with no encoder."""
     if not model.has_encoder:
         model.eval()
@@ -168,7 +166,7 @@ def _ae_example(model) -> dict[str, np.ndarray]:
 
 
 register_serving("ae", ServingSpec(
-    inputs=_ae_inputs, predict=_ae_predict, example=_ae_example, params={},
+    inputs=_ae_inputs, predict=_ae_predict, example=_ae_example,
     input_docs={"frames": "frames (n, channels, y pixels, x pixels) in [0, 1]",
              "labels": "labels (n, label dimensions)"}))
 
@@ -184,7 +182,7 @@ def segment(model, trials: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.
     return states, probs
 
 
-def _arhmm_predict(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+def _arhmm_predict(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     latents = inputs["latents"]
     lags = int(model.config.n_arhmm_lags)
     if len(latents) <= lags:
@@ -200,7 +198,7 @@ def _arhmm_example(model) -> dict[str, np.ndarray]:
 
 register_serving("arhmm", ServingSpec(
     inputs=lambda model: {"latents": (-1, model.engine.n_dims)}, predict=_arhmm_predict, example=_arhmm_example,
-    params={}, input_docs={"latents": "one trial's latents (frames, dimensions)"}))
+    input_docs={"latents": "one trial's latents (frames, dimensions)"}))
 
 
 # --- decoders and their ensembles: neural activity of one trial -> predictions ---------------
@@ -210,21 +208,21 @@ def decoder_input_size(model) -> int:
     return int(model.config.members[0]["n_input"] if hasattr(model.config, "members") else model.config.n_input)
 
 
-def _decoder_predict(model, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+def _decoder_predict(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     model.eval()
     with torch.no_grad():
         return {"predictions": model.predict(torch.from_numpy(inputs["inputs"])).float().numpy()}
 
 
-def _decoder_example(model) -> dict[str, np.ndarray]:
-    """Ten frames of the mean training input."""
+def decoder_example(model) -> dict[str, np.ndarray]:
+    """Ten frames of the mean training input of a decoder (or an ensemble's first member)."""
     decoder = model.members[0] if hasattr(model, "members") else model
     return {"inputs": np.repeat(decoder.input_mean.float().numpy()[None], 10, axis=0)}
 
 
 DECODER_SERVING = ServingSpec(
     inputs=lambda model: {"inputs": (-1, decoder_input_size(model))}, predict=_decoder_predict,
-    example=_decoder_example, params={},
+    example=decoder_example,
     input_docs={"inputs": "one trial's inputs (frames, neurons or behaviour dimensions)"})
 register_serving("decoder", DECODER_SERVING)
 register_serving("ensemble", DECODER_SERVING)

@@ -18,6 +18,7 @@ from bnet.data import open_session
 from bnet.data.exports import read_export
 from bnet.data.session import Session, trial_name
 from bnet.errors import TrackingError
+from bnet.models.serving import FRAMES_PER_CHUNK
 from bnet.plotting.movies import state_raster_frames, state_segments, write_panel_movie
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
@@ -58,7 +59,7 @@ def channels_side_by_side(frames: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def _reconstruct(model, images: np.ndarray, latents: np.ndarray | None = None,
-                 chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                 chunk: int = FRAMES_PER_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(reconstruction, latents) of uint8 frames, or of the given latents, in chunks of frames."""
     reconstructions, codes = [], []
     for start in range(0, len(images) if latents is None else len(latents), chunk):

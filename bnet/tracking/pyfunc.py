@@ -33,8 +33,7 @@ class BnetModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None):
         from bnet.models.serving import serving_spec
 
-        return pyfunc_answer(serving_spec(self.model)(self.model, _as_arrays(model_input), "model input",
-                                                      **(params or {})))
+        return pyfunc_answer(serving_spec(self.model)(self.model, _as_arrays(model_input), "model input"))
 
 
 def pyfunc_answer(answer: dict[str, np.ndarray]):
@@ -93,7 +92,7 @@ def save_model(folder: Path, checkpoint: Path) -> bool:
     with warnings.catch_warnings():
         # an ARHMM's integer states: MLflow's hint about integer inputs with missing values
         warnings.filterwarnings("ignore", message=".*integer column.*", category=UserWarning)
-        signature = infer_signature(example, answer, params=spec.params or None)
+        signature = infer_signature(example, answer)
         mlflow.pyfunc.save_model(folder, python_model=str(CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
                                  signature=signature, input_example=example, pip_requirements=requirements())
     return True

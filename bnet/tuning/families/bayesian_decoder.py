@@ -31,7 +31,7 @@ from bnet.data.splits import TrialSplits
 from bnet.errors import ConfigError, DataError
 from bnet.models.bayesian_decoding import ARHMMPrior, BayesianDecoder, BayesianDecoderConfig
 from bnet.models.decoder_metrics import r2_score, trim_lags
-from bnet.models.serving import reads_labels
+from bnet.models.serving import FRAMES_PER_CHUNK, reads_labels
 from bnet.plotting.decoders import INTERVAL_90, plot_posterior_latents, plot_state_rasters
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary
@@ -51,7 +51,6 @@ DEFAULT_BUDGET: dict[str, Any] = {}
 MAX_CLAMPED = 0.5
 """A trial warns above this share of clamped pseudo-observations: the scaled prior is then
 narrower than the decoder almost everywhere, so the decoder's information is discarded."""
-CHUNK = 256  # frames through the AE's decoder at once
 
 
 @dataclass
@@ -61,7 +60,6 @@ class Upstream:
     arhmm: RunSummary
     decoder: RunSummary
     state_decoder: RunSummary
-    ae: RunSummary
     latents: dict[int, np.ndarray]
     states: dict[int, np.ndarray]
     inputs: dict[int, np.ndarray]
@@ -121,7 +119,7 @@ def read_upstream(session: Session, refs: dict[str, tuple[str | None, str | None
         raise ConfigError(f"AE run {ae.run_id} ({ae_model.config.model_class}) draws frames from labels too: the "
                           f"Bayesian decoder draws them from latents alone")
     n_max_lags = max(int(run.params.get("n_max_lags") or 0) for run in (decoder, state_decoder))
-    return Upstream(arhmm, decoder, state_decoder, ae, latents[0], states[0], inputs[0], latents[1], n_max_lags,
+    return Upstream(arhmm, decoder, state_decoder, latents[0], states[0], inputs[0], latents[1], n_max_lags,
                     {"decoder": models[0], "state_decoder": models[1], "ae": ae_model,
                      "arhmm": load_model(arhmm.run_id, store)})
 
@@ -131,7 +129,6 @@ class BayesianTrials:
 
     def __init__(self, upstream: Upstream, session: Session):
         self.upstream = upstream
-        self.session = session
         self.models = upstream.models
         lags = upstream.n_max_lags
         train = np.concatenate(trim_lags([upstream.latents[t] for t in upstream.splits.train], lags))
@@ -161,9 +158,10 @@ class BayesianTrials:
         """Per-frame MSE of the frames the AE's decoder draws from ``latents``, decoder lags trimmed."""
         ae, frames = self.models["ae"].eval(), self.frames[trial]
         errors = []
-        for start in range(0, len(frames), CHUNK):
-            drawn = ae.decode(torch.from_numpy(np.ascontiguousarray(latents[start:start + CHUNK], np.float32)))
-            original = torch.from_numpy(frames[start:start + CHUNK]).float() / 255
+        for start in range(0, len(frames), FRAMES_PER_CHUNK):
+            stop = start + FRAMES_PER_CHUNK
+            drawn = ae.decode(torch.from_numpy(np.ascontiguousarray(latents[start:stop], np.float32)))
+            original = torch.from_numpy(frames[start:stop]).float() / 255
             errors.append(((drawn.float() - original) ** 2).flatten(1).mean(1).numpy())
         lags = self.upstream.n_max_lags
         return np.concatenate(errors)[lags:len(frames) - lags]
@@ -207,7 +205,11 @@ class BayesianTrials:
         model = self.model(config)
         up = self.upstream
         shown = self.held_out
-        posteriors = dict(zip(shown, model.posterior([torch.from_numpy(up.inputs[t]) for t in shown], keys=shown)))
+        # the decoders' own answers do not change between trials: computed once, in __init__
+        direct = [(torch.from_numpy(self.direct[t]), torch.from_numpy(self.direct_state_probs[t]).double())
+                  for t in shown]
+        posteriors = dict(zip(shown, model.posterior([torch.from_numpy(up.inputs[t]) for t in shown], keys=shown,
+                                                     direct=direct)))
         context.report(config.n_posterior_samples, {}, config.n_posterior_samples)
         metrics: dict[str, float] = {}
         for split in ("val", "test"):
@@ -230,17 +232,17 @@ class BayesianTrials:
         def pooled(per_trial):
             return np.concatenate(trim_lags(per_trial, lags))
 
-        truth = [up.latents[t] for t in trials]
-        bayes = [posteriors[t].mean.numpy() for t in trials]
+        truth = pooled([up.latents[t] for t in trials])
+        bayes = pooled([posteriors[t].mean.numpy() for t in trials])
         spread = pooled([posteriors[t].spread.numpy() for t in trials])
 
         def latent_scores(estimate, name):
-            return {f"{split}_{name}latent_mse": float(((pooled(truth) - pooled(estimate)) ** 2).mean()),
-                    f"{split}_{name}latent_r2": float(r2_score(pooled(truth), pooled(estimate))[0])}
+            return {f"{split}_{name}latent_mse": float(((truth - estimate) ** 2).mean()),
+                    f"{split}_{name}latent_r2": float(r2_score(truth, estimate)[0])}
 
-        scores = {**latent_scores(bayes, ""), **latent_scores([self.direct[t] for t in trials], "direct_"),
-                  f"{split}_mean_latent_mse": float(((pooled(truth) - self.train_mean) ** 2).mean()),
-                  f"{split}_coverage_90": float((np.abs(pooled(truth) - pooled(bayes)) <= INTERVAL_90 * spread).mean())}
+        scores = {**latent_scores(bayes, ""), **latent_scores(pooled([self.direct[t] for t in trials]), "direct_"),
+                  f"{split}_mean_latent_mse": float(((truth - self.train_mean) ** 2).mean()),
+                  f"{split}_coverage_90": float((np.abs(truth - bayes) <= INTERVAL_90 * spread).mean())}
         true_states = pooled([up.states[t] for t in trials])
         viterbi = pooled([posteriors[t].viterbi.numpy() for t in trials])
         argmax = pooled([self.direct_states[t] for t in trials])
