@@ -24,6 +24,7 @@ from bnet.models.arhmm import (
     ARHMMDataError,
     ARHMMParameters,
 )
+from bnet.models.arhmm import messages
 from bnet.models.arhmm.batch import lagged_design
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "arhmm"
@@ -67,7 +68,7 @@ def reference(case: str) -> dict:
 
 def reference_config(ref: dict) -> ARHMMConfig:
     transitions = str(ref["transitions"])
-    return ARHMMConfig(n_arhmm_states=int(ref["K"]), n_arhmm_lags=int(ref["lags"]),
+    return ARHMMConfig(dtype="float64", n_arhmm_states=int(ref["K"]), n_arhmm_lags=int(ref["lags"]),
                        noise_type=str(ref["noise_type"]), transitions=transitions,
                        kappa=float(ref["kappa"]) if transitions == "sticky" else 0.0,
                        alpha=float(ref["alpha"]))
@@ -122,7 +123,7 @@ def test_reference_inference_at_fixed_parameters(case, tag):
     assert absolute_error(model.log_transition_matrices(test0)[0], ref[f"test0_log_trans_{tag}"]) <= 1e-9
     posterior = model.expected_states(test0)
     assert absolute_error(posterior.expected_states[0], ref[f"test0_Ez_{tag}"]) <= 1e-8
-    assert absolute_error(posterior.expected_joints[0], ref[f"test0_Ezzp1_sum_{tag}"]) <= 1e-8
+    assert absolute_error(posterior.expected_joints, ref[f"test0_Ezzp1_sum_{tag}"]) <= 1e-8
     np.testing.assert_array_equal(model.viterbi(test0)[0].numpy(), ref[f"test0_viterbi_{tag}"])
     assert abs(model.log_prior() - float(ref[f"log_prior_{tag}"])) <= 1e-9
 
@@ -230,11 +231,18 @@ def brute_force(params: ARHMMParameters, config: ARHMMConfig, x: np.ndarray):
     return log_likelihood, paths[np.argmax(joint)], marginals, pairs
 
 
+@pytest.fixture(params=["chunked", "plain"])
+def recursions(request, monkeypatch):
+    """The messages cut into chunks (what narrow batches get) or one loop over time (wide ones)."""
+    monkeypatch.setattr(messages, "CPU_CHUNKED_WORK_LIMIT", 10**9 if request.param == "chunked" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("transitions", TRANSITIONS)
 @pytest.mark.parametrize("noise_type", NOISE_TYPES)
 @pytest.mark.parametrize("lags", [0, 1, 2])
-def test_inference_matches_brute_force_enumeration(lags, noise_type, transitions):
-    config = ARHMMConfig(n_arhmm_states=3, n_arhmm_lags=lags, noise_type=noise_type, transitions=transitions,
+def test_inference_matches_brute_force_enumeration(lags, noise_type, transitions, recursions):
+    config = ARHMMConfig(dtype="float64", n_arhmm_states=3, n_arhmm_lags=lags, noise_type=noise_type, transitions=transitions,
                          kappa=2.0 if transitions == "sticky" else 0.0)
     seed = 100 * lags + 10 * NOISE_TYPES.index(noise_type) + TRANSITIONS.index(transitions)
     params = random_parameters(config, n_dims=2, seed=seed)
@@ -246,19 +254,21 @@ def test_inference_matches_brute_force_enumeration(lags, noise_type, transitions
     log_likelihoods = model.log_likelihood(sequences, per_sequence=True)
     paths = model.viterbi(sequences)
     posterior = model.expected_states(sequences)
+    all_pairs = 0
     for n, x in enumerate(sequences):
         expected_ll, best_path, marginals, pairs = brute_force(params, config, x)
         assert log_likelihoods[n].item() == pytest.approx(expected_ll, rel=1e-12, abs=1e-12)
         np.testing.assert_array_equal(paths[n].numpy(), best_path)
         np.testing.assert_allclose(posterior.expected_states[n].numpy(), marginals, atol=1e-12)
-        np.testing.assert_allclose(posterior.expected_joints[n].numpy(), pairs, atol=1e-12)
+        all_pairs = all_pairs + pairs
+    np.testing.assert_allclose(posterior.expected_joints.numpy(), all_pairs, atol=1e-12)
 
 
 # ---------------------------------------------------------------- EM and numerics
 
 def sample_well_separated(noise_type="gaussian", transitions="sticky", n_sequences=6, n_steps=200, seed=0):
     """A 3-state, 2-D AR(1) model whose states have distinct fixed points, and its samples."""
-    config = ARHMMConfig(n_arhmm_states=3, n_arhmm_lags=1, noise_type=noise_type, transitions=transitions,
+    config = ARHMMConfig(dtype="float64", n_arhmm_states=3, n_arhmm_lags=1, noise_type=noise_type, transitions=transitions,
                          kappa=5.0 if transitions == "sticky" else 0.0)
     fixed_points = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]], dtype=torch.float64)
     As = 0.5 * torch.eye(2, dtype=torch.float64).repeat(3, 1, 1)
@@ -300,7 +310,7 @@ def map_objective(model: ARHMM, sequences) -> float:
 def test_em_never_decreases_the_objective_of_exact_m_steps(noise_type, transitions):
     _, _, sequences = sample_well_separated(noise_type, transitions, seed=3)
     # One state more than the truth, so one state is thin and its priors matter.
-    config = ARHMMConfig(n_arhmm_states=4, n_arhmm_lags=1, noise_type=noise_type, transitions=transitions,
+    config = ARHMMConfig(dtype="float64", n_arhmm_states=4, n_arhmm_lags=1, noise_type=noise_type, transitions=transitions,
                          kappa=5.0 if transitions == "sticky" else 0.0, rng_seed_model=7)
     model = ARHMM(config)
     model.initialize(sequences)
@@ -334,9 +344,50 @@ def test_float32_agrees_with_float64():
     assert relative_error(history32.train_log_likelihoods, history64.train_log_likelihoods) <= 1e-4
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_messages_match_one_loop_over_time(shared, monkeypatch):
+    """Long sequences of unequal lengths, where chunks end inside the padding and the chunk
+    passes carry states of very different likelihood."""
+    generator = torch.Generator().manual_seed(3)
+    n_states, n_steps, n_seq = 5, 2000, 3
+    log_likes = 8 * torch.randn(n_states, n_steps, n_seq, generator=generator, dtype=torch.float64)
+    mask = torch.arange(n_steps)[:, None] < torch.tensor([n_steps, 1377, 2])
+    shape = (n_states, n_states) if shared else (n_steps - 1, n_seq, n_states, n_states)
+    log_trans = torch.log_softmax(3 * torch.randn(shape, generator=generator, dtype=torch.float64), -1)
+    if not shared:
+        log_trans = log_trans.permute(2, 3, 0, 1)
+    log_pi0 = torch.log_softmax(torch.randn(n_states, generator=generator, dtype=torch.float64), -1)
+    results = {}
+    for limit in (10**9, 0):
+        monkeypatch.setattr(messages, "CPU_CHUNKED_WORK_LIMIT", limit)
+        results[limit] = messages.forward_backward(log_pi0, log_trans, log_likes, mask)
+    chunked, plain = results[10**9], results[0]
+    assert relative_error(chunked.log_normalizers, plain.log_normalizers) <= 1e-12
+    assert absolute_error(chunked.expected_states, plain.expected_states) <= 1e-10
+    assert absolute_error(chunked.expected_joints, plain.expected_joints) <= 1e-8
+    assert chunked.expected_states[:, 1377:, 1].abs().max() == 0
+
+
+def test_float32_em_ends_where_float64_does_on_data_far_from_zero():
+    """float32 (the default) against float64 from one start, on data offset by 50: the
+    moments are taken about the mean frame, so the offset costs float32 no precision."""
+    _, _, sequences = sample_well_separated("gaussian", "stationary", n_sequences=12, n_steps=300, seed=5)
+    shifted = [x + 50.0 for x in sequences]
+    train, test = shifted[:9], shifted[9:]
+    start = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=3, n_arhmm_lags=1, rng_seed_model=2))
+    start.initialize(train)
+    fitted = {dtype: start.to(dtype=dtype) for dtype in ("float32", "float64")}
+    for model in fitted.values():
+        model.fit(train, n_iters=15)
+    held_out = {dtype: model.log_likelihood_per_step(test) for dtype, model in fitted.items()}
+    assert abs(held_out["float32"] - held_out["float64"]) <= 1e-5
+    assert held_out["float64"] >= start.log_likelihood_per_step(test) + 0.1
+    assert absolute_error(fitted["float32"].parameters.Sigmas, fitted["float64"].parameters.Sigmas) <= 1e-4
+
+
 @pytest.mark.parametrize("transitions", ["sticky", "recurrent"])
 def test_unequal_lengths_batch_like_single_sequences(transitions):
-    config = ARHMMConfig(n_arhmm_states=3, n_arhmm_lags=2, noise_type="gaussian", transitions=transitions,
+    config = ARHMMConfig(dtype="float64", n_arhmm_states=3, n_arhmm_lags=2, noise_type="gaussian", transitions=transitions,
                          kappa=2.0 if transitions == "sticky" else 0.0)
     model = ARHMM(config, random_parameters(config, n_dims=3, seed=11))
     rng = np.random.default_rng(11)
@@ -344,20 +395,22 @@ def test_unequal_lengths_batch_like_single_sequences(transitions):
     batched = model.expected_states(sequences)
     batched_paths = model.viterbi(sequences)
     batched_likes = model.emission_log_likelihoods(sequences)
+    joints_alone = 0
     for n, x in enumerate(sequences):
         alone = model.expected_states([x])
         assert batched.log_likelihoods[n].item() == pytest.approx(alone.log_likelihoods[0].item(), rel=1e-13)
         assert absolute_error(batched.expected_states[n], alone.expected_states[0]) <= 1e-13
-        assert absolute_error(batched.expected_joints[n], alone.expected_joints[0]) <= 1e-12
+        joints_alone = joints_alone + alone.expected_joints
         assert torch.equal(batched_paths[n], model.viterbi([x])[0])
         assert absolute_error(batched_likes[n], model.emission_log_likelihoods([x])[0]) <= 1e-13
+    assert absolute_error(batched.expected_joints, joints_alone) <= 1e-12
 
 
 @pytest.mark.parametrize("noise_type", ["gaussian", "studentst"])
 def test_em_ignores_padding_and_sequence_order(noise_type):
     _, _, sequences = sample_well_separated(noise_type, "recurrent", seed=5)
     sequences = [x[:length] for x, length in zip(sequences, (200, 57, 131, 90, 173, 64))]
-    config = ARHMMConfig(n_arhmm_states=3, n_arhmm_lags=1, noise_type=noise_type, transitions="recurrent")
+    config = ARHMMConfig(dtype="float64", n_arhmm_states=3, n_arhmm_lags=1, noise_type=noise_type, transitions="recurrent")
     start = ARHMM(config)
     start.initialize(sequences)
 
@@ -382,7 +435,7 @@ def test_em_ignores_padding_and_sequence_order(noise_type):
                          [("studentst", "recurrent_only"), ("diagonal_gaussian", "sticky")])
 def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, noise_type, transitions):
     _, _, sequences = sample_well_separated(noise_type, transitions, n_sequences=3, n_steps=100, seed=6)
-    config = ARHMMConfig(n_arhmm_states=3, n_arhmm_lags=1, noise_type=noise_type, transitions=transitions,
+    config = ARHMMConfig(dtype="float64", n_arhmm_states=3, n_arhmm_lags=1, noise_type=noise_type, transitions=transitions,
                          kappa=5.0 if transitions == "sticky" else 0.0)
     model = ARHMM(config)
     model.fit(sequences, n_iters=3)
@@ -398,7 +451,7 @@ def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, noise_type, tra
 def test_callback_sees_current_parameters_and_can_stop():
     _, _, sequences = sample_well_separated(seed=8)
     train, val = sequences[:4], sequences[4:]
-    model = ARHMM(ARHMMConfig(n_arhmm_states=3, transitions="sticky", kappa=5.0))
+    model = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=3, transitions="sticky", kappa=5.0))
     seen = []
 
     def stop_at_two(iteration, train_ll, val_ll):
@@ -418,7 +471,7 @@ def test_callback_exception_propagates_unchanged():
         pass
 
     _, _, sequences = sample_well_separated(seed=9)
-    model = ARHMM(ARHMMConfig(n_arhmm_states=3))
+    model = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=3))
     raised = Pruned("prune at 3")
 
     def prune(iteration, train_ll, val_ll):
@@ -433,7 +486,7 @@ def test_callback_exception_propagates_unchanged():
 
 def test_relative_tolerance_stops_em():
     _, _, sequences = sample_well_separated(seed=10)
-    model = ARHMM(ARHMMConfig(n_arhmm_states=3, n_iters=100, arhmm_es_tol=1e-4))
+    model = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=3, n_iters=100, arhmm_es_tol=1e-4))
     history = model.fit(sequences)
     changes = np.abs(np.diff(history.train_log_likelihoods)) / np.abs(history.train_log_likelihoods[:-1])
     assert history.stop_reason == "tolerance" and history.n_iters < 100
@@ -442,7 +495,7 @@ def test_relative_tolerance_stops_em():
 
 def test_kmeans_initialisation_is_seeded_and_finds_the_states():
     _, states, sequences = sample_well_separated(seed=12)
-    first, second = (ARHMM(ARHMMConfig(n_arhmm_states=3, rng_seed_model=1)) for _ in range(2))
+    first, second = (ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=3, rng_seed_model=1)) for _ in range(2))
     first.initialize(sequences)
     second.initialize(sequences)
     first_state, second_state = first.state_dict(), second.state_dict()
@@ -481,7 +534,7 @@ def test_sampled_innovations_have_the_model_covariance(noise_type):
 
 def test_permute_states_by_usage():
     _, _, sequences = sample_well_separated(seed=15)
-    model = ARHMM(ARHMMConfig(n_arhmm_states=3, transitions="sticky", kappa=5.0))
+    model = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=3, transitions="sticky", kappa=5.0))
     model.fit(sequences, n_iters=5)
     before_ll, before_paths = model.log_likelihood(sequences), model.viterbi(sequences)
     permutation = model.permute_states_by_usage(sequences)
@@ -503,14 +556,14 @@ def test_log_likelihood_per_step_is_per_frame_and_dimension():
 # ---------------------------------------------------------------- errors
 
 def test_more_states_than_frames_is_an_error():
-    model = ARHMM(ARHMMConfig(n_arhmm_states=10, n_arhmm_lags=1))
+    model = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=10, n_arhmm_lags=1))
     with pytest.raises(ARHMMDataError, match="n_arhmm_states=10") as caught:
         model.fit([np.random.default_rng(0).normal(size=(5, 2))], n_iters=1)
     assert isinstance(caught.value, ValueError)
 
 
 def test_lags_not_shorter_than_a_sequence_is_an_error():
-    model = ARHMM(ARHMMConfig(n_arhmm_states=2, n_arhmm_lags=3))
+    model = ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=2, n_arhmm_lags=3))
     rng = np.random.default_rng(0)
     with pytest.raises(ARHMMDataError, match="n_arhmm_lags=3.*sequence 1 has 3"):
         model.fit([rng.normal(size=(20, 2)), rng.normal(size=(3, 2))], n_iters=1)
@@ -520,7 +573,7 @@ def test_nan_in_data_is_an_error():
     data = np.random.default_rng(0).normal(size=(20, 2))
     data[4, 1] = np.nan
     with pytest.raises(ARHMMDataError, match="sequence 1 contains NaN"):
-        ARHMM(ARHMMConfig(n_arhmm_states=2)).fit([data[10:], data], n_iters=1)
+        ARHMM(ARHMMConfig(dtype="float64", n_arhmm_states=2)).fit([data[10:], data], n_iters=1)
 
 
 def test_dimension_mismatch_is_an_error():
@@ -547,8 +600,8 @@ def test_invalid_options_are_errors_that_name_the_option(options, message):
 def test_state_dict_must_fit_the_config():
     truth, _, _ = sample_well_separated(n_sequences=1, n_steps=20)
     with pytest.raises(ARHMMConfigError, match="needs parameters"):
-        ARHMM.from_state_dict(ARHMMConfig(n_arhmm_states=3, noise_type="studentst", transitions="sticky",
+        ARHMM.from_state_dict(ARHMMConfig(dtype="float64", n_arhmm_states=3, noise_type="studentst", transitions="sticky",
                                           kappa=5.0), truth.state_dict())
     with pytest.raises(ARHMMConfigError, match="n_arhmm_states=4"):
-        ARHMM.from_state_dict(ARHMMConfig(n_arhmm_states=4, transitions="sticky", kappa=5.0),
+        ARHMM.from_state_dict(ARHMMConfig(dtype="float64", n_arhmm_states=4, transitions="sticky", kappa=5.0),
                               truth.state_dict())

@@ -157,9 +157,10 @@ def test_a_cuda_machine_gets_cuda_bf16_and_pinned_read_ahead(monkeypatch, tiny_s
     assert device.type == "cuda" and resolve_precision("auto", device) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     assert resolve_precision("auto", device) == "fp32"
-    # the ARHMM engine on that device computes in float32, on the CPU in float64
+    # the ARHMM engine computes in float32 on every device unless float64 is asked for
     assert ARHMMConfig(n_arhmm_states=4, device=str(device)).torch_dtype == torch.float32
-    assert ARHMMConfig(n_arhmm_states=4).torch_dtype == torch.float64
+    assert ARHMMConfig(n_arhmm_states=4).torch_dtype == torch.float32
+    assert ARHMMConfig(n_arhmm_states=4, dtype="float64").torch_dtype == torch.float64
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.shape) or self)

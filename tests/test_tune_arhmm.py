@@ -250,7 +250,7 @@ def test_ssm_parameters_move_into_the_bnet_engine():
         transitions=SimpleNamespace(log_Ps=ref["fit_log_Ps"]),
         observations=SimpleNamespace(As=ref["fit_As"], bs=ref["fit_bs"], Sigmas=ref["fit_Sigmas"], nus=ref["fit_nus"]),
     )
-    config = ARHMMConfig(n_arhmm_states=int(ref["K"]), n_arhmm_lags=1, noise_type="studentst",
+    config = ARHMMConfig(n_arhmm_states=int(ref["K"]), n_arhmm_lags=1, noise_type="studentst", dtype="float64",
                          transitions="sticky", kappa=float(ref["kappa"]))
     model = parameters_from_ssm(config, hmm)
     test = [ref["test_x"][i, :n] for i, n in enumerate(ref["test_lengths"])]

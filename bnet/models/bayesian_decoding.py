@@ -124,9 +124,10 @@ class StatePosterior(NamedTuple):
 
 
 def state_posterior(log_pi0: torch.Tensor, log_P: torch.Tensor, potentials: torch.Tensor) -> StatePosterior:
-    mask = torch.ones(potentials.shape[:2], dtype=torch.bool, device=potentials.device)
-    probabilities = forward_backward(log_pi0, log_P, potentials, mask).expected_states
-    return StatePosterior(probabilities, viterbi(log_pi0, log_P, potentials, mask))
+    time_major = potentials.permute(2, 1, 0)
+    mask = torch.ones(time_major.shape[1:], dtype=torch.bool, device=potentials.device)
+    probabilities = forward_backward(log_pi0, log_P, time_major, mask).expected_states.permute(2, 1, 0)
+    return StatePosterior(probabilities, viterbi(log_pi0, log_P, time_major, mask))
 
 
 # --- the latents given a state path -------------------------------------------------------

@@ -95,9 +95,30 @@ class SequenceBatch:
         return int(self.lengths.sum())
 
     @cached_property
-    def regression_frames(self) -> torch.Tensor:
-        """(N*Tmax, D*L + 1 + D) rows [x~_t, x_t]: every frame's regressors, then its target."""
-        return torch.cat([self.design, self.x], dim=-1).view(-1, self.design.shape[-1] + self.n_dims)
+    def time_mask(self) -> torch.Tensor:
+        """(Tmax, N) ``mask`` time-major, the layout of the engine's (K, Tmax, N) tensors."""
+        return self.mask.T.contiguous()
+
+    @cached_property
+    def ar_time_mask(self) -> torch.Tensor:
+        """(Tmax, N) ``ar_mask`` time-major."""
+        return self.ar_mask.T.contiguous()
+
+    @cached_property
+    def centre(self) -> torch.Tensor:
+        """(D*L + 1 + D,) the mean real frame in every lag block and the target, 0 for the
+        bias: what ``regression_rows`` are taken about, so that float32 keeps the precision
+        of what varies when the data sit far from 0."""
+        mean = self.x[self.mask].double().mean(0).to(self.x.dtype)
+        return torch.cat([mean.repeat(self.lags), mean.new_zeros(1), mean])
+
+    @cached_property
+    def regression_rows(self) -> torch.Tensor:
+        """(Tmax*N, D*L + 1 + D) every frame's regressors, then its target, minus ``centre``:
+        one row per frame, time-major (row t*N + n), so that products with them come out in
+        the engine's (K, Tmax, N) layout, and blocks of frames are contiguous."""
+        frames = torch.cat([self.design, self.x], dim=-1).transpose(0, 1)
+        return (frames - self.centre).reshape(-1, frames.shape[-1])
 
     def unpad(self, padded: torch.Tensor) -> list[torch.Tensor]:
         """Split a (N, Tmax, ...) tensor back into per-sequence tensors."""

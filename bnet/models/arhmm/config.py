@@ -11,7 +11,7 @@ from bnet.errors import ConfigError
 
 NOISE_TYPES = ("gaussian", "diagonal_gaussian", "studentst", "diagonal_studentst")
 TRANSITIONS = ("stationary", "sticky", "recurrent", "recurrent_only")
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ARHMMConfigError(ConfigError, ValueError):
@@ -44,7 +44,9 @@ class ARHMMConfig:
         arhmm_es_tol: stop EM early once the relative change of the training
             log-likelihood between iterations is at most this; 0 never stops early.
         rng_seed_model: seed of the k-means initialisation (and the default sampling seed).
-        dtype: ``float64`` or ``float32``; None means float64 on CPU and float32 elsewhere.
+        dtype: ``float32`` or ``float64``; None means float32. float32 EM is 1.7x faster on
+            CPUs and ends at float64's held-out log-likelihood to ~1e-5 per step (README,
+            "ARHMM engine"); float64 agrees with ssm to ~1e-12.
         device: a torch device string (``cpu``, ``cuda``, ``cuda:1``, ...).
     """
 
@@ -100,9 +102,7 @@ class ARHMMConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype is not None:
-            return DTYPES[self.dtype]
-        return torch.float64 if self.torch_device.type == "cpu" else torch.float32
+        return DTYPES[self.dtype or "float32"]
 
     @property
     def is_studentst(self) -> bool:

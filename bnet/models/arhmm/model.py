@@ -94,7 +94,7 @@ class Posterior:
     Attributes:
         log_likelihoods: (N,) log p(x) per sequence.
         expected_states: per sequence, (T_n, K) E[z_t = k].
-        expected_joints: (N, K, K) per sequence, sum over t of E[z_t = i, z_{t+1} = j].
+        expected_joints: (K, K) sum over the sequences and t of E[z_t = i, z_{t+1} = j].
     """
 
     log_likelihoods: torch.Tensor
@@ -213,7 +213,7 @@ class ARHMM:
 
     def permute_states_by_usage(self, sequences: Sequences) -> torch.Tensor:
         """Relabel states by decreasing expected usage on ``sequences``; returns the permutation."""
-        usage = self._e_step(self.batch(sequences)).expected_states.sum((0, 1))
+        usage = self._e_step(self.batch(sequences)).expected_states.sum((1, 2))
         permutation = torch.argsort(usage, descending=True, stable=True)
         self.permute(permutation)
         return permutation
@@ -238,6 +238,7 @@ class ARHMM:
         return sequences.to(config.torch_dtype, config.torch_device)
 
     def _emission_log_likelihoods(self, batch: SequenceBatch) -> torch.Tensor:
+        """(K, Tmax, N), the layout of the messages."""
         p = self._require_parameters()
         return observations.emission_log_likelihoods(batch, p.As, p.bs, p.Sigmas, p.nus,
                                                      self.config.is_diagonal)
@@ -246,15 +247,21 @@ class ARHMM:
         p = self._require_parameters()
         return transitions.log_transition_matrices(self.config.transitions, x, p.log_Ps, p.Rs, p.r)
 
-    def _e_step(self, batch: SequenceBatch) -> ForwardBackward:
+    def _message_inputs(self, batch: SequenceBatch) -> tuple[torch.Tensor, ...]:
+        """log pi0, transitions, emissions and mask in the layout of the messages."""
         log_pi0 = torch.log_softmax(self._require_parameters().log_pi0, dim=-1)
-        return forward_backward(log_pi0, self._log_transition_matrices(batch.x),
-                                self._emission_log_likelihoods(batch), batch.mask)
+        log_trans = self._log_transition_matrices(batch.x)
+        if log_trans.dim() > 2:
+            log_trans = log_trans.permute(2, 3, 1, 0)
+        return log_pi0, log_trans, self._emission_log_likelihoods(batch), batch.time_mask
+
+    def _e_step(self, batch: SequenceBatch) -> ForwardBackward:
+        return forward_backward(*self._message_inputs(batch))
 
     def emission_log_likelihoods(self, sequences: Sequences) -> list[torch.Tensor]:
         """Per sequence, (T_n, K) log p(x_t | z_t = k, past); the first L rows are N(0, I)."""
         batch = self.batch(sequences)
-        return batch.unpad(self._emission_log_likelihoods(batch))
+        return batch.unpad(self._emission_log_likelihoods(batch).permute(2, 1, 0))
 
     def log_transition_matrices(self, sequences: Sequences) -> list[torch.Tensor]:
         """Per sequence, normalised log p(z_{t+1} = j | z_t = i, x_t): (T_n - 1, K, K), or
@@ -286,15 +293,13 @@ class ARHMM:
     def expected_states(self, sequences: Sequences) -> Posterior:
         batch = self.batch(sequences)
         result = self._e_step(batch)
-        return Posterior(result.log_normalizers, batch.unpad(result.expected_states),
+        return Posterior(result.log_normalizers, batch.unpad(result.expected_states.permute(2, 1, 0)),
                          result.expected_joints)
 
     def viterbi(self, sequences: Sequences) -> list[torch.Tensor]:
         """Per sequence, the (T_n,) most likely state path (ties go to the lowest state)."""
         batch = self.batch(sequences)
-        log_pi0 = torch.log_softmax(self._require_parameters().log_pi0, dim=-1)
-        paths = viterbi(log_pi0, self._log_transition_matrices(batch.x),
-                        self._emission_log_likelihoods(batch), batch.mask)
+        paths = viterbi(*self._message_inputs(batch))
         return batch.unpad(paths)
 
     def sample(self, n_steps: int, n_sequences: int = 1,
@@ -363,8 +368,8 @@ class ARHMM:
         spread = frames.std(0) if frames.shape[0] > 1 else torch.ones_like(frames[0])
         standardised = (frames - frames.mean(0)) / torch.where(spread > 0, spread, 1.0)
         labels = kmeans(standardised, n_states, generator)
-        weights = torch.zeros(*batch.mask.shape, n_states, dtype=batch.x.dtype, device=batch.x.device)
-        weights[batch.ar_mask] = torch.nn.functional.one_hot(labels, n_states).to(weights.dtype)
+        weights = torch.zeros(n_states, *batch.time_mask.shape, dtype=batch.x.dtype, device=batch.x.device)
+        weights.permute(2, 1, 0)[batch.ar_mask] = torch.nn.functional.one_hot(labels, n_states).to(weights.dtype)
         As, bs, Sigmas = observations.gaussian_m_step(batch, weights, config.is_diagonal)
 
         like = {"dtype": bs.dtype, "device": bs.device}
@@ -388,20 +393,20 @@ class ARHMM:
         states, joints = posterior.expected_states, posterior.expected_joints
         log_Ps, Rs, r = p.log_Ps, p.Rs, p.r
         if config.transitions == "stationary":
-            log_Ps = transitions.stationary_m_step(joints.sum(0))
+            log_Ps = transitions.stationary_m_step(joints)
         elif config.transitions == "sticky":
-            log_Ps = transitions.sticky_m_step(joints.sum(0), config.kappa, config.alpha)
+            log_Ps = transitions.sticky_m_step(joints, config.kappa, config.alpha)
         else:
-            log_Ps, Rs, r = transitions.recurrent_m_step(config.transitions, batch, states, joints,
-                                                         log_Ps, Rs, r)
+            log_Ps, Rs, r = transitions.recurrent_m_step(config.transitions, batch, states.permute(2, 1, 0),
+                                                         joints, log_Ps, Rs, r)
         nus = None
         if config.is_studentst:
             As, bs, Sigmas, nus = observations.studentst_m_step(batch, states, p.As, p.bs, p.Sigmas,
                                                                 p.nus, config.is_diagonal)
         else:
-            As, bs, Sigmas = observations.gaussian_m_step(batch, states * batch.ar_mask.unsqueeze(-1),
+            As, bs, Sigmas = observations.gaussian_m_step(batch, states * batch.ar_time_mask,
                                                           config.is_diagonal)
-        log_pi0 = transitions.initial_state_m_step(states[:, 0].sum(0))
+        log_pi0 = transitions.initial_state_m_step(states[:, 0].sum(-1))
         self.parameters = ARHMMParameters(log_pi0=log_pi0, As=As, bs=bs, Sigmas=Sigmas,
                                           log_Ps=log_Ps, Rs=Rs, r=r, nus=nus)
 

@@ -78,7 +78,7 @@ def recurrent_m_step(transitions: str, batch: SequenceBatch, expected_states: to
     previous = batch.x[:, :-1][has_next].to(**as_float64)
     leaving = expected_states[:, :-1][has_next].to(**as_float64)
     arriving = expected_states[:, 1:][has_next].to(**as_float64)
-    joints = expected_joints.sum(0).to(**as_float64)
+    joints = expected_joints.to(**as_float64)
     drive_stats = arriving.T @ previous
     # ssm's flattening order: (log_Ps, Rs) for recurrent, (Rs, r) for recurrent_only.
     start = [log_Ps, Rs] if transitions == "recurrent" else [Rs, r]
