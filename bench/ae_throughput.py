@@ -15,9 +15,9 @@ so machine noise hits them alike:
                           bfloat16 natively (AMX or AVX-512 BF16; elsewhere torch emulates it
                           ~10x slower), or with ``--bf16``;
   * CUDA fp32 / bf16 AMP channels-last, when a GPU is present.
-The GFLOP/s column counts the step's multiply-adds (forward, input and weight gradients)
-against the machine's own float32 GEMM rate, measured here too, which bounds what any
-float32 step can reach.
+The GFLOP/s column counts the step's multiply-adds (forward, input and weight gradients);
+"of GEMM" divides it by the machine's own 2048 x 2048 matrix-product rate in the row's
+precision (float32 or bf16), measured here too, which bounds what a step can reach.
 
 Part 2, the whole epoch: a one-trial ``bnet tune ae`` study on a synthetic session of that
 size in a temporary SQLite store, batches read from the HDF5 file per batch (as a session
@@ -49,6 +49,7 @@ from bnet.models import build_model
 from bnet.models.ae import AEConfig
 from bnet.training import make_optimizer, prepare, train_step
 from bnet.training.loop import cpu_has_native_bf16
+from machine import describe, gemm_rate  # the machine the figures were taken on
 
 BATCH = 128
 EPOCH_TRAIN_TRIALS = 10  # of one batch each, plus one val and one test trial
@@ -132,15 +133,6 @@ def step_macs(model, size) -> float:
     return 3 * sum(macs) - macs[0]
 
 
-def gemm_gflops() -> float:
-    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9
-
-
 def time_rows(steps: dict, rounds: int) -> dict[str, float]:
     """Best seconds per step of each row, rows interleaved round by round."""
     best = {name: float("inf") for name in steps}
@@ -158,7 +150,7 @@ def time_rows(steps: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-def step_table(args, size: int, peak: float) -> float:
+def step_table(args, size: int) -> float:
     cpu = torch.device("cpu")
     base = build_model(AEConfig(y_pixels=size, x_pixels=size, n_ae_latents=LATENTS))
     images = torch.rand(BATCH, 1, size, size)
@@ -183,7 +175,8 @@ def step_table(args, size: int, peak: float) -> float:
     for name in steps:
         fps = BATCH / best[name]
         rate = gflop / best[name]
-        share = f"{rate / peak:>7.0%}" if steps[name][1].type == "cpu" else f"{'-':>7}"
+        precision = "bf16" if "bf16" in name else "float32"
+        share = f"{rate / gemm_rate(precision):>7.0%}" if steps[name][1].type == "cpu" else f"{'-':>7}"
         print(f"{size:>6}  {name:<27} {fps:>9.1f}  {best[baseline_name] / best[name]:>9.2f}x  {rate:>7.1f}  {share}")
     return BATCH / best["bnet fp32"]
 
@@ -232,15 +225,12 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="time bf16 rows on CPUs without native bf16 too")
     parser.add_argument("--no-epoch", action="store_true", help="time the bare step only")
     args = parser.parse_args()
-    peak = gemm_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, native CPU bf16: {cpu_has_native_bf16()}, "
-          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
-          f"float32 GEMM {peak:.0f} GFLOP/s")
+    print(describe(), flush=True)
     if not args.behavenet:
         print("no --behavenet checkout: the baseline is BehaveNet's ops computed in bnet's model")
     print(f"{'pixels':>6}  {'row':<27} {'frames/s':>9}  {'vs row 1':>10}  {'GFLOP/s':>7}  {'of GEMM':>7}")
     for size in args.sizes:
-        step_fps = step_table(args, size, peak)
+        step_fps = step_table(args, size)
         if not args.no_epoch:
             epoch_figure(size, step_fps, args.epochs)
 

@@ -19,7 +19,6 @@ its instruction sets, float32 GEMM rate) is printed first, as bf16's arithmetic 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -34,32 +33,10 @@ from bnet.models import build_model
 from bnet.models.ae import AEConfig
 from bnet.models.arhmm import ARHMM, ARHMMConfig
 from bnet.training import TrainingConfig, fit, resolve_precision
-from bnet.training.loop import cpu_has_native_bf16
 from bnet.models.serving import encode_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ae_throughput import gemm_gflops  # noqa: E402  (bench/'s float32 GEMM rate)
-
-INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def cpu_description() -> str:
-    """The CPU's model and which of the instruction sets that decide bf16's speed and
-    arithmetic it has (from /proc/cpuinfo where there is one)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    sets = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in INSTRUCTION_SETS)
-    return (f"CPU {model}; {sets}; torch {torch.__version__} sees native bf16: {cpu_has_native_bf16()}, "
-            f"{torch.get_num_threads()} threads; float32 GEMM {gemm_gflops():.0f} GFLOP/s")
+from machine import describe  # noqa: E402  (the machine the figures were taken on)
 
 
 def matched_accuracy(true: np.ndarray, found: np.ndarray, n_true: int, n_found: int) -> float:
@@ -140,7 +117,7 @@ def main():
     args = parser.parse_args()
     K = args.n_states
     precisions = list(dict.fromkeys(resolve_precision(p, torch.device("cpu")) for p in args.precision))
-    print(cpu_description(), flush=True)
+    print(describe(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, seed in enumerate(args.seeds):

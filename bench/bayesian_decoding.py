@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arhmm_science import cpu_description  # noqa: E402  (CPU model, instruction sets, GEMM rate)
+from machine import describe  # noqa: E402  (the machine the figures were taken on)
 
 from bnet.data import SynthConfig, open_session, read_ground_truth, split_trials, synthesize  # noqa: E402
 from bnet.models.arhmm import ARHMM, ARHMMConfig  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
                                                                                  args.samples, args.method)}),
                           flush=True)
         return
-    print(cpu_description(), flush=True)
+    print(describe(), flush=True)
     print("| neural noise | seed | direct test R² | Bayesian test R² | gain | c | clamped (c=1) | state accuracy: "
           "decoder / Viterbi | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from machine import describe  # the machine the figures were taken on
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "sleap_flies"
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, default=SHARED / "predictions.analysis.h5")
     parser.add_argument("--pixels", type=int, default=128)
     args = parser.parse_args()
+    print(describe(), flush=True)
     if not args.video.is_file():
         raise SystemExit(f"{args.video}: no such video (pass --video)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,6 +28,7 @@ from bnet.data.m1 import build_m1_session, lag_window
 from bnet.ensemble import build_ensemble
 from bnet.tuning.families.arhmm import tune_arhmm
 from bnet.tuning.families.decoder import tune_decoder
+from machine import describe  # the machine the figures were taken on
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CONFIG = """
@@ -89,6 +90,7 @@ def main():
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=25)
     args = parser.parse_args()
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = latent_session(root / "synthetic.hdf5", 60, seed=0)

@@ -69,7 +69,7 @@ from bnet.tuning.space import Condition, SearchSpace
 from bnet.tuning.samplers import make_pruner, make_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arhmm_science import cpu_description  # noqa: E402  (CPU model, instruction sets, GEMM rate)
+from machine import describe  # noqa: E402  (the machine the figures were taken on)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 M1 = SHARED / "data" / "spykesml_m1_s1" / "m1_stevenson_2011.mat"
@@ -431,7 +431,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    machine = cpu_description()
+    machine = describe()
     print(machine, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     makers = {"ae": ae_problem, "decoder": decoder_problem}

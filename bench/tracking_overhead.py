@@ -54,6 +54,7 @@ import torch
 import bnet
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, connect, ensure_experiment
+from machine import describe  # the machine the figures were taken on
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "projects" / "demo" / "ae.yaml"
 SESSION = {"n_trials": 20, "n_frames": 50, "y_pixels": 32, "x_pixels": 32}
@@ -509,6 +510,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per trial (default: 3)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per query (default: 7)")
     args = parser.parse_args()
+    print(describe(), flush=True)
     torch.set_num_threads(1)  # the training is not what is measured; leave the other core alone
 
     import mlflow

@@ -24,6 +24,7 @@ from bnet.data import SynthConfig, synthesize
 from bnet.tracking.local_postgres import LocalPostgres, free_port, wait_for_port
 from bnet.tracking.store import resolve_store
 from bnet.tracking.tracker import Tracker
+from machine import describe  # the machine the figures were taken on
 
 STUDY = """
 experiment: scaling
@@ -64,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     args = parser.parse_args()
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # the PostgreSQL server runs as its own user
