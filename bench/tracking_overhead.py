@@ -11,21 +11,24 @@ Two measurements, in one process, on the embedded SQLite store in a temporary fo
    epoch's own training time.
 
 2. Best-of-N query. For each N, a fresh store holding N FINISHED trial runs (plus their
-   studies' parent runs, one per 100 trials, and 10 % pruned trials) in one experiment.
+   studies' parent runs, one per 100 trials, and 10 % pruned trials) in one experiment, in
+   SQLite and in PostgreSQL (a server from Debian's package, started for the bench).
    Every run is a copy of a real trial run from part 1 (same tags, params, metric history,
-   dataset input) with its own id, study, trial number and ``best_val_loss``. Writing 10,000
-   runs through the client takes minutes (~25-30 runs/s), so the copies are bulk-inserted
-   into MLflow's own tables (``mlflow.store.tracking.dbmodels.models``) after MLflow has
-   created the schema and the experiment; a few runs are read back through
-   ``MlflowClient.get_run`` and checked. Times ``bnet.best_runs(top=1)`` and ``top=10``
-   (checked to return the truly lowest ``best_val_loss``) and, for comparison, the same
-   ordering without bnet's filter; first on the store as MLflow writes it, then again after
-   SQLite's ``ANALYZE`` (MLflow never runs it), printing how SQLite joins the ordering metric.
+   dataset input) with its own id, study, trial number and ``best_val_loss``. Writing
+   100,000 runs through the client would take an hour (~25-30 runs/s), so the copies are
+   bulk-inserted into MLflow's own tables (``mlflow.store.tracking.dbmodels.models``) after
+   MLflow has created the schema and the experiment; a few runs are read back through
+   ``MlflowClient.get_run`` and checked. Times the first ``bnet.best_runs`` on the store as
+   written (it adds bnet's search indexes), then, after ANALYZE, ``bnet.best_runs(top=1)``
+   and ``top=10`` (checked to return the truly lowest ``best_val_loss``), MLflow's own
+   ``search_runs`` with the same filter, and SQL's bare minimum of the metric; and how
+   ``best_runs`` grows from the smallest N to the largest.
 
-    python bench/tracking_overhead.py [--runs 1000 10000] [--trials 3] [--epochs 3] [--repeats 7]
+    python bench/tracking_overhead.py [--runs 10000 100000] [--backends sqlite postgresql]
+                                      [--trials 3] [--epochs 3] [--repeats 7]
 
-Trains on 1 CPU thread; about 3 minutes on a 2-core machine, most of it the study and the
-multi-second 10,000-run queries before ANALYZE.
+Trains on 1 CPU thread; about 15 minutes on a 2-core machine, most of it filling the
+100,000-run stores (and 3 GB of disk for the SQLite one while it lasts).
 """
 
 from __future__ import annotations
@@ -35,13 +38,12 @@ import functools
 import inspect
 import os
 import re
-import sqlite3
+import shutil
 import statistics
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -293,7 +295,7 @@ class FilledStore:
 
 
 def fill_store(root: Path, n_finished: int, source_engine, trial_id: str, parent_id: str,
-               rng: np.random.Generator) -> FilledStore:
+               rng: np.random.Generator, tracking_uri: str | None = None) -> FilledStore:
     """A store with ``n_finished`` finished trial runs copied from a real one, inserted in bulk."""
     from mlflow.store.tracking.dbmodels.models import (
         SqlDataset,
@@ -308,7 +310,7 @@ def fill_store(root: Path, n_finished: int, source_engine, trial_id: str, parent
     from sqlalchemy import create_engine, insert
 
     started = time.perf_counter()
-    store = bnet.resolve_store(root)
+    store = bnet.resolve_store(root, tracking_uri=tracking_uri)
     client = connect(store)
     experiment = "query-bench"
     # The client creates the schema (MLflow's migrations) and the experiment as bnet would.
@@ -415,97 +417,110 @@ def timed(query, repeats: int, budget_s: float = 15.0) -> tuple[float, float, ob
     return statistics.median(seconds), min(seconds), result
 
 
-@contextmanager
-def run_search_sql():
-    """Collects the SQL of MLflow's run searches (the SELECT joining runs to latest_metrics)."""
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
+def sql_minimum(filled: FilledStore) -> Callable[[], float]:
+    """The floor any ranking query stands on: SQL's minimum of the metric, no filter at all."""
+    from sqlalchemy import create_engine, text
 
-    statements: list[tuple[str, tuple]] = []
+    engine = create_engine(filled.store.tracking_uri)
 
-    def collect(conn, cursor, statement, parameters, context, executemany):
-        if "FROM runs" in statement and "latest_metrics" in statement:
-            statements.append((statement, parameters))
-
-    event.listen(Engine, "before_cursor_execute", collect)
-    try:
-        yield statements
-    finally:
-        event.remove(Engine, "before_cursor_execute", collect)
+    def minimum() -> float:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT min(value) FROM latest_metrics WHERE key = :key"),
+                                      {"key": METRIC}).scalar()
+    return minimum
 
 
-def ordering_join_plan(db_path: Path, statement: str, parameters) -> str:
-    """How SQLite joins the metric that runs are ordered by (EXPLAIN QUERY PLAN)."""
-    with closing(sqlite3.connect(db_path)) as db:
-        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement, parameters)]
-    return next((step for step in plan if "LEFT-JOIN" in step), "?")
+def analyze(filled: FilledStore) -> None:
+    """Table statistics, as bnet gives an embedded store after every study (PostgreSQL's
+    autovacuum keeps its own)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(filled.store.tracking_uri)
+    with engine.begin() as connection:
+        connection.execute(text("ANALYZE"))
+    engine.dispose()
 
 
-def best_of_n_queries(filled: FilledStore) -> list[tuple[str, Callable[[], list]]]:
-    """bnet's best-run query, and the same ordering over every run of the experiment."""
-    client = connect(filled.store)
-    order = [f"metrics.`{METRIC}` ASC", "attributes.start_time ASC"]
-
-    def best_runs(top: int):
-        return lambda: bnet.best_runs(filled.experiment, family="ae", top=top, store=filled.store)
-
-    def unfiltered(top: int):
-        return lambda: client.search_runs([filled.experiment_id], order_by=order, max_results=top)
-
-    return [("bnet.best_runs(top=1)", best_runs(1)), ("bnet.best_runs(top=10)", best_runs(10)),
-            ("search_runs, no filter, top 1", unfiltered(1)), ("search_runs, no filter, top 10", unfiltered(10))]
-
-
-def measure_queries(workdir: Path, sizes: list[int], study_store: Store, outcome, repeats: int) -> None:
+def measure_queries(workdir: Path, sizes: list[int], backends: list[str], study_store: Store, outcome,
+                    repeats: int) -> None:
     from sqlalchemy import create_engine
 
-    print(f"\n== 2. Best-of-N queries (SQLite); runs copied from trial run {outcome.best_run_id[:8]} "
+    from bnet.tracking.local_postgres import LocalPostgres, postgres_binaries
+
+    print(f"\n== 2. Best-of-N queries; runs copied from trial run {outcome.best_run_id[:8]} "
           f"and parent run {outcome.parent_run_id[:8]} of part 1")
     source = create_engine(study_store.tracking_uri)
     template = read_run_rows(source, outcome.best_run_id)
     print(f"  each trial run: {len(template['tags'])} tags, {len(template['params'])} params, "
           f"{len(template['latest_metrics'])} metrics ({len(template['metrics'])} logged values), 1 dataset input")
     rng = np.random.default_rng(0)
-    for n in sizes:
-        filled = fill_store(workdir / f"query-store-{n}", n, source, outcome.best_run_id, outcome.parent_run_id, rng)
-        check_store(filled, template, rng)
-        print(f"\n  N = {n:,} finished trial runs ({filled.n_runs:,} runs in the experiment with the "
-              f"studies' parent runs and pruned trials)")
-        print(f"  store: schema + experiment by MLflow {filled.schema_seconds:.1f} s, rows built and "
-              f"bulk-inserted in {filled.insert_seconds:.1f} s ({filled.n_runs / filled.insert_seconds:,.0f} runs/s); "
-              f"runs read back through MlflowClient.get_run as written")
-        queries = best_of_n_queries(filled)
-        # MLflow never runs ANALYZE, so a store as written has no table statistics; SQLite's
-        # planner then may scan the materialised metric subquery once per candidate run
-        # (quadratic in N). The second pass shows the same queries once statistics exist.
-        for stage in ("store as MLflow writes it", "after ANALYZE (SQLite table statistics)"):
-            if stage.startswith("after"):
-                with closing(sqlite3.connect(filled.store.root / "mlflow.db")) as db:
-                    db.execute("ANALYZE")
-                    db.commit()
-            print(f"  -- {stage}")
-            print(f"  {'query':<34}{'median ms':>11}{'min ms':>10}  first result")
-            for name, query in queries:
-                with run_search_sql() as statements:
+    growth: dict[str, dict[int, float]] = {}
+    for backend in backends:
+        server = None
+        if backend == "postgresql":
+            if postgres_binaries() is None:
+                print("  PostgreSQL: skipped (no server installed: apt-get install postgresql)")
+                continue
+            server = LocalPostgres(tempfile.mkdtemp(prefix="bnet-pg-bench-")).start()
+        try:
+            for n in sizes:
+                uri = None
+                if server is not None:
+                    server.create_database(f"runs{n}")
+                    uri = f"{server.url}/runs{n}"
+                filled = fill_store(workdir / f"query-store-{backend}-{n}", n, source, outcome.best_run_id,
+                                    outcome.parent_run_id, rng, tracking_uri=uri)
+                check_store(filled, template, rng)
+                print(f"\n  {backend}, N = {n:,} finished trial runs ({filled.n_runs:,} runs in the experiment "
+                      f"with the studies' parent runs and pruned trials): rows bulk-inserted in "
+                      f"{filled.insert_seconds:.1f} s, runs read back through MlflowClient.get_run as written")
+                started = time.perf_counter()
+                first = bnet.best_runs(filled.experiment, family="ae", store=filled.store)
+                print(f"  first bnet.best_runs on the store as MLflow wrote it (adds bnet's search indexes): "
+                      f"{time.perf_counter() - started:.2f} s")
+                assert first[0].run_id == filled.expected[0][1]
+                analyze(filled)
+                client = connect(filled.store)
+                mlflow_filter = bnet.tracking.trial_filter("ae") + f" and metrics.`{METRIC}` > -1e308"
+                queries = [
+                    ("bnet.best_runs(top=1)", lambda: bnet.best_runs(filled.experiment, family="ae", store=filled.store)),
+                    ("bnet.best_runs(top=10)",
+                     lambda: bnet.best_runs(filled.experiment, family="ae", top=10, store=filled.store)),
+                    ("MLflow search_runs, same filter", lambda: client.search_runs(
+                        [filled.experiment_id], mlflow_filter, order_by=[f"metrics.`{METRIC}` ASC"], max_results=1)),
+                    ("SQL min(metric), no filter", sql_minimum(filled)),
+                ]
+                print(f"  after ANALYZE: {'query':<34}{'median ms':>11}{'min ms':>10}")
+                for name, query in queries:
                     median, fastest, result = timed(query, repeats)
-                first = result[0]
-                run_id = first.run_id if hasattr(first, "run_id") else first.info.run_id
-                role = (first.tags if hasattr(first, "run_id") else first.data.tags).get(tags.TAG_ROLE)
-                if name.startswith("bnet"):
-                    wanted = [run_id for _, run_id in filled.expected[:len(result)]]
-                    assert [r.run_id for r in result] == wanted, f"{name} did not return the lowest {METRIC}"
-                verdict = "the best trial" if run_id == filled.expected[0][1] else f"not a trial: the {role} run"
-                print(f"  {name:<34}{median * 1e3:>11.1f}{fastest * 1e3:>10.1f}  {verdict}")
-                if name == "bnet.best_runs(top=1)":
-                    plan = ordering_join_plan(filled.store.root / "mlflow.db", *statements[0])
-            print(f"  SQLite's join of the ordering metric in best_runs: {plan}")
+                    if name.startswith("bnet"):
+                        wanted = [run_id for _, run_id in filled.expected[:len(result)]]
+                        assert [r.run_id for r in result] == wanted, f"{name} did not return the lowest {METRIC}"
+                        if name.endswith("top=1)"):
+                            growth.setdefault(backend, {})[n] = median
+                    print(f"  {'':<15}{name:<34}{median * 1e3:>11.1f}{fastest * 1e3:>10.1f}")
+                shutil.rmtree(filled.store.root, ignore_errors=True)  # 2.6 GB at 100,000 SQLite runs
+        finally:
+            if server is not None:
+                from bnet.tracking import run_search
+
+                run_search._engine.cache_clear()
+                server.stop()
+    for backend, by_size in growth.items():
+        sizes_seen = sorted(by_size)
+        if len(sizes_seen) > 1:
+            low, high = sizes_seen[0], sizes_seen[-1]
+            print(f"  {backend}: bnet.best_runs(top=1) grows x{by_size[high] / by_size[low]:.1f} from {low:,} to "
+                  f"{high:,} runs (x{high / low:.0f} the runs)")
     source.dispose()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, nargs="+", default=[1000, 10000],
-                        help="finished trial runs in the query stores (default: 1000 10000)")
+    parser.add_argument("--runs", type=int, nargs="+", default=[10000, 100000],
+                        help="finished trial runs in the query stores (default: 10000 100000)")
+    parser.add_argument("--backends", nargs="+", choices=("sqlite", "postgresql"), default=["sqlite", "postgresql"],
+                        help="tracking databases the queries run on (PostgreSQL from Debian's package)")
     parser.add_argument("--trials", type=int, default=3, help="trials of the real study (default: 3)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per trial (default: 3)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per query (default: 7)")
@@ -521,7 +536,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bnet-tracking-bench-") as tmp:
         workdir = Path(tmp)
         store, outcome = measure_study_overhead(workdir, args.trials, args.epochs)
-        measure_queries(workdir, args.runs, store, outcome, args.repeats)
+        measure_queries(workdir, args.runs, args.backends, store, outcome, args.repeats)
 
 
 if __name__ == "__main__":

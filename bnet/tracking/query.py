@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 from bnet.errors import TrackingError
 from bnet.tracking import conventions as tags
+from bnet.tracking.run_search import RunSearch, TagCondition, filter_string, find_runs, first_run
 from bnet.tracking.store import Store, connect
 
 
@@ -58,21 +60,22 @@ class RunSummary:
         return self.tags.get(tags.TAG_REUSED_RUN, self.run_id)
 
 
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("'", "\\'") + "'"
+def trial_conditions(family: str | None = None, study: str | None = None,
+                     extra: dict[str, str] | None = None) -> tuple[TagCondition, ...]:
+    """The tags of trial runs of a family (and study, and any ``extra`` tag values)."""
+    conditions = [TagCondition(tags.TAG_ROLE, tags.ROLE_TRIAL)]
+    if family:
+        conditions.append(TagCondition(tags.TAG_FAMILY, family))
+    if study:
+        conditions.append(TagCondition(tags.TAG_STUDY, study))
+    conditions += [TagCondition(key, value) for key, value in (extra or {}).items()]
+    return tuple(conditions)
 
 
 def trial_filter(family: str | None = None, study: str | None = None,
                  extra: dict[str, str] | None = None) -> str:
     """The filter of finished trial runs of a family (and study), for ``search_runs``."""
-    clauses = ["attributes.status = 'FINISHED'", f"tags.`{tags.TAG_ROLE}` = '{tags.ROLE_TRIAL}'"]
-    if family:
-        clauses.append(f"tags.`{tags.TAG_FAMILY}` = {_quote(family)}")
-    if study:
-        clauses.append(f"tags.`{tags.TAG_STUDY}` = {_quote(study)}")
-    for key, value in (extra or {}).items():
-        clauses.append(f"tags.`{key}` = {_quote(value)}")
-    return " and ".join(clauses)
+    return filter_string(trial_conditions(family, study, extra))
 
 
 def _experiment_id(client, experiment: str) -> str:
@@ -86,28 +89,33 @@ def _scope(data_hash: str | None) -> dict[str, str]:
     return {tags.TAG_DATA_HASH: data_hash} if data_hash else {}
 
 
+def _trials(client, experiment: str, family: str | None, study: str | None, data_hash: str | None,
+            any_order: bool = False) -> RunSearch:
+    return RunSearch(_experiment_id(client, experiment), trial_conditions(family, study, _scope(data_hash)),
+                     any_order=any_order)
+
+
 def study_objective(experiment: str, family: str | None = None, study: str | None = None,
                     data_hash: str | None = None, store: Store | None = None) -> tuple[str, str]:
     """(metric, direction) that the finished runs in scope were optimised for, as their
     studies recorded it; an error when the scope mixes studies of different objectives."""
     from bnet.tracking.store import resolve_store
 
-    client = connect(store or resolve_store())
-    experiment_id = _experiment_id(client, experiment)
-    scope = trial_filter(family, study, _scope(data_hash))
-    first = client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVE}` != ''", max_results=1)
-    if not first:
+    store = store or resolve_store()
+    client = connect(store)
+    trials = _trials(client, experiment, family, study, data_hash, any_order=True)
+    first = first_run(client, store, trials.with_conditions(TagCondition(tags.TAG_OBJECTIVE, "", "!=")))
+    if first is None:
         raise TrackingError(f"experiment '{experiment}' has no finished {family or 'bnet'} runs"
                             + (f" in study '{study}'" if study else "")
                             + (f" fitted to this data (hash {data_hash})" if data_hash else ""))
-    metric = first[0].data.tags[tags.TAG_OBJECTIVE]
-    direction = first[0].data.tags.get(tags.TAG_DIRECTION, "minimize")
-    other = client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVE}` != {_quote(metric)}",
-                               max_results=1)
-    if other:
+    metric = first.data.tags[tags.TAG_OBJECTIVE]
+    direction = first.data.tags.get(tags.TAG_DIRECTION, "minimize")
+    other = first_run(client, store, trials.with_conditions(TagCondition(tags.TAG_OBJECTIVE, metric, "!=")))
+    if other is not None:
         raise TrackingError(
             f"experiment '{experiment}' holds {family or 'bnet'} studies optimising {metric} and "
-            f"{other[0].data.tags.get(tags.TAG_OBJECTIVE)}: name one with --study (or rank by --metric)")
+            f"{other.data.tags.get(tags.TAG_OBJECTIVE)}: name one with --study (or rank by --metric)")
     return metric, direction
 
 
@@ -118,20 +126,20 @@ def metric_direction(experiment: str, metric: str, family: str | None = None, st
     disagree, or when none optimised it (then the caller names the direction)."""
     from bnet.tracking.store import resolve_store
 
-    client = connect(store or resolve_store())
-    experiment_id = _experiment_id(client, experiment)
-    scope = trial_filter(family, study, _scope(data_hash))
+    store = store or resolve_store()
+    client = connect(store)
+    trials = _trials(client, experiment, family, study, data_hash, any_order=True)
     found: set[str] = set()
     # the metric itself, or the held-out counterpart of what the study optimised
     # (test_r2 of val_r2, test_loss of best_val_loss) is better in the same direction
     for objective in dict.fromkeys((metric, metric.replace("test_", "val_", 1), metric.replace("test_", "best_val_", 1))):
         for direction in ("minimize", "maximize"):
-            if client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVE}` = {_quote(objective)}"
-                                  f" and tags.`{tags.TAG_DIRECTION}` = '{direction}'", max_results=1):
+            if first_run(client, store, trials.with_conditions(TagCondition(tags.TAG_OBJECTIVE, objective),
+                                                               TagCondition(tags.TAG_DIRECTION, direction))):
                 found.add(direction)
     # a multi-objective study records "minimize a, maximize b"
-    for run in client.search_runs([experiment_id], scope + f" and tags.`{tags.TAG_OBJECTIVES}` LIKE "
-                                  f"{_quote('%' + metric + '%')}", max_results=50):
+    multi = trials.with_conditions(TagCondition(tags.TAG_OBJECTIVES, f"%{metric}%", "LIKE"))
+    for run in itertools.islice(find_runs(client, store, multi, page_size=50), 50):
         for part in run.data.tags[tags.TAG_OBJECTIVES].split(","):
             direction, _, name = part.strip().partition(" ")
             if name == metric:
@@ -177,49 +185,39 @@ def best_runs(
         raise TrackingError(f"top must be at least 1, got {top}")
     store = store or resolve_store()
     client = connect(store)
-    experiment_id = _experiment_id(client, experiment)
+    trials = _trials(client, experiment, family, study, data_hash)
     if metric is None:
         metric, recorded = study_objective(experiment, family, study, data_hash, store)
         direction = direction or recorded
     direction = direction or metric_direction(experiment, metric, family, study, data_hash, store)
-    order = "ASC" if direction == "minimize" else "DESC"
+    ranked = RunSearch(trials.experiment_id, trials.conditions, metric, ascending=direction == "minimize")
     # a fit answers every trial that reused it: it is listed once, as its first run in order
     found: dict[str, RunSummary] = {}
-    token = None
-    while len(found) < top:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=trial_filter(family, study, _scope(data_hash)) + f" and metrics.`{metric}` > -1e308",
-            order_by=[f"metrics.`{metric}` {order}", "attributes.start_time ASC"],
-            max_results=max(2 * top, 10), page_token=token,
-        )
-        for run in map(RunSummary.from_run, page):
-            found.setdefault(run.artifact_run_id, run)
-        token = page.token
-        if not token:
+    for run in map(RunSummary.from_run, find_runs(client, store, ranked, page_size=max(2 * top, 10))):
+        found.setdefault(run.artifact_run_id, run)
+        if len(found) == top:
             break
-    return list(found.values())[:top]
+    return list(found.values())
 
 
 def find_config_run(experiment_id: str, config_hash: str, store: Store) -> RunSummary | None:
     """The first finished trial run of this exact fit (BehaveNet's ``experiment_exists``)."""
     client = connect(store)
-    runs = client.search_runs([experiment_id], trial_filter(extra={tags.TAG_CONFIG_HASH: config_hash}),
-                              max_results=1, order_by=["attributes.start_time ASC"])
-    return RunSummary.from_run(runs[0]) if runs else None
+    run = first_run(client, store, RunSearch(experiment_id, trial_conditions(extra={tags.TAG_CONFIG_HASH: config_hash})))
+    return RunSummary.from_run(run) if run else None
 
 
 def trial_families(experiment: str, store: Store) -> set[str]:
     """The families of the finished trial runs of an experiment."""
     client = connect(store)
-    experiment_id = _experiment_id(client, experiment)
+    trials = RunSearch(_experiment_id(client, experiment), trial_conditions(), any_order=True)
     families: set[str] = set()
     while True:
-        clauses = trial_filter() + "".join(f" and tags.`{tags.TAG_FAMILY}` != {_quote(f)}" for f in families)
-        found = client.search_runs([experiment_id], clauses, max_results=1)
-        if not found or not found[0].data.tags.get(tags.TAG_FAMILY):
+        others = [TagCondition(tags.TAG_FAMILY, family, "!=") for family in sorted(families)]
+        found = first_run(client, store, trials.with_conditions(*others))
+        if found is None or not found.data.tags.get(tags.TAG_FAMILY):
             return families
-        families.add(found[0].data.tags[tags.TAG_FAMILY])
+        families.add(found.data.tags[tags.TAG_FAMILY])
 
 
 def experiment_links(store: Store) -> list[tuple[str, str]]:
