@@ -368,6 +368,21 @@ def test_chunked_messages_match_one_loop_over_time(shared, monkeypatch):
     assert chunked.expected_states[:, 1377:, 1].abs().max() == 0
 
 
+def test_moments_of_a_nearly_unused_state_keep_all_its_frames():
+    """Frames of negligible weight are left out relative to a state's own largest weight:
+    a state every frame gives 1e-30 has the moments of all its frames (not zero, which
+    would collapse a Student-t scale), as a state of ordinary weights has."""
+    from bnet.models.arhmm import observations
+
+    _, _, sequences = sample_well_separated("gaussian", "stationary", n_sequences=3, n_steps=100, seed=6)
+    batch = ARHMM(ARHMMConfig(n_arhmm_states=2, n_arhmm_lags=1)).batch(sequences)
+    ordinary = torch.rand(batch.time_mask.shape, generator=torch.Generator().manual_seed(0)) * batch.ar_time_mask
+    weights = torch.stack([ordinary, 1e-30 * ordinary])
+    moments = observations._weighted_moments(batch, weights)
+    assert torch.allclose(moments[1] * 1e30, moments[0], rtol=1e-4)
+    assert moments[0].abs().max() > 1
+
+
 def test_float32_em_ends_where_float64_does_on_data_far_from_zero():
     """float32 (the default) against float64 from one start, on data offset by 50: the
     moments are taken about the mean frame, so the offset costs float32 no precision."""

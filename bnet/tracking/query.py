@@ -193,7 +193,7 @@ def best_runs(
     ranked = RunSearch(trials.experiment_id, trials.conditions, metric, ascending=direction == "minimize")
     # a fit answers every trial that reused it: it is listed once, as its first run in order
     found: dict[str, RunSummary] = {}
-    for run in map(RunSummary.from_run, find_runs(client, store, ranked, page_size=max(2 * top, 10))):
+    for run in map(RunSummary.from_run, find_runs(client, store, ranked, page_size=top)):
         found.setdefault(run.artifact_run_id, run)
         if len(found) == top:
             break

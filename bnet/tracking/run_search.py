@@ -30,7 +30,11 @@ RARE_TAGS = (tags.TAG_STUDY, tags.TAG_DATA_HASH, tags.TAG_CONFIG_HASH)
 """Tags whose value picks out few runs: a search they drive reads those runs alone."""
 SEARCH_INDEXES = ["CREATE INDEX IF NOT EXISTS bnet_latest_metrics_key_value ON latest_metrics (key, value)"] + [
     f"CREATE INDEX IF NOT EXISTS bnet_tag_{key.split('.')[-1]} ON tags (value, run_uuid) WHERE key = '{key}'"
-    for key in RARE_TAGS]
+    for key in RARE_TAGS] + [
+    # PostgreSQL only (SQLite refuses it, harmlessly): without statistics of key and value
+    # together its planner takes "every trial" for a rare tag and sorts all runs instead of
+    # walking the metric's index
+    "CREATE STATISTICS IF NOT EXISTS bnet_tags_key_value (mcv) ON key, value FROM tags"]
 
 
 def quote(value: str) -> str:
@@ -78,7 +82,7 @@ class RunSearch:
             ties by start time; without one, by start time.
         ascending: lowest metric (or, without one, earliest start) first.
         any_order: no order at all, for a search that asks whether a run exists (it stops
-            at the first one found).
+            at the first one found); it returns one page of runs at most.
     """
 
     experiment_id: str
@@ -104,24 +108,35 @@ class RunSearch:
             return [f"metrics.`{self.metric}` {self._direction}", "attributes.start_time ASC"]
         return None if self.any_order else [f"attributes.start_time {self._direction}"]
 
+    def _driving_condition(self) -> TagCondition | None:
+        """The condition the statement starts from: a rare tag's value where one is asked
+        for; else the metric's order (None) or, without a metric, the last condition."""
+        rare = [c for c in self.conditions if c.op == "=" and c.key in RARE_TAGS]
+        if rare:
+            return rare[0]
+        return None if self.metric else self.conditions[-1]
+
     def sql(self) -> tuple[str, dict]:
         """The statement selecting the runs' ids, with ``:limit`` and ``:offset`` to bind.
 
-        CROSS JOIN keeps SQLite's join order: its planner, even with statistics, would start
-        from a tag that every trial carries.
+        CROSS JOIN keeps SQLite's join order, and a subquery with OFFSET 0 PostgreSQL's: their
+        planners, even with statistics, would start from a tag that every trial carries.
         """
         params: dict = {"experiment": int(self.experiment_id)}
-        conditions = list(self.conditions)
+        driving = self._driving_condition()
+        conditions = [c for c in self.conditions if c is not driving]
+        if driving is None:
+            source, clauses = "latest_metrics m CROSS JOIN runs r", []
+        else:  # OFFSET 0 fences the driving rows off from PostgreSQL's join reordering
+            source = (f"(SELECT d.run_uuid FROM tags d WHERE {driving.sql('d', 'driving')} OFFSET 0) d "
+                      "CROSS JOIN runs r" + (" CROSS JOIN latest_metrics m" if self.metric else ""))
+            clauses = ["r.run_uuid = d.run_uuid"]
+            params["driving"] = driving.value
         if self.metric:
-            source = "latest_metrics m CROSS JOIN runs r"
-            clauses = ["m.key = :metric", "m.is_nan = :not_nan", "m.value > :floor", "r.run_uuid = m.run_uuid"]
+            clauses += ["m.key = :metric", "m.is_nan = :not_nan", "m.value > :floor", "m.run_uuid = r.run_uuid"]
             params.update(metric=self.metric, not_nan=False, floor=FINITE_FLOOR)
             order = f"m.value {self._direction}, r.start_time ASC, r.run_uuid"
         else:
-            driving = conditions.pop()
-            source = "tags d CROSS JOIN runs r"
-            clauses = [driving.sql("d", "driving"), "r.run_uuid = d.run_uuid"]
-            params["driving"] = driving.value
             order = None if self.any_order else f"r.start_time {self._direction}, r.run_uuid"
         clauses += ["r.experiment_id = :experiment", "r.status = 'FINISHED'", "r.lifecycle_stage = 'active'"]
         for i, condition in enumerate(conditions):
@@ -132,7 +147,7 @@ class RunSearch:
         return f"SELECT r.run_uuid FROM {source} WHERE {' AND '.join(clauses)}{ordering} LIMIT :limit OFFSET :offset", params
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)
 def _engine(tracking_uri: str):
     """An engine on the store's database, with bnet's search indexes where it may add them."""
     from sqlalchemy import create_engine, text
@@ -149,7 +164,9 @@ def _engine(tracking_uri: str):
 
 
 def is_database(store: Store) -> bool:
-    return store.tracking_uri.startswith(("sqlite:", "postgresql", "mysql", "mssql"))
+    """SQLite and PostgreSQL, whose comparisons are case-sensitive as MLflow's are (MLflow
+    forces that on MySQL and SQL Server, which bnet leaves to MLflow's search)."""
+    return store.tracking_uri.startswith(("sqlite:", "postgresql"))
 
 
 def find_runs(client, store: Store, search: RunSearch, page_size: int = 10) -> Iterator:
@@ -162,7 +179,7 @@ def find_runs(client, store: Store, search: RunSearch, page_size: int = 10) -> I
                                       order_by=search.mlflow_order(), max_results=page_size, page_token=token)
             yield from page
             token = page.token
-            if not token:
+            if not token or search.any_order:
                 return
     from sqlalchemy import text
 
@@ -179,7 +196,7 @@ def find_runs(client, store: Store, search: RunSearch, page_size: int = 10) -> I
     while True:
         ids = retry_transient(lambda: page(offset))
         yield from (client.get_run(run_id) for run_id in ids)
-        if len(ids) < page_size:
+        if len(ids) < page_size or search.any_order:  # unordered pages could overlap
             return
         offset += page_size
 

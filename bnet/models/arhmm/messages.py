@@ -108,8 +108,9 @@ def forward_backward(log_pi0: torch.Tensor, log_trans: torch.Tensor, log_likes: 
     shared = log_trans.dim() == 2
     if shared:
         trans = log_trans.exp()
-    else:  # (K, K, T', N), and steps past a sequence's end stay where they are
-        trans = torch.eye(n_states, **like)[:, :, None, None].repeat(1, 1, padded, n_seq)
+    else:  # (K, K, T', N); steps past the last frame go anywhere (any matrix would do
+        # there, and one that forgets at once lets the chunk filters agree)
+        trans = torch.full((n_states, n_states, padded, n_seq), 1 / n_states, **like)
         trans[:, :, :n_steps - 1] = log_trans.exp()
 
     # One chunk (the plain recursions) runs on views of the time layout; several, on a
@@ -157,7 +158,9 @@ def forward_backward(log_pi0: torch.Tensor, log_trans: torch.Tensor, log_likes: 
             message = weighted[step].div_(weighted[step].sum(0, keepdim=True))
         alpha, scale, weighted = by_time(alpha), by_time(scale), by_time(weighted)
 
-    log_normalizers = (scale.log() + peak).mul_(valid).sum((0, 1))
+    # summed in float64: T terms in float32 would carry ~T rounding errors into the
+    # likelihood that EM's tolerance compares between iterations
+    log_normalizers = (scale.log() + peak).mul_(valid).double().sum((0, 1)).to(log_likes.dtype)
     step_trans = trans if shared else trans[:, :, :-1]
     following = weighted[:, 1:]
     posterior = alpha.clone()
@@ -213,7 +216,7 @@ def _chunk_boundaries(log_pi0: torch.Tensor, trans: torch.Tensor, emissions: Seq
         elif agreed:
             moved = torch.cat([_forward(weighted_rows, steps[step]), weighted_rows.sum(0, keepdim=True)])
         else:
-            moved = torch.cat([(weighted_rows.unsqueeze(1) * steps[step].unsqueeze(2)).sum(0),
+            moved = torch.cat([torch.einsum("jim,jkm->kim", weighted_rows, steps[step]),
                                weighted_rows.sum(0, keepdim=True)])
         transfer = moved[:n_states].div_(moved[n_states:])
         totals.append(moved[n_states])

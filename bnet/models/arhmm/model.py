@@ -275,13 +275,13 @@ class ARHMM:
     def log_likelihood(self, sequences: Sequences, per_sequence: bool = False) -> float | torch.Tensor:
         """Total log p(x) over the sequences, or the (N,) values when ``per_sequence``."""
         log_normalizers = self._e_step(self.batch(sequences)).log_normalizers
-        return log_normalizers if per_sequence else log_normalizers.sum().item()
+        return log_normalizers if per_sequence else log_normalizers.double().sum().item()
 
     def log_likelihood_per_step(self, sequences: Sequences) -> float:
         """Total log-likelihood / (frames * dimensions): comparable across data sets (the
         tuning objective on held-out data)."""
         batch = self.batch(sequences)
-        return self._e_step(batch).log_normalizers.sum().item() / (batch.n_frames * batch.n_dims)
+        return self._e_step(batch).log_normalizers.double().sum().item() / (batch.n_frames * batch.n_dims)
 
     def log_prior(self) -> float:
         """ssm's log prior: the sticky Dirichlet prior, 0 for other transitions."""
@@ -453,7 +453,7 @@ class ARHMM:
 
     def _record(self, history: FitHistory, posterior: ForwardBackward,
                 val: SequenceBatch | None) -> tuple[float, float | None]:
-        train_ll = posterior.log_normalizers.sum().item()
+        train_ll = posterior.log_normalizers.double().sum().item()
         val_ll = None if val is None else self.log_likelihood(val)
         history.train_log_likelihoods.append(train_ll)
         history.log_priors.append(self.log_prior())

@@ -61,7 +61,7 @@ def _squared_projection_norms(batch: SequenceBatch, projection: torch.Tensor) ->
     """
     frames = batch.regression_rows
     bias = batch.design.shape[-1] - 1
-    shifted = projection.double()
+    shifted = projection.to(torch.float64, copy=True)
     shifted[:, bias] += torch.einsum("p,kpd->kd", batch.centre.double(), shifted)
     n_states, n_inputs, n_dims = projection.shape
     rows = shifted.transpose(1, 2).reshape(n_states * n_dims, n_inputs).to(frames.dtype)
@@ -129,8 +129,9 @@ MOMENT_FRAMES = 1 << 16
 MOMENT_BLOCK = 1 << 14
 """Gathered frames per float32 product summed into the float64 moments."""
 NEGLIGIBLE_WEIGHT = 1e-3
-"""Posterior weights below this times the dtype's resolution are left out of the moments:
-each adds less than a thousandth of a rounding error to its state's sums."""
+"""Posterior weights below this times the dtype's resolution times the state's largest
+weight are left out of its moments: each adds less than a thousandth of a rounding error to
+its sums (relative to the largest, so a state nearly unused keeps all its frames)."""
 
 
 def _weighted_moments(batch: SequenceBatch, weights: torch.Tensor) -> torch.Tensor:
@@ -147,11 +148,11 @@ def _weighted_moments(batch: SequenceBatch, weights: torch.Tensor) -> torch.Tens
     frames = batch.regression_rows
     n_states, n_inputs = weights.shape[0], frames.shape[1]
     flat_weights = weights.reshape(n_states, -1)
-    threshold = NEGLIGIBLE_WEIGHT * torch.finfo(flat_weights.dtype).eps
+    thresholds = NEGLIGIBLE_WEIGHT * torch.finfo(flat_weights.dtype).eps * flat_weights.amax(1, keepdim=True)
     moments = torch.zeros(n_states, n_inputs, n_inputs, dtype=torch.float64, device=frames.device)
     for first in range(0, frames.shape[0], MOMENT_FRAMES):
         part = slice(first, first + MOMENT_FRAMES)
-        states, kept = (flat_weights[:, part] > threshold).nonzero(as_tuple=True)
+        states, kept = (flat_weights[:, part] > thresholds).nonzero(as_tuple=True)
         gathered = frames[part].index_select(0, kept)
         weighted = gathered * flat_weights[:, part][states, kept].unsqueeze(1)
         start = 0
