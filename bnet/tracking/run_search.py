@@ -116,8 +116,9 @@ class RunSearch:
             return rare[0]
         return None if self.metric else self.conditions[-1]
 
-    def sql(self) -> tuple[str, dict]:
-        """The statement selecting the runs' ids, with ``:limit`` and ``:offset`` to bind.
+    def sql(self, dialect: str) -> tuple[str, dict]:
+        """The statement selecting the runs' ids in ``dialect`` (``sqlite``, ``postgresql``),
+        with ``:limit`` and ``:offset`` to bind.
 
         CROSS JOIN keeps SQLite's join order, and a subquery with OFFSET 0 PostgreSQL's: their
         planners, even with statistics, would start from a tag that every trial carries.
@@ -127,8 +128,9 @@ class RunSearch:
         conditions = [c for c in self.conditions if c is not driving]
         if driving is None:
             source, clauses = "latest_metrics m CROSS JOIN runs r", []
-        else:  # OFFSET 0 fences the driving rows off from PostgreSQL's join reordering
-            source = (f"(SELECT d.run_uuid FROM tags d WHERE {driving.sql('d', 'driving')} OFFSET 0) d "
+        else:
+            fence = " OFFSET 0" if dialect == "postgresql" else ""
+            source = (f"(SELECT d.run_uuid FROM tags d WHERE {driving.sql('d', 'driving')}{fence}) d "
                       "CROSS JOIN runs r" + (" CROSS JOIN latest_metrics m" if self.metric else ""))
             clauses = ["r.run_uuid = d.run_uuid"]
             params["driving"] = driving.value
@@ -185,7 +187,7 @@ def find_runs(client, store: Store, search: RunSearch, page_size: int = 10) -> I
 
     from bnet.tracking.runs import retry_transient
 
-    statement, params = search.sql()
+    statement, params = search.sql(_engine(store.tracking_uri).dialect.name)
 
     def page(offset: int) -> list[str]:
         with _engine(store.tracking_uri).connect() as connection:
