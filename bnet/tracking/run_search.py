@@ -35,6 +35,10 @@ SEARCH_INDEXES = ["CREATE INDEX IF NOT EXISTS bnet_latest_metrics_key_value ON l
     # together its planner takes "every trial" for a rare tag and sorts all runs instead of
     # walking the metric's index
     "CREATE STATISTICS IF NOT EXISTS bnet_tags_key_value (mcv) ON key, value FROM tags"]
+POSTGRESQL_STATISTICS = ["ANALYZE runs", "ANALYZE tags", "ANALYZE latest_metrics"]
+"""Run once, when bnet adds its indexes to a PostgreSQL store: a store bulk-loaded or
+migrated moments ago has no statistics until autovacuum's next pass, and without them the
+planner probed every tag row per run (45 s at 10,000 runs)."""
 
 
 def quote(value: str) -> str:
@@ -156,13 +160,23 @@ def _engine(tracking_uri: str):
 
     # pre-ping: a pooled connection a database restart cut is replaced, not reused
     engine = create_engine(tracking_uri, pool_pre_ping=True)
-    for statement in SEARCH_INDEXES:
+    postgresql = engine.dialect.name == "postgresql"
+    new = postgresql and not _has_search_indexes(engine)
+    for statement in SEARCH_INDEXES + (POSTGRESQL_STATISTICS if new else []):
         try:
             with engine.begin() as connection:
                 connection.execute(text(statement))
         except Exception as error:  # another worker building it, a read-only user: search without
             logging.getLogger(__name__).debug("no search index (%s): %s", statement, error)
     return engine
+
+
+def _has_search_indexes(engine) -> bool:
+    from sqlalchemy import text
+
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT 1 FROM pg_indexes WHERE indexname = "
+                                       "'bnet_latest_metrics_key_value'")).first() is not None
 
 
 def is_database(store: Store) -> bool:
