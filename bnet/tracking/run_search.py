@@ -30,11 +30,10 @@ RARE_TAGS = (tags.TAG_STUDY, tags.TAG_DATA_HASH, tags.TAG_CONFIG_HASH)
 """Tags whose value picks out few runs: a search they drive reads those runs alone."""
 SEARCH_INDEXES = ["CREATE INDEX IF NOT EXISTS bnet_latest_metrics_key_value ON latest_metrics (key, value)"] + [
     f"CREATE INDEX IF NOT EXISTS bnet_tag_{key.split('.')[-1]} ON tags (value, run_uuid) WHERE key = '{key}'"
-    for key in RARE_TAGS] + [
-    # PostgreSQL only (SQLite refuses it, harmlessly): without statistics of key and value
-    # together its planner takes "every trial" for a rare tag and sorts all runs instead of
-    # walking the metric's index
-    "CREATE STATISTICS IF NOT EXISTS bnet_tags_key_value (mcv) ON key, value FROM tags"]
+    for key in RARE_TAGS]
+POSTGRESQL_TAG_STATISTICS = "CREATE STATISTICS IF NOT EXISTS bnet_tags_key_value (mcv) ON key, value FROM tags"
+"""Without statistics of key and value together, PostgreSQL's planner takes "every trial"
+for a rare tag and sorts all runs instead of walking the metric's index."""
 POSTGRESQL_STATISTICS = ["ANALYZE runs", "ANALYZE tags", "ANALYZE latest_metrics"]
 """Run once, when bnet adds its indexes to a PostgreSQL store: a store bulk-loaded or
 migrated moments ago has no statistics until autovacuum's next pass, and without them the
@@ -162,7 +161,8 @@ def _engine(tracking_uri: str):
     engine = create_engine(tracking_uri, pool_pre_ping=True)
     postgresql = engine.dialect.name == "postgresql"
     new = postgresql and not _has_search_indexes(engine)
-    for statement in SEARCH_INDEXES + (POSTGRESQL_STATISTICS if new else []):
+    postgresql_only = [POSTGRESQL_TAG_STATISTICS] + (POSTGRESQL_STATISTICS if new else []) if postgresql else []
+    for statement in SEARCH_INDEXES + postgresql_only:
         try:
             with engine.begin() as connection:
                 connection.execute(text(statement))
