@@ -25,7 +25,7 @@ import yaml
 
 from bnet.errors import ConfigError
 
-SECTIONS = ("data", "model", "training", "compute")
+SECTIONS = ("data", "model", "training", "compute", "downstream")
 
 # Keys each section accepts. BehaveNet put the split keys in its training JSON and bnet's
 # design puts them under data: both are accepted.
@@ -58,6 +58,11 @@ SECTION_KEYS: dict[str, set[str]] = {
         "export_latents", "export_train_plots", "export_latents_best", "as_numpy",
         "batch_load", "rng_seed_data", "train_frac", "trial_splits", "sessions_csv",
         "n_iters", "arhmm_es_tol", "export_states", "engine", "augment_shift", "augment_rotation",
+    },
+    # a pipeline study's fixed downstream stages (bnet.tuning.families.pipeline.DownstreamConfig)
+    "downstream": {
+        "stages", "n_arhmm_states", "n_arhmm_lags", "arhmm_n_iters", "decoder_n_lags", "decoder_n_hid_layers",
+        "decoder_n_hid_units", "decoder_learning_rate", "decoder_l2_reg", "decoder_max_n_epochs",
     },
     "compute": {
         "device", "precision", "n_parallel_gpus", "gpus_viz", "tt_n_gpu_trials",

@@ -1,6 +1,9 @@
 """The tags, params and artifact paths every bnet run follows (DESIGN.md, tracking)."""
 
-TAG_ROLE = "bnet.role"  # "study" for the parent run of a study, "trial" for a fit
+TAG_ROLE = "bnet.role"  # "study" for the parent run of a study, "trial" for a fit, "stage" for a part of one
+TAG_STAGE = "bnet.stage"  # a pipeline trial's stage run: which stage (ae, arhmm, decoder)
+# a stage run: the pipeline trial's run it is a part of (not an upstream: it reads nothing from it)
+TAG_PIPELINE_RUN = "bnet.pipeline_run_id"
 TAG_FAMILY = "bnet.family"  # ae, arhmm, decoder, ensemble
 TAG_MODEL_CLASS = "bnet.model_class"
 TAG_MODEL_TYPE = "bnet.model_type"
@@ -34,6 +37,7 @@ MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # the project's commit, where it
 
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
+ROLE_STAGE = "stage"
 
 MODEL_DIR = "checkpoint"  # an MLflow Model (bnet.tracking.pyfunc); a registered version's source
 CHECKPOINT_PATH = "checkpoint/artifacts/model.pt"

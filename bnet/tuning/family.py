@@ -80,7 +80,8 @@ class TrialResult:
     Attributes:
         metrics: final metrics, the objective's ``metric`` among them.
         model: the fitted model (a registry model with ``config`` and ``state_dict``),
-            saved as the run's checkpoint.
+            saved as the run's checkpoint; None where the trial's stage runs hold its models
+            (a pipeline's).
         checkpoint_metadata: extra fields the checkpoint records.
     """
 

@@ -28,7 +28,7 @@ import traceback
 import warnings
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import optuna
@@ -43,7 +43,7 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, is_transient, retry_transient
 from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
 from bnet.tracking.tracker import Tracker
-from bnet.tuning.family import Family, Objective, PreparedStudy
+from bnet.tuning.family import Family, Objective, PreparedStudy, TrialFitter, TrialResult
 from bnet.tuning.identity import FitIdentity, differences, fingerprint
 from bnet.tuning.recovery import (
     GRACE_SECONDS, HEARTBEAT_SECONDS, MLFLOW_RUN_ATTR, RETRY_OF_RUN_ATTR, WORKER_ATTR, close_orphaned_runs,
@@ -124,19 +124,88 @@ class StudySpec:
 
 @dataclass
 class TrialContext:
-    """What a family's ``fit`` gets for one trial."""
+    """What a family's ``fit`` gets for one trial (or for one stage of a pipeline trial)."""
 
     number: int
     hparams: dict[str, Any]
     run: RunLogger
     echo: Echo
-    _report: Callable[[int, dict[str, float], int, int | None], None] = field(repr=False)
+    _report: Callable[["TrialContext", int, dict[str, float], int, int | None], None] = field(repr=False)
+    _stages: "StageRuns | None" = field(default=None, repr=False)
+    stage: str = ""
+    """The stage this context fits (``ae``, ``arhmm``...); "" for a whole trial."""
+    prunes: bool = True
+    """Whether this context's steps reach the pruner (a pipeline's stages log series of
+    their own families' names, which are no objective of the pipeline's study)."""
+    step_name: str = ""
+    """What one of this context's steps is, in progress lines ("": the family's)."""
+    spends_budget: bool = True
+    """Whether this context's steps count in the study's budget (``budget_steps``, in the
+    family's steps: a pipeline's AE epochs, not its downstream stages' steps)."""
 
     def report(self, step: int, metrics: dict[str, float], total: int, shown: int | None = None) -> None:
-        """Log one step's metrics (MLflow step ``step``), show progress (``shown`` of
-        ``total``), hand the objective's step metric to the pruner; raises
+        """Log one step's metrics on this context's run (MLflow step ``step``), show progress
+        (``shown`` of ``total``), hand the objective's step metric to the pruner; raises
         ``optuna.TrialPruned`` or :class:`StudyInterrupted` to stop the fit."""
-        self._report(step, metrics, total, shown)
+        self._report(self, step, metrics, total, shown)
+
+    def fit_stage(self, stage: str, family: str, objective: Objective, fitter: TrialFitter, hparams: dict[str, Any],
+                  run_tags: dict[str, str], step_name: str, spends_budget: bool = False) -> tuple[TrialResult, str]:
+        """Fit one stage of a pipeline trial with a family's own fitter, as an MLflow run
+        nested under the trial's run (role ``stage``; the family's tags and its studies'
+        ``objective``, so the run ranks and registers like that family's trials; the given
+        lineage tags): params, per-step metrics, final metrics, checkpoint and the family's
+        figures. Returns the result and the run id; the run ends FINISHED, or KILLED/FAILED
+        with the reason when the stage stops the trial."""
+        if self._stages is None:
+            raise RuntimeError("stages are fitted within a study's trial")
+        params, model_tags = fitter.resolve(hparams)
+        run = self._stages.create(self, stage, {tags.TAG_FAMILY: family, tags.TAG_OBJECTIVE: objective.metric,
+                                                tags.TAG_DIRECTION: objective.direction, **model_tags, **run_tags})
+        context = replace(self, hparams=hparams, run=run, stage=stage, prunes=False, step_name=step_name,
+                          spends_budget=spends_budget)
+        with self._stages.closing(run):
+            run.log_params(params)
+            result = fitter.fit(context)
+            run.log_metrics(result.metrics)
+            run.log_checkpoint(result.model, {**self._stages.checkpoint_metadata, **run_tags,
+                                              **result.checkpoint_metadata})
+        return result, run.run_id
+
+
+class StageRuns:
+    """Creates and closes the runs of a pipeline trial's stages (:meth:`TrialContext.fit_stage`)."""
+
+    def __init__(self, spec: "StudySpec", tracker: Tracker, experiment_id: str):
+        self.spec, self.tracker, self.experiment_id = spec, tracker, experiment_id
+        self.checkpoint_metadata = {"dataset": spec.session.dataset_id, "data_hash": spec.session.data_hash}
+
+    def create(self, trial: TrialContext, stage: str, run_tags: dict[str, str]) -> RunLogger:
+        """The stage's run: the study's session tags, the trial's number, and ``run_tags``."""
+        session_tags = {k: v for k, v in self.spec.run_tags.items() if k != tags.TAG_OBJECTIVES}
+        run = self.tracker.create_run(
+            self.experiment_id, run_name=f"{self.spec.study_name}-trial-{trial.number:03d}-{stage}",
+            run_tags={**session_tags, tags.TAG_ROLE: tags.ROLE_STAGE, tags.TAG_STAGE: stage,
+                      tags.TAG_TRIAL: trial.number, tags.TAG_PIPELINE_RUN: trial.run.run_id, **run_tags},
+            parent_run_id=trial.run.run_id)
+        self.spec.log_dataset(run)
+        return run
+
+    @contextmanager
+    def closing(self, run: RunLogger):
+        try:
+            yield
+        except optuna.TrialPruned as pruned:
+            self.tracker.close(run.run_id, "KILLED", "PRUNED", str(pruned))
+            raise
+        except KeyboardInterrupt as stop:
+            self.tracker.close(run.run_id, "KILLED", "FAIL", f"interrupted ({stop or 'Ctrl-C'})")
+            raise
+        except Exception as err:
+            run.log_text("".join(traceback.format_exception(err)), "error.txt")
+            self.tracker.close(run.run_id, "FAILED", "FAIL", f"{type(err).__name__}: {err}")
+            raise
+        self.tracker.close(run.run_id, "FINISHED", "COMPLETE")
 
 
 @dataclass
@@ -602,25 +671,30 @@ class TrialLoop:
              params: dict[str, Any]) -> float | tuple[float, ...]:
         spec, objective, echo = self.spec, self.spec.objective, self.echo
         started = time.perf_counter()
-        progress: list[Progress] = []
+        progress: dict[str, Progress] = {}  # one bar per stage
         steps = [0]
 
-        def report(step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
-            steps[0] += 1
-            run.log_metrics(metrics, step=step)
-            if not progress:
-                progress.append(Progress(total, f"  trial {trial.number} {spec.family.name} {spec.family.step_name}",
-                                         echo, unit=spec.family.step_name))
-            progress[0].update(at=step if shown is None else shown,
-                               message="  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if v is not None))
+        def report(context: TrialContext, step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
+            steps[0] += context.spends_budget
+            context.run.log_metrics(metrics, step=step)
+            if context.stage not in progress:
+                unit = context.step_name or spec.family.step_name
+                label = " ".join([f"  trial {trial.number}", context.stage or spec.family.name, unit])
+                progress[context.stage] = Progress(total, label, echo, unit=unit)
+            progress[context.stage].update(at=step if shown is None else shown,
+                                           message="  ".join(f"{k} {v:.5g}" for k, v in metrics.items()
+                                                             if v is not None))
             self.stops.check()
-            value = metrics.get(objective.step_metric) if objective.step_metric and not objective.is_multi else None
+            if not context.prunes or not objective.step_metric or objective.is_multi:
+                return
+            value = metrics.get(objective.step_metric)
             if value is not None and math.isfinite(value):
                 trial.report(value, step)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at step {step}: {objective.step_metric} {value:.5g}")
 
-        context = TrialContext(trial.number, hparams, run, echo, report)
+        context = TrialContext(trial.number, hparams, run, echo, report,
+                               StageRuns(spec, self.tracker, self.experiment_id))
         try:
             run.log_params(params)
             spec.log_dataset(run)
@@ -629,16 +703,17 @@ class TrialLoop:
                     result = spec.prepared.fitter.fit(context)
             finally:
                 _record_steps(trial, steps[0])
-                for bar in progress:
+                for bar in progress.values():
                     bar.close()
             value = self._answer(result.metrics)
             nan = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v))
             if nan:
                 raise FloatingPointError(f"metric {', '.join(nan)} is NaN")
             run.log_metrics(result.metrics)
-            run.log_checkpoint(result.model, {"dataset": spec.session.dataset_id,
-                                              "data_hash": spec.session.data_hash,
-                                              **spec.prepared.run_tags, **result.checkpoint_metadata})
+            if result.model is not None:  # a pipeline's models are its stage runs'
+                run.log_checkpoint(result.model, {"dataset": spec.session.dataset_id,
+                                                  "data_hash": spec.session.data_hash,
+                                                  **spec.prepared.run_tags, **result.checkpoint_metadata})
         except optuna.TrialPruned as pruned:
             self.tracker.close(run.run_id, "KILLED", "PRUNED", str(pruned))
             echo(f"trial {trial.number} pruned after {time.perf_counter() - started:.0f} s ({pruned})")

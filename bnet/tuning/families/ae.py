@@ -88,7 +88,7 @@ PS_METRICS = {"val_unsup_corr": "minimize", "test_unsup_corr": "minimize"}
 SESSION_METRICS = {"val_session_accuracy": "minimize", "test_session_accuracy": "minimize"}
 
 
-def _check_image_shape(data: Session | SessionGroup, values: dict[str, Any]) -> None:
+def check_image_shape(data: Session | SessionGroup, values: dict[str, Any]) -> None:
     for key, actual in zip(("n_input_channels", "y_pixels", "x_pixels"), data.image_shape):
         wanted = values.get(key)
         if wanted is not None and not isinstance(wanted, (Categorical, Range)) and int(wanted) != actual:
@@ -398,11 +398,11 @@ def prepare(request: StudyRequest, store: Store) -> list[PreparedStudy]:
         data = select_sessions(values, require, fitted_sessions=lambda: fitted_datasets(store))
     else:
         data = open_session(resolve_data_path(values, request.data), require=require)
-    _check_image_shape(data, values)
+    check_image_shape(data, values)
     return [PreparedStudy(data, AETrials(data), OBJECTIVE)]
 
 
-def _expanded_fixed(fixed: dict[str, Any]) -> dict[str, Any]:
+def expanded_fixed(fixed: dict[str, Any]) -> dict[str, Any]:
     """An architecture file as the architecture it holds: the same path may hold another
     architecture tomorrow, and another path the same one."""
     if not fixed.get("ae_arch_json"):
@@ -415,7 +415,7 @@ register_family(Family(
     step_name="epoch", budget_key="max_n_epochs", prepare=prepare, default_model_class=lambda request: "ae",
     # the architecture a file names is fitted (conv_* params), not the file's path
     machinery=LOCATION_KEYS | {"export_latents", "export_train_plots", "sessions_csv", "all_source", "ae_arch_json"},
-    expand_fixed=_expanded_fixed, trivial=trivial.against_mean_frame,
+    expand_fixed=expanded_fixed, trivial=trivial.against_mean_frame,
     summary="Tune convolutional (or linear) autoencoders on one session.",
     behavenet_configs=("data", "model", "training", "compute"),
     shown_params=("model_type", "n_ae_latents", "learning_rate", "l2_reg"),
