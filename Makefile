@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,pbt]'
 	touch $@
 
 install: $(INSTALLED)

@@ -138,6 +138,7 @@ Dimension = Union[Categorical, Range]
 
 
 DEFAULT_N_TRIALS = 10
+SCHEDULERS = ("optuna", "pbt")
 
 
 @dataclass
@@ -184,6 +185,15 @@ class TuningConfig:
             searched hyperparameters, as Optuna's ``enqueue_trial``: a value a point leaves
             out is sampled): known good settings, or a comparison you want in the study.
             Queued when the study is created; a resumed study does not queue them again.
+        scheduler: ``optuna`` (default: trials one after another, sampled and pruned by
+            Optuna) or ``pbt``: population-based training (Ray Tune's
+            ``PopulationBasedTraining``, ``pip install 'bnet[pbt]'``) for families trained by
+            epochs (``ae``, ``decoder``): ``population`` members train at once, and every
+            ``perturbation_interval`` epochs the worst quarter take the weights and
+            hyperparameters of the best quarter and perturb the searched continuous ones
+            (learning rate, regularisation) by x0.8 or x1.2, or draw them anew (p = 0.25).
+        population: members of a ``pbt`` population.
+        perturbation_interval: epochs between a ``pbt`` population's exploit-and-explore steps.
     """
 
     n_trials: int | None = None
@@ -199,6 +209,9 @@ class TuningConfig:
     warm_start: str | None = None
     warm_start_any_data: bool = False
     system_metrics: bool = False
+    scheduler: str = "optuna"
+    population: int = 4
+    perturbation_interval: int = 4
 
     @property
     def pruner_name(self) -> str:
@@ -218,7 +231,7 @@ class TuningConfig:
         return math.inf if self.budget_steps or self.timeout else DEFAULT_N_TRIALS
 
     def validate(self) -> None:
-        for name in ("n_trials", "budget_steps"):
+        for name in ("n_trials", "budget_steps", "population", "perturbation_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"tuning.{name} must be at least 1, got {value}")
@@ -228,7 +241,7 @@ class TuningConfig:
             raise ConfigError(f"tuning.enqueue must be a list of mappings of hyperparameters, got {self.enqueue!r}")
         from bnet.tuning.samplers import AUTO_PRUNER, PRUNERS, SAMPLERS
 
-        choices = {"sampler": tuple(SAMPLERS), "pruner": (AUTO_PRUNER, *PRUNERS)}
+        choices = {"sampler": tuple(SAMPLERS), "pruner": (AUTO_PRUNER, *PRUNERS), "scheduler": SCHEDULERS}
         directions = self.direction if isinstance(self.direction, list) else [self.direction]
         for direction in directions:
             if direction not in ("minimize", "maximize", None):

@@ -9,7 +9,9 @@ from bnet.errors import ConfigError
 from bnet.models import build_model
 from bnet.models.ae import AEConfig
 from bnet.models.decoders import DecoderConfig
-from bnet.training import TrainingConfig, evaluate, fit, resolve_device, resolve_precision
+from bnet.training import (
+    Augmentation, OnEpochEnd, TrainingConfig, TrainingState, evaluate, fit, resolve_device, resolve_precision,
+)
 from bnet.training.loop import improves
 
 
@@ -108,6 +110,30 @@ def test_seeds_make_fits_reproducible(batches):
     c = fit(linear_ae(), batches["train"], batches["val"], TrainingConfig(learning_rate=1e-3, max_n_epochs=2, rng_seed_train=5))
     assert [r.train_loss for r in a.history] == [r.train_loss for r in b.history]
     assert [r.train_loss for r in a.history] != [r.train_loss for r in c.history]
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.0])
+def test_a_fit_resumed_from_its_state_goes_on_as_if_never_stopped(batches, tmp_path, shift):
+    """What a population-based member relies on: the state after an epoch, saved and loaded
+    without pickled code, goes on to the very weights of the fit that never stopped."""
+    config = TrainingConfig(learning_rate=1e-3, max_n_epochs=4, enable_early_stop=False, rng_seed_train=2)
+    moves = Augmentation(shift, 0.0, seed=1)
+    whole = linear_ae()
+    states = []
+    fit(whole, batches["train"], batches["val"], config, augmentation=moves,
+        callbacks=[OnEpochEnd(lambda record: states.append(record.state()))])
+    torch.save(states[1].as_dict(), tmp_path / "state.pt")
+    state = TrainingState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed = linear_ae(seed=7)  # other starting weights: the state's replace them
+    result = fit(resumed, batches["train"], batches["val"], config, augmentation=moves, resume=state)
+    assert [r.epoch for r in result.history] == [0, 1, 2, 3]
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    # a member that takes another's state goes on with its own learning rate
+    faster = fit(linear_ae(), batches["train"], batches["val"],
+                 TrainingConfig(learning_rate=1e-2, max_n_epochs=3, enable_early_stop=False, rng_seed_train=2),
+                 resume=state)
+    assert faster.history[2].train_loss != result.history[2].train_loss
 
 
 def test_a_raising_callback_stops_training_and_propagates(batches):

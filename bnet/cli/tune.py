@@ -13,6 +13,7 @@ from bnet.cli.options import (
     FamilyCommands, device_option, resolve, runs_link, storage_option, store_option, tracking_uri_option,
 )
 from bnet.cli.workers import n_workers_option, refuse_sqlite_for_many, run_workers
+from bnet.config import SCHEDULERS
 from bnet.tuning.samplers import AUTO_PRUNER, PRUNERS, SAMPLERS, described
 
 
@@ -42,6 +43,13 @@ def study_options(step: str):
                      help="Log each trial's CPU, memory, disk, network and GPU use (MLflow's system metrics)."),
         click.option("--study", default=None, help="Optuna study name [default the experiment name]."),
         click.option("--seed", type=int, default=None, help="Sampler seed."),
+        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
+                     help="optuna: trials one after another, sampled and pruned [default]; pbt: population-based "
+                          "training of members at once (Ray Tune; families trained by epochs)."),
+        click.option("--population", type=click.IntRange(min=2), default=None,
+                     help="Members of a --scheduler pbt population [default 4]."),
+        click.option("--perturbation-interval", type=click.IntRange(min=1), default=None,
+                     help=f"{step.capitalize()} between a pbt population's exploit-and-explore steps [default 4]."),
         n_workers_option,
     ])
 

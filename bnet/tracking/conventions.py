@@ -13,6 +13,7 @@ TAG_DATA_PATH = "bnet.data_path"
 TAG_SESSION_HASHES = "bnet.session_hashes"  # a multi-session fit: its members' data hashes, in order
 TAG_N_SESSIONS = "bnet.n_sessions"
 TAG_STUDY = "bnet.study"
+TAG_SCHEDULER = "bnet.scheduler"  # "pbt" for a population-based study's runs (Optuna's: none)
 TAG_TRIAL = "bnet.trial"
 TAG_TRIAL_STATE = "bnet.trial_state"  # COMPLETE, PRUNED, FAIL (Optuna's words)
 TAG_OBJECTIVE = "bnet.objective"  # the metric the run's study optimised

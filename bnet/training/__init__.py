@@ -2,11 +2,12 @@
 
 from bnet.training.augment import Augmentation
 from bnet.training.loop import (
-    ComputeConfig, EpochRecord, FitResult, OnEpochEnd, TrainingCallback, TrainingConfig, evaluate, evaluate_terms,
-    fit, make_optimizer, prepare, resolve_device, resolve_precision, train_step,
+    ComputeConfig, EpochRecord, FitResult, OnEpochEnd, TrainingCallback, TrainingConfig, TrainingState, evaluate,
+    evaluate_terms, fit, make_optimizer, prepare, resolve_device, resolve_precision, train_step,
 )
 
 __all__ = [
-    "Augmentation", "ComputeConfig", "EpochRecord", "FitResult", "OnEpochEnd", "TrainingCallback", "TrainingConfig", "evaluate",
-    "evaluate_terms", "fit", "make_optimizer", "prepare", "resolve_device", "resolve_precision", "train_step",
+    "Augmentation", "ComputeConfig", "EpochRecord", "FitResult", "OnEpochEnd", "TrainingCallback", "TrainingConfig",
+    "TrainingState", "evaluate", "evaluate_terms", "fit", "make_optimizer", "prepare", "resolve_device",
+    "resolve_precision", "train_step",
 ]

@@ -92,6 +92,42 @@ class EpochRecord:
     frames: int
     train_terms: dict[str, float] = field(default_factory=dict)
     val_terms: dict[str, float] = field(default_factory=dict)
+    state: Callable[[], "TrainingState"] | None = field(default=None, repr=False, compare=False)
+    """The fit as it stands at this epoch's end, for a checkpoint to go on from (taken only
+    when called: it copies the weights and the optimiser's state)."""
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, "val_loss": self.val_loss,
+                "seconds": self.seconds, "frames": self.frames, "train_terms": dict(self.train_terms),
+                "val_terms": dict(self.val_terms)}
+
+
+@dataclass
+class TrainingState:
+    """Everything a fit needs to go on after an epoch, as plain values and tensors (a
+    checkpoint loads with ``torch.load(weights_only=True)``): the weights and the optimiser's
+    state, the best epoch so far and its weights, early stopping's account, the batch order's
+    generator and the epochs trained. A population-based member goes on from another
+    member's state, with its own learning rate and weight decay."""
+
+    epoch: int
+    model: dict
+    optimizer: dict
+    best_state: dict | None
+    best_val: float
+    best_epoch: int
+    reference_val: float
+    stale_epochs: int
+    rng: dict
+    history: list[dict]
+    augmentation_rng: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainingState":
+        return cls(**values)
 
 
 @dataclass
@@ -307,9 +343,12 @@ def fit(
     precision: str = "auto",
     callbacks: list[TrainingCallback] = (),
     augmentation: Augmentation | None = None,
+    resume: TrainingState | None = None,
 ) -> FitResult:
     """Fit ``model`` (which has ``loss(batch)``) on batches of a :class:`TrialBatches`;
-    ``augmentation`` moves the training frames (never the validation ones).
+    ``augmentation`` moves the training frames (never the validation ones). ``resume`` goes
+    on from a fit's state after one of its epochs (this fit's learning rate and weight decay
+    replace the state's).
 
     Returns with the best-validation weights loaded into ``model``.
     """
@@ -326,8 +365,28 @@ def fit(
     started = time.perf_counter()
     train_frames_seen, train_seconds = 0, 0.0
     draws = augmentation.generator(device) if augmentation is not None and augmentation.active else None
+    first_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = config.learning_rate, weight_decay
+        rng.bit_generator.state = resume.rng
+        if draws is not None and resume.augmentation_rng is not None:
+            draws.set_state(resume.augmentation_rng)
+        best_val, best_epoch, best_state = resume.best_val, resume.best_epoch, resume.best_state
+        reference_val, stale_epochs = resume.reference_val, resume.stale_epochs
+        history = [EpochRecord(**record) for record in resume.history]
+        first_epoch = resume.epoch + 1
 
-    for epoch in range(config.max_n_epochs):
+    def snapshot(epoch: int) -> Callable[[], TrainingState]:
+        return lambda: TrainingState(
+            epoch, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+            best_state if best_state is None else dict(best_state), best_val, best_epoch, reference_val,
+            stale_epochs, rng.bit_generator.state, [r.as_dict() for r in history],
+            None if draws is None else draws.get_state())
+
+    for epoch in range(first_epoch, config.max_n_epochs):
         epoch_start = time.perf_counter()
         model.train()
         if hasattr(model, "set_epoch"):
@@ -360,6 +419,7 @@ def fit(
         record = EpochRecord(epoch, train_loss, val_loss, time.perf_counter() - epoch_start, frames,
                              train_terms, val_terms)
         history.append(record)
+        record.state = snapshot(epoch)
         for callback in callbacks:
             callback.on_epoch_end(record)
         if (

@@ -200,6 +200,9 @@ class Family:
         budget_flag: a trial's steps on the command line (``--max-epochs``, ``--budget-epochs``).
         default_device: where trials fit when the user names no device, in ``--help``.
         shown_params: the hyperparameters ``bnet best`` shows beside each run.
+        population_based: its fits train by epochs and go on from a checkpoint
+            (``TrialContext.resume``), so a study may train them as a population
+            (``--scheduler pbt``).
     """
 
     name: str
@@ -220,6 +223,7 @@ class Family:
     budget_flag: str = "epochs"
     default_device: str = "auto"
     shown_params: tuple[str, ...] = ()
+    population_based: bool = False
 
     def request_options(self, given: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
         """Split keyword arguments of :func:`bnet.tuning.tune.tune` into upstream references

@@ -43,6 +43,7 @@ from bnet.tracking import conventions as tags
 from bnet.tracking.runs import RunLogger, is_transient, retry_transient
 from bnet.tracking.store import Store, refresh_statistics, retry_schema_race, schema_lock
 from bnet.tracking.tracker import Tracker
+from bnet.training.loop import TrainingState
 from bnet.tuning.family import Family, Objective, PreparedStudy, TrialFitter, TrialResult
 from bnet.tuning.identity import FitIdentity, differences, fingerprint
 from bnet.tuning.recovery import (
@@ -130,7 +131,8 @@ class TrialContext:
     hparams: dict[str, Any]
     run: RunLogger
     echo: Echo
-    _report: Callable[["TrialContext", int, dict[str, float], int, int | None], None] = field(repr=False)
+    _report: Callable[["TrialContext", int, dict[str, float], int, int | None, Callable | None], None] = field(
+        repr=False)
     _stages: "StageRuns | None" = field(default=None, repr=False)
     stage: str = ""
     """The stage this context fits (``ae``, ``arhmm``...); "" for a whole trial."""
@@ -142,12 +144,16 @@ class TrialContext:
     spends_budget: bool = True
     """Whether this context's steps count in the study's budget (``budget_steps``, in the
     family's steps: a pipeline's AE epochs, not its downstream stages' steps)."""
+    resume: TrainingState | None = None
+    """A gradient-trained fit's state to go on from (a population-based member's checkpoint)."""
 
-    def report(self, step: int, metrics: dict[str, float], total: int, shown: int | None = None) -> None:
+    def report(self, step: int, metrics: dict[str, float], total: int, shown: int | None = None,
+               state: Callable[[], TrainingState] | None = None) -> None:
         """Log one step's metrics on this context's run (MLflow step ``step``), show progress
         (``shown`` of ``total``), hand the objective's step metric to the pruner; raises
-        ``optuna.TrialPruned`` or :class:`StudyInterrupted` to stop the fit."""
-        self._report(self, step, metrics, total, shown)
+        ``optuna.TrialPruned`` or :class:`StudyInterrupted` to stop the fit. ``state`` takes
+        the fit's state after this step, where a scheduler keeps checkpoints of it."""
+        self._report(self, step, metrics, total, shown, state)
 
     def fit_stage(self, stage: str, family: str, objective: Objective, fitter: TrialFitter, hparams: dict[str, Any],
                   run_tags: dict[str, str], step_name: str, spends_budget: bool = False) -> tuple[TrialResult, str]:
@@ -674,7 +680,8 @@ class TrialLoop:
         progress: dict[str, Progress] = {}  # one bar per stage
         steps = [0]
 
-        def report(context: TrialContext, step: int, metrics: dict[str, float], total: int, shown: int | None) -> None:
+        def report(context: TrialContext, step: int, metrics: dict[str, float], total: int, shown: int | None,
+                   state: Callable | None) -> None:
             steps[0] += context.spends_budget
             context.run.log_metrics(metrics, step=step)
             if context.stage not in progress:

@@ -11,7 +11,9 @@ from bnet.models.registry import keys_not_taken
 from bnet.progress import Echo, say
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store, resolve_store
-from bnet.tuning.family import Objective, PreparedStudy, StudyRequest, get_family, merged_values
+from bnet.tuning.family import (
+    Objective, PreparedStudy, StudyRequest, family_names, get_family, merged_values,
+)
 from bnet.tuning.space import SearchSpace
 from bnet.tuning.study import StudyOutcome, StudySpec, run_study
 
@@ -35,6 +37,9 @@ def tune(
     study: str | None = None,
     metric: str | list | None = None,
     direction: str | list | None = None,
+    scheduler: str | None = None,
+    population: int | None = None,
+    perturbation_interval: int | None = None,
     device: str | None = None,
     store: Store | None = None,
     echo: Echo = say,
@@ -52,6 +57,8 @@ def tune(
         n_trials, budget_steps, timeout, sampler, pruner, seed, study, metric, direction,
             warm_start, warm_start_any_data, system_metrics: the search (``tuning`` in the config; a list of
             metrics makes a multi-objective study).
+        scheduler, population, perturbation_interval: ``pbt`` trains a population instead
+            (:mod:`bnet.tuning.pbt`), for families trained by epochs.
         max_steps: the family's budget per trial (``max_n_epochs``, or ``n_iters`` of EM).
         device: ``cpu``, ``cuda`` or ``auto``.
         family_options: for each family the study reads (:attr:`Family.upstream`), its run
@@ -70,10 +77,14 @@ def tune(
                         ("warm_start", warm_start), ("warm_start_any_data", warm_start_any_data),
                         ("system_metrics", system_metrics),
                         ("sampler", sampler), ("pruner", pruner), ("seed", seed),
-                        ("study", study), ("metric", metric), ("direction", direction)):
+                        ("study", study), ("metric", metric), ("direction", direction), ("scheduler", scheduler),
+                        ("population", population), ("perturbation_interval", perturbation_interval)):
         if value is not None:
             setattr(tuning, name, value)
     tuning.validate()
+    if tuning.scheduler == "pbt" and not declared.population_based:
+        raise ConfigError(f"--scheduler pbt trains families fitted by epochs from checkpoints "
+                          f"({', '.join(n for n in family_names() if get_family(n).population_based)}), not {family}")
     experiment = experiment or config.experiment
     if not experiment:
         raise ConfigError("no experiment name: pass --experiment NAME or set experiment in the config")
@@ -115,7 +126,13 @@ def tune(
                              "seed": tuning.seed, "metric": tuning.metric, "direction": tuning.direction,
                              "system_metrics": tuning.system_metrics},
                   "options": options, "upstream": upstream_runs}
-        outcomes.append(run_study(StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe), echo))
+        spec = StudySpec(experiment, declared, study, tuning, space, fixed, store, recipe)
+        if tuning.scheduler == "pbt":
+            from bnet.tuning.pbt import run_population
+
+            outcomes.append(run_population(spec, echo))
+        else:
+            outcomes.append(run_study(spec, echo))
     return outcomes
 
 

@@ -246,11 +246,11 @@ class AETrials:
                        "frames_per_s": record.frames / record.seconds,
                        **{f"train_{k}": v for k, v in record.train_terms.items()},
                        **{f"val_{k}": v for k, v in record.val_terms.items()}}
-            context.report(record.epoch, metrics, max_epochs, shown=record.epoch + 1)
+            context.report(record.epoch, metrics, max_epochs, shown=record.epoch + 1, state=record.state)
 
         result = fit(model, batches["train"], batches["val"], training, weight_decay=model_config.l2_reg,
                      device=device, precision=compute.precision, callbacks=[OnEpochEnd(report)],
-                     augmentation=self.augmentation(model_config, hparams))
+                     augmentation=self.augmentation(model_config, hparams), resume=context.resume)
         test_terms = evaluate_terms(model, batches["test"], device)
         best = result.history[result.best_epoch]
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
@@ -419,6 +419,7 @@ register_family(Family(
     summary="Tune convolutional (or linear) autoencoders on one session.",
     behavenet_configs=("data", "model", "training", "compute"),
     shown_params=("model_type", "n_ae_latents", "learning_rate", "l2_reg"),
+    population_based=True,
 ))
 
 

@@ -390,10 +390,10 @@ class DecoderTrials:
         def report(record: EpochRecord) -> None:
             context.report(record.epoch, {"train_loss": record.train_loss, "val_loss": record.val_loss,
                                           self.objective.step_metric: self.score(model, "val")},
-                           max_epochs, shown=record.epoch + 1)
+                           max_epochs, shown=record.epoch + 1, state=record.state)
 
         result = fit(model, self.batches["train"], self.batches["val"], training, weight_decay=model_config.l2_reg,
-                     device=device, precision="fp32", callbacks=[OnEpochEnd(report)])
+                     device=device, precision="fp32", callbacks=[OnEpochEnd(report)], resume=context.resume)
         model.cpu()
         predictions = self.predict(model, self.session.trials)
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
@@ -458,6 +458,7 @@ register_family(Family(
                                     "from).", choices=TARGETS, required=True),),
     behavenet_configs=("data", "model", "training"),
     shown_params=("model_type", "learning_rate", "l2_reg", "n_lags", "n_hid_layers", "n_hid_units"),
+    population_based=True,
 ))
 
 
