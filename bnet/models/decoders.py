@@ -211,6 +211,24 @@ class Decoder(nn.Module):
         self.input_mean.copy_(inputs.mean(dim=0))
         self.input_scale.copy_(torch.where(spread > 1e-8, spread, torch.ones_like(spread)))
 
+    @torch.no_grad()
+    def start_at(self, prediction: torch.Tensor) -> None:
+        """Start at the trivial answer: the output layer's weights zero and its bias the
+        constant ``prediction`` (means, class probabilities or rates), so training begins at
+        R² 0 rather than at random outputs on the targets' scale (a decoder of small latents
+        started far below 0 and had not recovered in 40 epochs)."""
+        noise = self.config.noise_dist
+        prediction = prediction.to(torch.float32)
+        if noise == "categorical":
+            bias = torch.log(prediction)
+        elif noise == "poisson":
+            bias = torch.log(torch.expm1(prediction))  # softplus's inverse
+        else:
+            bias = prediction
+        layer = self.readout if self.config.model_type == "lstm" else (self.linears[-1] if self.linears else self.conv)
+        layer.weight.zero_()
+        layer.bias.copy_(bias)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before inputs were standardised hold no statistics: raw inputs
         for name, default in (("input_mean", self.input_mean), ("input_scale", self.input_scale)):

@@ -375,10 +375,12 @@ class DecoderTrials:
             self.objective.metric.replace("val", split, 1)]
 
     def initial_model(self, model_config: DecoderConfig):
-        """A new model ready to train (inputs standardised by the training trials' statistics)."""
+        """A new model ready to train: inputs standardised by the training trials' statistics,
+        outputs starting at the trivial answer (:func:`constant_prediction`)."""
         model = build_model(model_config)
         if model_config.standardize_inputs:
             model.set_input_statistics(torch.cat([batch["inputs"] for batch in self.batches["train"]]))
+        model.start_at(torch.as_tensor(constant_prediction(self.data, self.n_max_lags)))
         return model
 
     def fit(self, context: TrialContext) -> TrialResult:
