@@ -31,8 +31,17 @@ value after 10%, 25% and 50% of the grid's epochs (median [quartiles]), and the 
 of the model each method would pick at 25% and 50% beside the grid's pick. A convergence
 plot (best value vs epochs, median and quartiles) is saved as a PNG.
 
-    python bench/search_efficiency.py [--problems ae decoder] [--seeds 5] [--epochs N]
-        [--methods ...] [--out bench/out]
+Two more compare whole studies run by ``bnet.tune`` (MLflow, Optuna, Ray), not a grid:
+
+* ``pipeline``: ``bnet tune pipeline`` on a synthetic session with known states, searched by
+  the downstream ARHMM's held-out log-likelihood against the same trials searched by
+  reconstruction alone (the stage-wise champion): each pick's reconstruction, downstream
+  scores and state accuracy against the generator's states.
+* ``pbt``: ``--scheduler pbt`` against TPE + Hyperband at the same epoch budget (population x
+  epochs) on the AE problem's session: the best validation and test loss each finds.
+
+    python bench/search_efficiency.py [--problems ae decoder pipeline pbt] [--seeds 5] [--epochs N]
+        [--methods ...] [--trials 8] [--population 4] [--out bench/out]
 
 The small setting (the defaults) takes about 30 minutes on 2 cores, nearly all of it the six
 trained methods x 5 seeds x half a grid each; ``--seeds 2 --methods grid tpe+hyperband`` gives
@@ -60,7 +69,7 @@ import optuna
 import torch
 
 from bnet.config import Categorical, ProjectConfig, Range, TuningConfig
-from bnet.data import SynthConfig, synthesize
+from bnet.data import SynthConfig, read_ground_truth, synthesize
 from bnet.data.m1 import build_m1_session
 from bnet.training import EpochRecord, evaluate_terms, fit
 from bnet.tracking.store import resolve_store
@@ -69,6 +78,7 @@ from bnet.tuning.space import Condition, SearchSpace
 from bnet.tuning.samplers import make_pruner, make_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arhmm_science import matched_accuracy  # noqa: E402
 from machine import describe  # noqa: E402  (the machine the figures were taken on)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -418,9 +428,132 @@ def plot(problems: list[Problem], grid: dict[str, list[Fit]], traces: dict[str, 
     plt.close(fig)
 
 
+# ------------------------------------------------------------- pipeline and population studies
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _trial_runs(store, experiment: str, family: str, role: str = "trial") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([found.experiment_id], max_results=5000)
+            if r.data.tags.get("bnet.role") == role and r.data.tags.get("bnet.family") == family
+            and r.info.status == "FINISHED"]
+
+
+def _stage_state_accuracy(store, trial_run, data: Path, n_states: int) -> float:
+    """Held-out (test trials) accuracy of the trial's ARHMM stage against the generator's states."""
+    from mlflow.tracking import MlflowClient
+
+    from bnet.data.exports import read_export
+
+    client = MlflowClient(store.tracking_uri)
+    (stage,) = [r for r in client.search_runs([trial_run.info.experiment_id], max_results=5000)
+                if r.data.tags.get("bnet.pipeline_run_id") == trial_run.info.run_id
+                and r.data.tags.get("bnet.stage") == "arhmm"]
+    with tempfile.TemporaryDirectory() as tmp:
+        states, splits = read_export(client.download_artifacts(stage.info.run_id, "exports/states.hdf5", tmp), "states")
+    truth = dict(zip(sorted(states), read_ground_truth(data, "states", sorted(states))))
+    test = list(splits.test)
+    return matched_accuracy(np.concatenate([truth[t] for t in test]), np.concatenate([states[t] for t in test]),
+                            n_states, n_states)
+
+
+def pipeline_vs_stagewise(root: Path, seeds: int, n_trials: int, epochs: int) -> list[str]:
+    """The same pipeline trials searched two ways, at the same compute (``n_trials`` AEs, each
+    with the same downstream stages): by reconstruction alone (what BehaveNet and every peer
+    pick: the stage-wise champion) and by the downstream ARHMM's held-out log-likelihood of
+    the whitened latents (``bnet tune pipeline --metric arhmm_val_ll_per_step``). Each pick is
+    reported by its reconstruction, its downstream scores and how well its ARHMM's states
+    match the generator's on the test trials."""
+    from bnet.tuning.tune import tune
+
+    n_states = 4
+    data = synthesize(root / "pipeline.hdf5", SynthConfig(n_trials=32, n_frames=50, y_pixels=24, x_pixels=24,
+                                                          n_latents=4, n_states=n_states, n_neurons=30, seed=5))
+    values = {"model_class": "ae", "model_type": "conv", "ae_first_channels": 8, "ae_kernel_size": 5,
+              "n_ae_latents": Categorical((2, 4, 8)), "learning_rate": Range(1e-4, 3e-3, log=True),
+              "l2_reg": Range(1e-6, 1e-3, log=True), "max_n_epochs": epochs, "min_n_epochs": epochs // 2,
+              "early_stop_history": 5, "batch_size": 50, "precision": "fp32", "device": "cpu",
+              "export_train_plots": False, "n_arhmm_states": n_states, "arhmm_n_iters": 40,
+              "decoder_n_lags": 2, "decoder_max_n_epochs": 40, "decoder_learning_rate": 3e-3}
+    store = resolve_store(root / "pipeline-store")
+    picks: dict[str, list[dict]] = {"stage-wise (ae_best_val_loss)": [], "pipeline (arhmm_val_ll_per_step)": []}
+    for seed in range(seeds):
+        for (label, rows), metric in zip(picks.items(), ("ae_best_val_loss", "arhmm_val_ll_per_step")):
+            experiment = f"pipeline-{metric}-{seed}"
+            started = time.perf_counter()
+            tune("pipeline", data, experiment, ProjectConfig(experiment, dict(values)), n_trials=n_trials, seed=seed,
+                 metric=metric, store=store, echo=_quiet)
+            runs = _trial_runs(store, experiment, "pipeline")
+            sign = 1 if metric == "ae_best_val_loss" else -1
+            pick = min(runs, key=lambda r: sign * r.data.metrics[metric])
+            row = {k: pick.data.metrics[k] for k in ("ae_best_val_loss", "ae_test_var_explained",
+                                                       "arhmm_test_ll_per_step", "decoder_test_r2")}
+            row["state_accuracy"] = _stage_state_accuracy(store, pick, data, n_states)
+            row["n_ae_latents"] = int(pick.data.params["n_ae_latents"])
+            rows.append(row)
+            print(f"  pipeline seed {seed} {label}: {json.dumps(row)} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+    lines = [f"## Pipeline study against stage-wise selection ({seeds} seeds x {n_trials} trials of {epochs} "
+             f"epochs each way, the same downstream stages; medians [quartiles] of each pick, on the test trials)",
+             "", "| pick | AE val loss | AE test var. explained | ARHMM test ll / step / whitened dim | "
+             "decoder test R² (whitened) | state accuracy vs truth | latents |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, rows in picks.items():
+        cells = [quartiles([r[k] for r in rows]) for k in ("ae_best_val_loss", "ae_test_var_explained",
+                                                           "arhmm_test_ll_per_step", "decoder_test_r2",
+                                                           "state_accuracy")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sorted(r['n_ae_latents'] for r in rows)} |")
+    stagewise, joint = picks.values()
+    better = sum(j["arhmm_test_ll_per_step"] > s["arhmm_test_ll_per_step"] for s, j in zip(stagewise, joint))
+    lines += ["", f"The pipeline's pick had the better held-out ARHMM score in {better} of {seeds} seeds."]
+    return lines
+
+
+def pbt_vs_tpe(root: Path, seeds: int, population: int, epochs: int, interval: int) -> list[str]:
+    """PBT against TPE with Hyperband at the same epoch budget (``population x epochs``) on the
+    AE problem's synthetic session: the best validation and test loss each finds."""
+    from bnet.tuning.tune import tune
+
+    data = synthesize(root / "pbt.hdf5", SynthConfig(n_trials=12, n_frames=40, y_pixels=24, x_pixels=24,
+                                                     n_latents=8, n_neurons=0, seed=11))
+    values = {"model_class": "ae", "model_type": "conv", "ae_first_channels": 8, "ae_kernel_size": 5,
+              "n_ae_latents": 8, "learning_rate": Range(1e-4, 1e-2, log=True), "l2_reg": Range(1e-6, 1e-2, log=True),
+              "max_n_epochs": epochs, "min_n_epochs": epochs // 2, "early_stop_history": 5, "batch_size": 40,
+              "precision": "fp32", "device": "cpu", "export_train_plots": False, "export_latents": False}
+    budget = population * epochs
+    store = resolve_store(root / "pbt-store")
+    found: dict[str, list[tuple[float, float, float]]] = {"pbt": [], "tpe+hyperband": []}
+    for seed in range(seeds):
+        for method in found:
+            experiment = f"{method}-{seed}"
+            started = time.perf_counter()
+            options = ({"scheduler": "pbt", "population": population, "perturbation_interval": interval}
+                       if method == "pbt" else {"budget_steps": budget, "pruner": "hyperband"})
+            outcome = tune("ae", data, experiment, ProjectConfig(experiment, dict(values)), seed=seed, store=store,
+                           echo=_quiet, **options)[0]
+            best = [r for r in _trial_runs(store, experiment, "ae") if r.info.run_id == outcome.best_run_id][0]
+            found[method].append((best.data.metrics["best_val_loss"], best.data.metrics["test_loss"],
+                                  time.perf_counter() - started))
+            print(f"  {method} seed {seed}: best val {found[method][-1][0]:.5g}, test {found[method][-1][1]:.5g}, "
+                  f"{outcome.steps_spent} epochs, {found[method][-1][2]:.0f} s", flush=True)
+    lines = [f"## PBT against TPE + Hyperband at {budget} epochs ({population} members x {epochs} epochs, "
+             f"exploit every {interval}; {seeds} seeds; medians [quartiles])", "",
+             "| method | best val MSE | its test MSE | seconds |", "| --- | --- | --- | --- |"]
+    for method, rows in found.items():
+        lines.append(f"| {method} | " + " | ".join(quartiles([r[i] for r in rows]) for i in range(3)) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", nargs="+", choices=("ae", "decoder"), default=["ae", "decoder"])
+    parser.add_argument("--problems", nargs="+", choices=("ae", "decoder", "pipeline", "pbt"), default=["ae", "decoder"],
+                        help="pipeline: the pipeline study against stage-wise selection; pbt: PBT against TPE")
+    parser.add_argument("--trials", type=int, default=8, help="trials per pipeline study [8]")
+    parser.add_argument("--population", type=int, default=4, help="members of the pbt problem's population [4]")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fit [20; 40 with --size large]")
     parser.add_argument("--size", choices=("small", "large"), default="small")
@@ -437,7 +570,12 @@ def main() -> None:
     makers = {"ae": ae_problem, "decoder": decoder_problem}
     problems, grids, traces, lines = [], {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.problems:
+        if "pipeline" in args.problems:
+            lines += pipeline_vs_stagewise(Path(tmp), args.seeds, args.trials, args.epochs or 15) + [""]
+        if "pbt" in args.problems:
+            epochs = args.epochs or 20
+            lines += pbt_vs_tpe(Path(tmp), args.seeds, args.population, epochs, max(epochs // 5, 1)) + [""]
+        for name in (p for p in args.problems if p in makers):
             problem = makers[name](Path(tmp), args.size, args.epochs)
             started = time.perf_counter()
             grid_fits = []
@@ -469,9 +607,10 @@ def main() -> None:
         {problem: {method: [vars(t) for t in runs] for method, runs in by_method.items()}
          for problem, by_method in traces.items()}))
     (args.out / "search_efficiency.md").write_text(machine + "\n\n" + "\n".join(lines))
-    figure = args.out / "search_efficiency.png"
-    plot(problems, grids, traces, figure)
-    print(f"convergence plot: {figure}")
+    if problems:
+        figure = args.out / "search_efficiency.png"
+        plot(problems, grids, traces, figure)
+        print(f"convergence plot: {figure}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import bnet
@@ -13,7 +14,10 @@ from bnet.models import build_model
 from bnet.models.arhmm.registered import SegmentationConfig
 from bnet.tracking import resolve_store
 from bnet.tracking.lineage import lineage
-from bnet.tuning.families.pipeline import Whitening, in_latent_coordinates
+from bnet.models.decoders import DecoderConfig
+from bnet.tuning.families.pipeline import (
+    Whitening, arhmm_in_latent_coordinates, decoder_in_latent_coordinates,
+)
 from bnet.models.decoder_metrics import r2_score
 from conftest import assert_clean_failure, invoke, run_cli
 
@@ -68,6 +72,7 @@ def test_every_stage_is_a_run_nested_under_its_trial_with_lineage(pipeline_study
         assert trial.data.metrics["ae_best_val_loss"] == pytest.approx(ae.data.metrics["best_val_loss"])
         assert trial.data.metrics["arhmm_val_ll_gain_per_step"] == pytest.approx(
             arhmm.data.metrics["val_ll_gain_per_step"])
+        assert trial.data.metrics["decoder_val_r2"] == pytest.approx(decoder.data.metrics["val_r2"])
         # each stage keeps its family's model and exports: the AE's latents are what the others read
         paths = {a.path for a in MlflowClient(store.tracking_uri).list_artifacts(ae.info.run_id, "exports")}
         assert "exports/latents.hdf5" in paths
@@ -137,7 +142,7 @@ def test_an_arhmm_of_whitened_latents_is_saved_as_the_same_model_of_the_latents(
     whitening = Whitening.fit([x[:300]], "test")
     model = build_model(SegmentationConfig(n_arhmm_states=2, n_arhmm_lags=lags, n_iters=10, dtype="float64"))
     model.engine.fit([whitening(x[:300])])
-    moved = in_latent_coordinates(model, whitening)
+    moved = arhmm_in_latent_coordinates(model, whitening)
     whitened_posterior = model.engine.expected_states([whitening(x[300:])]).expected_states[0]
     posterior = moved.engine.expected_states([x[300:]]).expected_states[0]
     np.testing.assert_allclose(posterior.numpy(), whitened_posterior.numpy(), atol=1e-8)
@@ -164,3 +169,16 @@ def test_searched_or_impossible_downstream_stages_are_refused(tmp_path, tiny_ses
     config.write_text(PIPELINE_YAML)
     assert_clean_failure(run_cli("tune", "pipeline", "--data", tiny_session, "--config", config, "--stages",
                                  "hmm", "--store", store), "downstream stages 'hmm'", store=store)
+
+
+@pytest.mark.parametrize("hidden", [0, 1])
+def test_a_decoder_of_whitened_latents_is_saved_as_the_same_decoder_of_the_latents(hidden):
+    rng = np.random.default_rng(2)
+    latents = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 3)) * 3 + 1.0
+    whitening = Whitening.fit([latents], "test")
+    model = build_model(DecoderConfig(model_class="neural-ae", n_input=5, n_output=3, n_lags=1, n_max_lags=1,
+                                      n_hid_layers=hidden, n_hid_units=8))
+    inputs = torch.from_numpy(rng.normal(size=(50, 5)).astype(np.float32))
+    moved = decoder_in_latent_coordinates(model, whitening)
+    expected = model.predict(inputs).double().numpy() @ np.linalg.inv(whitening.matrix) + whitening.mean
+    np.testing.assert_allclose(moved.predict(inputs).double().numpy(), expected, rtol=1e-4, atol=1e-4)

@@ -11,11 +11,10 @@ multi-objective study (the Pareto front), or one of them (``tuning.metric``).
 Downstream scores of different AEs are compared in one set of coordinates: each AE's latents
 *whitened* by its training frames (centred, rotated onto their principal axes and scaled to
 unit variance). The ARHMM is fitted to the whitened latents and scored per step and per
-whitened dimension; the decoder predicts the AE's latents and is scored by the R² of the
-whitened ones. Neither an AE's latent scale nor its rotation decides these scores, and per
+whitened dimension; the decoder predicts the whitened latents and is scored by their R². Neither an AE's latent scale nor its rotation decides these scores, and per
 dimension its latent count does not either: white noise scores the same at 4 latents as at
-32. The ARHMM stage's model is saved in the AE's own latent coordinates (the same posteriors),
-so it applies like any ARHMM over that AE.
+32. Both stages' models are saved in the AE's own latent coordinates (the same posteriors,
+the same predictions), so they apply like any ARHMM or decoder over that AE.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from bnet.data.session import Session
 from bnet.errors import ConfigError, DataError
 from bnet.models import build_model
 from bnet.models.arhmm.registered import SegmentationConfig
-from bnet.models.decoder_metrics import r2_score, score_trials
 from bnet.models.serving import encode_session
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store
@@ -197,7 +195,8 @@ class PipelineTrials:
             observations = arhmm_family.Observations({t: whitening(x) for t, x in latents.items()}, splits,
                                                      "whitened latent", split_settings(hparams))
             arhmm_family.check_observations(observations, source)
-            fitter = WhitenedARHMM(arhmm_family.ARHMMTrials(observations, session, source), whitening)
+            fitter = InLatentCoordinates(arhmm_family.ARHMMTrials(observations, session, source), whitening,
+                                         arhmm_in_latent_coordinates)
             arhmm_hparams = self.downstream.arhmm_hparams()
             fitter.check(arhmm_hparams)
             result, _ = context.fit_stage("arhmm", arhmm_family.FAMILY, arhmm_family.OBJECTIVE, fitter,
@@ -211,37 +210,28 @@ class PipelineTrials:
         session = self.session
         neural = dict(zip(session.trials, session.read_all("neural")))
         data = decoder_family.DecodingData({t: x.astype(np.float32) for t, x in neural.items()},
-                                           {t: x.astype(np.float32) for t, x in latents.items()}, splits,
+                                           {t: whitening(x).astype(np.float32) for t, x in latents.items()}, splits,
                                            "continuous", 0, {}, split_settings(hparams))
         objective = decoder_family.OBJECTIVES["continuous"]
-        fitter = decoder_family.DecoderTrials(data, session, self.downstream.decoder_n_lags, objective)
+        fitter = InLatentCoordinates(decoder_family.DecoderTrials(data, session, self.downstream.decoder_n_lags,
+                                                                  objective), whitening, decoder_in_latent_coordinates)
         decoder_hparams = self.downstream.decoder_hparams(str(hparams.get("device", "cpu")))
         fitter.check(decoder_hparams)
         run_tags = {tags.TAG_TARGET: "ae", tags.TAG_TARGET_KIND: "continuous", tags.TAG_NEURON_SUBSET: "all", **lineage}
         result, _ = context.fit_stage("decoder", decoder_family.FAMILY, objective, fitter, decoder_hparams, run_tags,
                                       step_name="epoch")
-        scores = {f"decoder_{split}_r2_latents": result.metrics[f"{split}_r2"] for split in ("val", "test")}
-        predictions = fitter.predict(result.model, [*splits.val, *splits.test])
-        for split in ("val", "test"):
-            trials = splits[split]
-            scores[f"decoder_{split}_r2"] = score_trials(
-                r2_score, [whitening(latents[t]) for t in trials], [whitening(predictions[t]) for t in trials],
-                self.downstream.decoder_n_lags)[0]
-        return scores
+        return {f"decoder_{split}_r2": result.metrics[f"{split}_r2"] for split in ("val", "test")}
 
 
-class WhitenedARHMM:
-    """The ARHMM stage: the ARHMM family's fitter on the whitened latents (so its scores are
-    comparable between AEs), whose model is saved in the AE's own latent coordinates (so the
-    stage run applies, registers and feeds later studies like any ARHMM over that AE)."""
+class InLatentCoordinates:
+    """A downstream stage: its family's fitter on the whitened latents (so its scores compare
+    between AEs), whose model is saved in the AE's own latent coordinates by ``convert`` (so
+    the stage run applies, registers and feeds later studies like any model over that AE)."""
 
-    def __init__(self, fitter: arhmm_family.ARHMMTrials, whitening: Whitening):
-        self.fitter, self.whitening = fitter, whitening
+    def __init__(self, fitter, whitening: Whitening, convert):
+        self.fitter, self.whitening, self.convert = fitter, whitening, convert
 
     def check(self, hparams: dict[str, Any]) -> None:
-        if hparams.get("noise_type", "gaussian") != "gaussian":
-            raise ConfigError("the pipeline's ARHMM stage has gaussian noise (full covariances), the noise whose "
-                              "fit moves exactly between whitened and the AE's own latents")
         self.fitter.check(hparams)
 
     def resolve(self, hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -253,10 +243,10 @@ class WhitenedARHMM:
 
     def fit(self, context: TrialContext) -> TrialResult:
         result = self.fitter.fit(context)
-        return replace(result, model=in_latent_coordinates(result.model, self.whitening))
+        return replace(result, model=self.convert(result.model, self.whitening))
 
 
-def in_latent_coordinates(model, whitening: Whitening):
+def arhmm_in_latent_coordinates(model, whitening: Whitening):
     """An ARHMM fitted to whitened latents ``z = P (x - mean)`` as the same model of the
     latents ``x``: each state's ``z_t = sum_l A_l z_{t-l} + b + e`` is ``x_t = sum_l A'_l
     x_{t-l} + b' + e'`` with ``A'_l = P^-1 A_l P``, ``b' = mean - sum_l A'_l mean + P^-1 b``
@@ -276,6 +266,21 @@ def in_latent_coordinates(model, whitening: Whitening):
              "Sigmas": (P_inv @ state["Sigmas"].to(torch.float64) @ P_inv.T).to(dtype)}
     converted = build_model(model.config)
     converted.load_state_dict(moved)
+    return converted
+
+
+def decoder_in_latent_coordinates(model, whitening: Whitening):
+    """A decoder of whitened latents ``z = (x - mean) W`` as a decoder of the latents ``x =
+    z W^-1 + mean``: its (linear) output layer's rows mixed by ``W^-1`` and its bias moved."""
+    converted = build_model(model.config)
+    converted.load_state_dict(model.state_dict())
+    layer = converted.linears[-1] if converted.linears else converted.conv
+    unwhiten = torch.linalg.inv(torch.from_numpy(whitening.matrix)).to(torch.float64)
+    with torch.no_grad():
+        weight = torch.tensordot(unwhiten.T, layer.weight.to(torch.float64), dims=1)
+        layer.weight.copy_(weight.to(layer.weight.dtype))
+        bias = layer.bias.to(torch.float64) @ unwhiten + torch.from_numpy(whitening.mean)
+        layer.bias.copy_(bias.to(layer.bias.dtype))
     return converted
 
 
