@@ -58,9 +58,12 @@ def load_study(name: str, store: Store):
 
 
 def summary_figure(study, metric: str, direction: str):
-    """Every finished trial's value in order and the best so far (the study at a glance)."""
+    """Every finished trial's value in order and the best so far (the study at a glance); for a
+    multi-objective study, :func:`pareto_figure`."""
     from optuna.trial import TrialState
 
+    if len(study.directions) > 1:
+        return pareto_figure(study)
     trials = own_trials(study, (TrialState.COMPLETE,))
     figure, ax = plt.subplots(figsize=(6, 3.5))
     if trials:
@@ -74,6 +77,36 @@ def summary_figure(study, metric: str, direction: str):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="trial", ylabel=metric, title=f"study '{study.study_name}': {len(trials)} complete, {pruned} pruned "
                                                 f"({direction} {metric})")
+    figure.tight_layout()
+    return figure
+
+
+def pareto_figure(study):
+    """A multi-objective study's trials, its first objective against each other one: the
+    Pareto front in red, each trial numbered, and the best trial by the first objective alone
+    (what a study of that objective, e.g. a stage-wise AE study, would pick) ringed."""
+    from optuna.trial import TrialState
+
+    from bnet.tuning.study import front_of
+
+    trials = own_trials(study, (TrialState.COMPLETE,))
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    directions = [d.name.lower() for d in study.directions]
+    front = {t.number for t in front_of(trials, directions)}
+    others = range(1, len(directions))
+    figure, axes = plt.subplots(1, len(others), figsize=(4.6 * len(others), 3.8), squeeze=False)
+    first = min(trials, key=lambda t: t.values[0] * (1 if directions[0] == "minimize" else -1)) if trials else None
+    for ax, i in zip(axes[0], others):
+        for t in trials:
+            on_front = t.number in front
+            ax.scatter(t.values[0], t.values[i], color="tab:red" if on_front else "0.6", zorder=3 if on_front else 2)
+            ax.annotate(str(t.number), (t.values[0], t.values[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if first is not None:
+            ax.scatter(first.values[0], first.values[i], s=160, facecolors="none", edgecolors="black", zorder=4,
+                       label=f"best {names[0]} alone (trial {first.number})")
+            ax.legend(fontsize=7, frameon=False)
+        ax.set(xlabel=f"{names[0]} ({directions[0]})", ylabel=f"{names[i]} ({directions[i]})")
+    figure.suptitle(f"study '{study.study_name}': {len(trials)} complete, Pareto front in red ({len(front)} trials)")
     figure.tight_layout()
     return figure
 
@@ -116,14 +149,20 @@ def _png(figure) -> bytes:
 
 def _best_run_plots(client, run_id: str, notes: list[str]) -> list[tuple[str, bytes]]:
     # a trial answered by another study's fit shows that fit's figures
-    run_id = client.get_run(run_id).data.tags.get(tags.TAG_REUSED_RUN, run_id)
-    plots = [a.path for a in client.list_artifacts(run_id, tags.PLOTS_DIR) if a.path.endswith(".png")]
+    run = client.get_run(run_id)
+    run_id = run.data.tags.get(tags.TAG_REUSED_RUN, run_id)
+    # a pipeline trial's figures are its stages' (runs nested under it)
+    stages = client.search_runs([run.info.experiment_id], max_results=20,
+                                filter_string=f"tags.`{tags.TAG_PIPELINE_RUN}` = '{run_id}'")
+    sources = [(run_id, "")] + [(stage.info.run_id, f"{stage.data.tags.get(tags.TAG_STAGE, '')}: ") for stage in stages]
     images = []
     with tempfile.TemporaryDirectory() as tmp:
-        for path in plots:
-            local = client.download_artifacts(run_id, path, tmp)
-            images.append((Path(path).stem.replace("_", " "), Path(local).read_bytes()))
-    if not plots:
+        for source, prefix in sources:
+            for artifact in client.list_artifacts(source, tags.PLOTS_DIR):
+                if artifact.path.endswith(".png"):
+                    local = client.download_artifacts(source, artifact.path, tmp)
+                    images.append((prefix + Path(artifact.path).stem.replace("_", " "), Path(local).read_bytes()))
+    if not images:
         notes.append(f"the best run {run_id} logged no figures")
     return images
 
@@ -172,17 +211,20 @@ def write_report(study_name: str, store: Store, out: str | Path | None = None, l
             comparison = _trivial_comparison(parent.data.tags.get(tags.TAG_FAMILY), client.get_run(best_run))
         ranked = sorted(complete, key=lambda t: t.values[0], reverse=direction == "maximize")[:TOP_TRIALS]
         out.write_text(_page(study_name, parent, metric, direction, ranked, sections, notes, MLFLOW_RUN_ATTR,
-                             comparison))
+                             comparison, study.metric_names))
         n_figures = len(sections)
     if log:
         client.log_artifact(parent_id, str(out), REPORT_DIR)
     return Report(out, parent_id, n_figures, notes, comparison)
 
 
-def _page(study_name, parent, metric, direction, ranked, sections, notes, run_attr, comparison=None) -> str:
+def _page(study_name, parent, metric, direction, ranked, sections, notes, run_attr, comparison=None,
+          metric_names: list[str] | None = None) -> str:
     escape = html.escape
+    metric_names = metric_names or [metric]
     rows = "".join(
-        f"<tr><td>{t.number}</td><td>{t.values[0]:.6g}</td><td><code>{escape(t.user_attrs.get(run_attr, ''))}</code>"
+        f"<tr><td>{t.number}</td>{''.join(f'<td>{v:.6g}</td>' for v in t.values)}"
+        f"<td><code>{escape(t.user_attrs.get(run_attr, ''))}</code>"
         f"</td><td>{escape(', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in t.params.items()))}"
         f"</td></tr>" for t in ranked)
     figures = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(image).decode()}' "
@@ -205,6 +247,6 @@ def _page(study_name, parent, metric, direction, ranked, sections, notes, run_at
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}
 figure{{display:inline-block;margin:8px;vertical-align:top}} img{{max-width:520px}}</style></head>
 <body><h1>Study {escape(study_name)}</h1>{warning_html}<table>{facts_html}</table>
-<h2>Best trials</h2><table><tr><th>trial</th><th>{escape(metric)}</th><th>run</th><th>parameters</th></tr>{rows}</table>
+<h2>Best trials</h2><table><tr><th>trial</th>{''.join(f'<th>{escape(m)}</th>' for m in metric_names)}<th>run</th><th>parameters</th></tr>{rows}</table>
 <h2>Figures</h2>{figures}{f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes else ''}</body></html>
 """

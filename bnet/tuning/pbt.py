@@ -27,9 +27,12 @@ import json
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,6 +264,7 @@ def run_population(spec, echo: Echo = say):
     if started_ray:
         ray.init(num_cpus=min(tuning.population, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
+    interrupted = None
     try:
         if resuming and tune.Tuner.can_restore(str(path)):
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=False)
@@ -273,13 +277,18 @@ def run_population(spec, echo: Echo = say):
                                             search_alg=BasicVariantGenerator(random_state=tuning.seed)),
                 run_config=tune.RunConfig(name=spec.study_name, storage_path=str(root), verbose=0,
                                           callbacks=[_Progress(echo, objective.step_metric, max_epochs)]))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_as_interrupt():
             # Ray suggests reusing actors: that needs a class trainable; a member's restart is ~1 s
             warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
             results = tuner.fit()
+    except KeyboardInterrupt as err:
+        interrupted = err
     finally:
         if started_ray:
-            ray.shutdown()
+            ray.shutdown()  # its processes too: a killed driver leaves them running
+    if interrupted is not None:
+        parent.terminate("KILLED")
+        raise interrupted
     failures = [f"member {(r.metrics or {}).get('member', '?')}: {type(r.error).__name__}: {r.error}".splitlines()[0]
                 for r in results if r.error]
     members = _finished_members(tracker, spec, experiment_id)
@@ -309,6 +318,24 @@ def run_population(spec, echo: Echo = say):
         tracking_uri=spec.store.tracking_uri, optuna_storage=str(path), ran_now=tuning.population,
         metric=objective.metric, direction=objective.direction, failures=failures, trivial=comparison,
         steps_spent=tuning.population * max_epochs, step_name=spec.family.step_name)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (Slurm's time-out, ``kill``) stops the population like Ctrl-C: Ray saves where
+    each member is, its processes are shut down, and the same command resumes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finished_members(tracker: Tracker, spec, experiment_id: str) -> list:
@@ -346,12 +373,15 @@ def plot_population(tracker: Tracker, members, mutable: dict[str, Range], histor
                 ax.plot(*zip(*points), color=colours(member % 10), label=f"member {member}", drawstyle="steps-post")
         for event in history:
             value = event["hparams"].get(name)
-            if value is not None:
-                ax.scatter([event["epoch"]], [value], marker="o", facecolors="none", edgecolors="black", zorder=3)
+            if value is not None:  # the first epoch trained with the explored value
+                ax.scatter([event["epoch"] + 1], [value], marker="o", facecolors="none", edgecolors="black", zorder=3)
+                ax.annotate(f"{event['member']} from {event['donor_member']}", (event["epoch"] + 1, value),
+                            fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_ylabel(name)
         if dimension.log:
             ax.set_yscale("log")
-    axes[0][0].set_title("hyperparameters of each member (circles: an exploit, then explore)")
+    axes[0][0].set_title("each member's hyperparameters (circles: member M went on from member D's checkpoint, "
+                         "then explored)", fontsize=9)
     axes[0][0].legend(fontsize=7, ncol=4)
     axes[-1][0].set_xlabel("epoch")
     figure.tight_layout()

@@ -799,11 +799,17 @@ def pareto_front(study: optuna.Study, objective: Objective) -> list[optuna.trial
     """The study's answer: its best trial, or for a multi-objective study the Pareto front,
     ordered by the first objective."""
     # signs that make every objective a minimisation
-    signs = [1 if direction == "minimize" else -1 for direction in objective.directions]
     complete = own_trials(study, (TrialState.COMPLETE,))
     if not objective.is_multi:
-        return [min(complete, key=lambda t: signs[0] * t.value)]
-    scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in complete]
+        sign = 1 if objective.direction == "minimize" else -1
+        return [min(complete, key=lambda t: sign * t.value)]
+    return front_of(complete, objective.directions)
+
+
+def front_of(trials: list[optuna.trial.FrozenTrial], directions) -> list[optuna.trial.FrozenTrial]:
+    """The trials no other trial beats in every objective, ordered by the first objective."""
+    signs = [1 if direction == "minimize" else -1 for direction in directions]
+    scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in trials]
     front = [t for t, mine in scored
              if not any(all(o <= m for o, m in zip(other, mine)) and other != mine for _, other in scored)]
     return sorted(front, key=lambda t: signs[0] * t.values[0])
