@@ -482,6 +482,7 @@ def pipeline_vs_stagewise(root: Path, seeds: int, n_trials: int, epochs: int) ->
               "decoder_n_lags": 2, "decoder_max_n_epochs": 40, "decoder_learning_rate": 3e-3}
     store = resolve_store(root / "pipeline-store")
     picks: dict[str, list[dict]] = {"stage-wise (ae_best_val_loss)": [], "pipeline (arhmm_val_ll_per_step)": []}
+    every_trial: list[dict] = []
     for seed in range(seeds):
         for (label, rows), metric in zip(picks.items(), ("ae_best_val_loss", "arhmm_val_ll_per_step")):
             experiment = f"pipeline-{metric}-{seed}"
@@ -489,12 +490,17 @@ def pipeline_vs_stagewise(root: Path, seeds: int, n_trials: int, epochs: int) ->
             tune("pipeline", data, experiment, ProjectConfig(experiment, dict(values)), n_trials=n_trials, seed=seed,
                  metric=metric, store=store, echo=_quiet)
             runs = _trial_runs(store, experiment, "pipeline")
+            scored = {}
+            for run in runs:
+                scored[run.info.run_id] = {k: run.data.metrics[k] for k in (
+                    "ae_best_val_loss", "ae_test_var_explained", "arhmm_val_ll_per_step", "arhmm_test_ll_per_step",
+                    "decoder_test_r2")}
+                scored[run.info.run_id]["state_accuracy"] = _stage_state_accuracy(store, run, data, n_states)
+                scored[run.info.run_id]["n_ae_latents"] = int(run.data.params["n_ae_latents"])
+            every_trial += scored.values()
             sign = 1 if metric == "ae_best_val_loss" else -1
             pick = min(runs, key=lambda r: sign * r.data.metrics[metric])
-            row = {k: pick.data.metrics[k] for k in ("ae_best_val_loss", "ae_test_var_explained",
-                                                       "arhmm_test_ll_per_step", "decoder_test_r2")}
-            row["state_accuracy"] = _stage_state_accuracy(store, pick, data, n_states)
-            row["n_ae_latents"] = int(pick.data.params["n_ae_latents"])
+            row = scored[pick.info.run_id]
             rows.append(row)
             print(f"  pipeline seed {seed} {label}: {json.dumps(row)} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
@@ -510,6 +516,24 @@ def pipeline_vs_stagewise(root: Path, seeds: int, n_trials: int, epochs: int) ->
     stagewise, joint = picks.values()
     better = sum(j["arhmm_test_ll_per_step"] > s["arhmm_test_ll_per_step"] for s, j in zip(stagewise, joint))
     lines += ["", f"The pipeline's pick had the better held-out ARHMM score in {better} of {seeds} seeds."]
+    # does the whitened score follow the truth, within a latent count and across counts?
+    from scipy.stats import spearmanr
+
+    truth = [t["state_accuracy"] for t in every_trial]
+    lines += ["", f"Over all {len(every_trial)} trials, Spearman's rank correlation with the ARHMM's state accuracy "
+              f"against the generator's states: ARHMM val ll / step / whitened dim "
+              f"{spearmanr([t['arhmm_val_ll_per_step'] for t in every_trial], truth)[0]:.2f}, AE val loss "
+              f"(negated) {spearmanr([-t['ae_best_val_loss'] for t in every_trial], truth)[0]:.2f}.", "",
+              "| latents | trials | ARHMM val ll / step / whitened dim | state accuracy | AE test var. explained |",
+              "| --- | --- | --- | --- | --- |"]
+    for count in sorted({t["n_ae_latents"] for t in every_trial}):
+        group = [t for t in every_trial if t["n_ae_latents"] == count]
+        within = spearmanr([t["arhmm_val_ll_per_step"] for t in group], [t["state_accuracy"] for t in group])[0] \
+            if len(group) > 2 else float("nan")
+        lines.append(f"| {count} | {len(group)} (rank correlation within: {within:.2f}) | "
+                     f"{quartiles([t['arhmm_val_ll_per_step'] for t in group])} | "
+                     f"{quartiles([t['state_accuracy'] for t in group])} | "
+                     f"{quartiles([t['ae_test_var_explained'] for t in group])} |")
     return lines
 
 
