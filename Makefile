@@ -36,6 +36,9 @@ demo: install
 	$(BIN)/bnet plot samples best --experiment arhmm-demo --out demo-data/samples.mp4 --log
 	$(BIN)/bnet plot decoder best --experiment decoder-demo --out demo-data/decoder.mp4 --log
 	$(BIN)/bnet report ae-demo --out demo-data/report-ae-demo.html
+	$(BIN)/bnet tune pipeline --config projects/demo/pipeline.yaml
+	$(BIN)/bnet report pipeline-demo --out demo-data/report-pipeline-demo.html
+	$(BIN)/bnet tune ae --config projects/demo/ae-pbt.yaml
 	$(BIN)/bnet data synth demo-data/demo-day2.hdf5 --n-trials 10 --n-frames 50 --y-pixels 32 --x-pixels 32 --recording-seed 1
 	$(BIN)/bnet register arhmm --experiment arhmm-demo --name arhmm-demo --alias champion
 	$(BIN)/bnet apply pipeline --arhmm models:/arhmm-demo@champion --data demo-data/demo-day2.hdf5 --out demo-data/applied

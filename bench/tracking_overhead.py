@@ -466,8 +466,7 @@ def measure_queries(workdir: Path, sizes: list[int], backends: list[str], study_
             for n in sizes:
                 uri = None
                 if server is not None:
-                    server.create_database(f"runs{n}")
-                    uri = f"{server.url}/runs{n}"
+                    uri = server.create_database(f"runs{n}")
                 filled = fill_store(workdir / f"query-store-{backend}-{n}", n, source, outcome.best_run_id,
                                     outcome.parent_run_id, rng, tracking_uri=uri)
                 check_store(filled, template, rng)

@@ -2,6 +2,7 @@
 by IP or domain name, `--n-workers K` exits 130 when stopped, `bnet slurm` writes no secret
 into its script and keeps `--sbatch-opts` options with their values."""
 
+import base64
 import http.client
 import os
 import shutil
@@ -62,15 +63,19 @@ def test_machine_names_hold_the_hostname_fqdn_and_every_address():
 @pytest.mark.slow
 def test_a_server_on_every_interface_answers_workers_that_name_it_by_ip_or_fqdn(tmp_path):
     port = free_port()
+    (tmp_path / "admin").write_text("a-long-admin-password\n")
     server = subprocess.Popen([sys.executable, "-m", "bnet", "server", "--store", str(tmp_path / "store"),
-                               "--host", "0.0.0.0", "--port", str(port), "--allowed-host", "mlflow.lab.example"],
+                               "--host", "0.0.0.0", "--port", str(port), "--allowed-host", "mlflow.lab.example",
+                               "--admin-password-file", str(tmp_path / "admin")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    admin = "Basic " + base64.b64encode(b"admin:a-long-admin-password").decode()
 
     def status(host: str) -> int:
         # always to 127.0.0.1: only the Host header says which name the worker used
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         try:
-            connection.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+            connection.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1",
+                               headers={"Host": host, "Authorization": admin})
             return connection.getresponse().status
         finally:
             connection.close()
@@ -215,7 +220,7 @@ def test_slurm_passwords_of_tracking_uri_and_equals_form_go_to_the_environment(t
                   "postgresql+psycopg://bnet:pw2@db.example/mlflow", "--array", 2, "--dry-run")
     assert "hunter2" not in text and "pw2" not in text
     command = text.splitlines()[-1]
-    assert '--storage="$BNET_OPTUNA_STORAGE"' in command and '--tracking-uri "$BNET_TRACKING_URI"' in command
+    assert '--storage "$BNET_OPTUNA_STORAGE"' in command and '--tracking-uri "$BNET_TRACKING_URI"' in command
 
 
 @pytest.mark.parametrize("opts, lines", [

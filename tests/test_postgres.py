@@ -28,14 +28,12 @@ tuning: {n_trials: 6, pruner: none}
 """
 
 
-class PostgreSQL(str):
-    """The server's URL (without a database), able to restart itself and create databases."""
+class PostgreSQL:
+    """The server: its databases' URLs, and able to restart itself and create databases."""
 
-    def __new__(cls, server):
-        self = super().__new__(cls, server.url)
-        self.restart, self.create = server.restart, server.create_database
+    def __init__(self, server):
+        self.restart, self.create, self.database = server.restart, server.create_database, server.database_url
         self._server = server
-        return self
 
     def outage(self, seconds: float) -> None:
         """The server stopped for ``seconds`` (a restart that takes a while)."""
@@ -63,7 +61,7 @@ def postgres():
 def test_two_workers_share_one_study(postgres, tmp_path, tiny_session):
     config = tmp_path / "study.yaml"
     config.write_text(STUDY_YAML)
-    storage, tracking = f"{postgres}/optuna", f"{postgres}/mlflow"
+    storage, tracking = postgres.database("optuna"), postgres.database("mlflow")
     command = [sys.executable, "-m", "bnet", "tune", "ae", "--data", str(tiny_session), "--config", str(config),
                "--storage", storage, "--tracking-uri", tracking, "--store", str(tmp_path / "store")]
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -188,7 +186,7 @@ def test_mlflow_server_with_a_postgresql_backend_serves_workers_over_http(postgr
     backend = postgres.create("served")
     server = subprocess.Popen([sys.executable, "-m", "bnet", "server", "--backend-store-uri", backend,
                                "--store", str(tmp_path / "server"), "--port", str(port),
-                               "--storage", f"{postgres}/optuna"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               "--storage", postgres.database("optuna")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
         assert wait_for_port(port)
@@ -208,7 +206,7 @@ def test_mlflow_server_with_a_postgresql_backend_serves_workers_over_http(postgr
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=60)[0]
-    assert f"--tracking-uri http://127.0.0.1:{port} --storage {postgres}/optuna" in output
+    assert f"--tracking-uri http://127.0.0.1:{port} --storage {postgres.database('optuna')}" in output
 
 
 OUTAGE_YAML = """

@@ -112,8 +112,7 @@ def test_sql_searches_answer_what_mlflow_does_on_postgresql(tmp_path, monkeypatc
     root = tempfile.mkdtemp(prefix="bnet-pg-")  # the postgres user cannot enter pytest's folders
     server = LocalPostgres(root).start()
     try:
-        server.create_database("searched")
-        store = bnet.resolve_store(tmp_path / "store", tracking_uri=f"{server.url}/searched")
+        store = bnet.resolve_store(tmp_path / "store", tracking_uri=server.create_database("searched"))
         compare(store, fill(store), monkeypatch)
     finally:
         run_search._engine.cache_clear()  # its pool holds connections to the server

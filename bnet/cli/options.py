@@ -49,6 +49,13 @@ class FamilyCommands(click.Group):
             return None
 
 
+def echo(message: str) -> None:
+    """A study's progress line, with any password in a URL (an error's text) shown as ***."""
+    from bnet.tracking.secrets import redact
+
+    click.echo(redact(message))
+
+
 def resolve(store, tracking_uri, storage=None, serving=False):
     from bnet.tracking.store import resolve_store
 

@@ -36,6 +36,8 @@ def dashboard(store, storage, port):
     """Serve optuna-dashboard on 127.0.0.1 over the store's Optuna storage (Ctrl-C stops it)."""
     from optuna_dashboard import run_server
 
+    from bnet.tracking.secrets import redact
+
     resolved = resolve(store, None, storage)
-    click.echo(f"optuna-dashboard on http://127.0.0.1:{port} over {resolved.optuna_storage}")
+    click.echo(f"optuna-dashboard on http://127.0.0.1:{port} over {redact(resolved.optuna_storage)}")
     run_server(resolved.optuna_storage, host="127.0.0.1", port=port)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
 from bnet.cli.options import resolve, runs_link, store_option
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
+PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+
 
 
 @click.command()
@@ -20,11 +28,12 @@ from bnet.cli.options import resolve, runs_link, store_option
 def ui(store, tracking_uri, port):
     """Serve the MLflow UI for the store's runs (Ctrl-C or SIGTERM stops it and its workers)."""
     from bnet.tracking.query import experiment_links
+    from bnet.tracking.secrets import redact
 
     resolved = resolve(store, tracking_uri, serving=True)
     for name, experiment_id in experiment_links(resolved):
         click.echo(f"  {name}: {runs_link(experiment_id, port)}")
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} over {resolved.tracking_uri}")
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} over {redact(resolved.tracking_uri)}")
     serve_mlflow(resolved.tracking_uri, resolved.artifact_root, "127.0.0.1", port)
 
 
@@ -44,21 +53,38 @@ def ui(store, tracking_uri, port):
               help="Another name workers reach the server by (a DNS alias, a proxy's HOST:PORT, a pattern like "
                    "*.lab.example; repeatable). Localhost, private addresses and this machine's hostname, "
                    "full domain name and IP addresses are allowed already.")
-def server(store, backend_store_uri, artifacts_destination, storage, host, port, more_allowed_hosts):
+@click.option("--auth", "force_auth", is_flag=True,
+              help="Ask for a user and password on the loopback interface too (always asked on any other).")
+@click.option("--no-auth", "no_auth", count=True,
+              help="Serve without authentication: anyone who reaches the port may read, delete and re-alias "
+                   "everything. Refused on a public interface unless given twice.")
+@click.option("--admin-password-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help=f"A file holding the admin's password [default ${ADMIN_PASSWORD_ENV}]; read when the users "
+                   f"database is created (never an option value: it would stay in the shell's history).")
+@click.option("--default-permission", type=click.Choice(PERMISSIONS), default="READ", show_default=True,
+              help="What a user may do with others' experiments and models unless granted more.")
+def server(store, backend_store_uri, artifacts_destination, storage, host, port, more_allowed_hosts, force_auth,
+           no_auth, admin_password_file, default_permission):
     """Start an MLflow tracking server for workers on many machines, and print the URIs
-    they need (Ctrl-C or SIGTERM stops it)."""
-    from pathlib import Path
-
+    they need (Ctrl-C or SIGTERM stops it). Off the loopback interface it asks every request
+    for a user and password (MLflow's basic-auth app: users, and permissions per experiment and
+    registered model)."""
+    from bnet.tracking.secrets import redact
     from bnet.tracking.store import connect
 
     resolved = resolve(store, backend_store_uri, storage, serving=True)
+    auth = authentication(host, port, force_auth, no_auth, admin_password_file, default_permission, resolved.root)
     connect(resolved)  # creates (or migrates) the backend schema once, before any worker races for it
     artifacts = Path(artifacts_destination) if artifacts_destination else resolved.artifact_root
     address = host if host not in ("0.0.0.0", "::") else _hostname()
-    click.echo(f"MLflow tracking server on http://{address}:{port} (runs in {resolved.tracking_uri}, "
+    click.echo(f"MLflow tracking server on http://{address}:{port} (runs in {redact(resolved.tracking_uri)}, "
                f"artifacts in {artifacts})")
     click.echo("workers join with:")
-    click.echo(f"  --tracking-uri http://{address}:{port} --storage {resolved.optuna_storage}")
+    click.echo(f"  --tracking-uri http://{address}:{port} --storage {redact(resolved.optuna_storage)}")
+    if auth:
+        click.echo("  and a user of this server in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or in "
+                   "~/.mlflow/credentials); the admin adds users and grants permissions with MLflow's auth "
+                   f"client (README, Security). Users and permissions: {auth.database}")
     if resolved.optuna_storage.startswith("sqlite"):
         click.echo("  (a SQLite Optuna storage serves one process; give workers on several machines a "
                    "PostgreSQL --storage)")
@@ -73,7 +99,62 @@ def server(store, backend_store_uri, artifacts_destination, storage, host, port,
                  and not name.startswith("127.")]
         click.echo(f"it answers workers that name it localhost, a private address or {', '.join(shown)} "
                    f"(more with --allowed-host NAME)")
-    serve_mlflow(resolved.tracking_uri, artifacts, host, port, extra)
+    if auth:
+        extra += ["--app-name", "basic-auth"]
+    serve_mlflow(resolved.tracking_uri, artifacts, host, port, extra, auth.environment if auth else {})
+
+
+@dataclass
+class Authentication:
+    """MLflow's basic-auth app as ``bnet server`` runs it: its config file and users
+    database in the store, and what the server process needs in its environment."""
+
+    config: Path
+    database: str
+    environment: dict[str, str]
+
+
+def authentication(host: str, port: int, force: bool, no_auth: int, password_file: str | None,
+                   default_permission: str, root: Path) -> Authentication | None:
+    """Whether (and how) the server authenticates: always off the loopback interface, unless
+    ``--no-auth`` is given twice there; the admin's password from a file or the environment."""
+    from bnet.errors import ConfigError
+    from bnet.tracking.secrets import write_private
+
+    public = host not in LOOPBACK
+    if no_auth:
+        if force:
+            raise ConfigError("--auth and --no-auth contradict each other")
+        if public and no_auth < 2:
+            raise ConfigError(f"--no-auth on {host} would let anyone who reaches port {port} read every experiment, "
+                              f"delete runs and move a registered model's aliases; give --no-auth twice if only "
+                              f"trusted machines can reach it, or drop it and set an admin password")
+        click.echo(f"warning: no authentication: anyone who reaches {host}:{port} may read, change and delete "
+                   f"every run, experiment and registered model", err=True)
+        return None
+    if not (public or force):
+        return None
+    database = root / "basic_auth.db"
+    password = None
+    if password_file:
+        password = Path(password_file).read_text().strip("\n")
+    elif os.environ.get(ADMIN_PASSWORD_ENV):
+        password = os.environ[ADMIN_PASSWORD_ENV]
+    if not password and not database.exists():
+        raise ConfigError(f"the server asks every request for a user and password: set the admin's with "
+                          f"--admin-password-file FILE or ${ADMIN_PASSWORD_ENV} (user 'admin'; read once, when "
+                          f"{database} is created)")
+    root.mkdir(parents=True, exist_ok=True)
+    config = write_private(root / "basic_auth.ini", "\n".join([
+        "[mlflow]", f"default_permission = {default_permission}", f"database_uri = sqlite:///{database}",
+        "admin_username = admin", "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "grant_default_workspace_access = false", ""]))
+    environment = {"MLFLOW_AUTH_CONFIG_PATH": str(config),
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+                   or secrets.token_hex(32)}
+    if password:
+        environment[ADMIN_PASSWORD_ENV] = password
+    return Authentication(config, str(database), environment)
 
 
 def _hostname() -> str:
@@ -154,11 +235,13 @@ def allowed_hosts(port: int, names, extra=()) -> list[str]:
     return list(dict.fromkeys(hosts))
 
 
-def serve_mlflow(backend_uri: str, artifacts, host: str, port: int, extra: list[str] = ()) -> None:
-    """Run ``mlflow server`` until it ends or bnet is stopped (then end it and its workers)."""
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-               "--host", host, "--port", str(port), "--workers", "1", *extra]
+def serve_mlflow(backend_uri: str, artifacts, host: str, port: int, extra: list[str] = (),
+                 environment: dict[str, str] | None = None) -> None:
+    """Run ``mlflow server`` until it ends or bnet is stopped (then end it and its workers).
+    The backend URL reaches it in the environment, not on a command line any user can list."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_BACKEND_STORE_URI=backend_uri, **(environment or {}))
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1", *extra]
     if artifacts is not None:
         command += ["--artifacts-destination", str(artifacts)]
     # mlflow server starts uvicorn (and a job runner) as children of its own: in a process
@@ -198,8 +281,10 @@ def end_process_group(process: subprocess.Popen, timeout: float = 10.0) -> None:
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--port", type=int, default=55432, show_default=True)
 def postgres(folder, port):
-    """Run a throwaway PostgreSQL server in FOLDER on 127.0.0.1 for trying many workers on one
-    machine (Debian's postgresql package); prints the URLs to pass. Ctrl-C stops it."""
+    """Run a PostgreSQL server in FOLDER on 127.0.0.1 for many workers on one machine (Debian's
+    postgresql package); prints the URLs to pass. Every connection needs the password it
+    generates, kept in FOLDER/pgpass (only you can read it); the URLs name that file, never
+    the password. Ctrl-C stops it."""
     import time
 
     from bnet.tracking.local_postgres import LocalPostgres
@@ -207,8 +292,10 @@ def postgres(folder, port):
     server = LocalPostgres(folder, port).start()
     try:
         optuna_url, mlflow_url = server.create_database("optuna"), server.create_database("mlflow")
-        click.echo(f"PostgreSQL on 127.0.0.1:{port}, data in {server.root}/data; workers pass:")
+        click.echo(f"PostgreSQL on 127.0.0.1:{port}, data in {server.root}/data, password (scram-sha-256) in "
+                   f"{server.passfile}; workers pass:")
         click.echo(f"  --storage {optuna_url} --tracking-uri {mlflow_url}")
+        click.echo(f"  (or these URLs without ?passfile=... and PGPASSFILE={server.passfile} in their environment)")
         stopped = []
         signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
         while not stopped:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from bnet.cli.options import (
-    FamilyCommands, device_option, resolve, runs_link, storage_option, store_option, tracking_uri_option,
+    FamilyCommands, device_option, echo, resolve, runs_link, storage_option, store_option, tracking_uri_option,
 )
 from bnet.cli.workers import n_workers_option, refuse_sqlite_for_many, run_workers
 from bnet.config import SCHEDULERS
@@ -77,7 +77,7 @@ def tune_command(name: str) -> click.Command:
         if many_workers(n_workers, resolved):
             return
         for outcome in tune(family.name, data_path, experiment, config, n_trials=n_trials, max_steps=max_steps,
-                            device=device, store=resolved, echo=click.echo, **options):
+                            device=device, store=resolved, echo=echo, **options):
             summary(outcome, resolved)
 
     upstream = [option for other in family.upstream for flag in (other.replace("_", "-"),) for option in (
@@ -125,12 +125,15 @@ def many_workers(n_workers: int, resolved) -> bool:
 
 
 def summary(outcome, resolved) -> None:
-    """The few lines that end a study: counts, failures, the best run, where it all is."""
+    """The few lines that end a study: counts, failures, the best run, where it all is (any
+    password in a URL shown as ***)."""
+    from bnet.tracking.secrets import redact
+
     click.echo("")
     click.echo(f"study '{outcome.study_name}' in experiment '{outcome.experiment}': "
                f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed")
     for failure in outcome.failures:
-        click.echo(f"  failed {failure.splitlines()[0][:200]}")
+        click.echo(f"  failed {redact(failure.splitlines()[0])[:200]}")
     if outcome.best_run_id:
         if outcome.pareto:
             click.echo(f"Pareto front ({len(outcome.pareto)} trials):")
@@ -143,7 +146,7 @@ def summary(outcome, resolved) -> None:
         if outcome.trivial is not None:
             click.echo(outcome.trivial.sentence("the best model"))
     click.echo(f"spent:  {outcome.spent()}")
-    click.echo(f"runs:   {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
-    click.echo(f"study:  {outcome.optuna_storage}")
+    click.echo(f"runs:   {redact(outcome.tracking_uri)} (parent run {outcome.parent_run_id})")
+    click.echo(f"study:  {redact(outcome.optuna_storage)}")
     if resolved.artifact_root:
         click.echo(f"browse: bnet ui --store {resolved.root}  then  {runs_link(outcome.experiment_id)}")

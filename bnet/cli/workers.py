@@ -15,7 +15,8 @@ import threading
 
 import click
 
-from bnet.cli.options import device_option, resolve, storage_option, store_option, tracking_uri_option
+from bnet.cli.options import device_option, echo, resolve, storage_option, store_option, tracking_uri_option
+from bnet.tracking.secrets import holds_password, redact
 
 SQLITE_FOR_ONE = (
     "the Optuna storage {url} is an embedded SQLite file, which serves one process (Optuna's FAQ "
@@ -56,17 +57,19 @@ def run_workers(n_workers: int, words: list[str]) -> None:
     SIGTERM or Ctrl-C is passed on so each stops its trial cleanly."""
     from bnet.errors import BnetError
 
-    command = [sys.executable, "-m", "bnet", *words]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    kept, hidden = hide_secret_urls(words)
+    command = [sys.executable, "-m", "bnet", *kept]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **hidden)
     # K processes each running torch on every core oversubscribe the machine: share the cores
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                   start_new_session=True) for _ in range(n_workers)]
-    click.echo(f"{n_workers} workers: {shlex.join(['bnet', *words])}")
+    passed = f" (and {', '.join(sorted(hidden))} in their environment)" if hidden else ""
+    click.echo(f"{n_workers} workers: {shlex.join(['bnet', *kept])}{passed}")
 
     def relay(index: int, process: subprocess.Popen) -> None:
         for line in process.stdout:
-            click.echo(f"[worker {index}] {line.rstrip()}")
+            click.echo(f"[worker {index}] {redact(line.rstrip())}")
 
     relays = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(processes)]
     for thread in relays:
@@ -139,7 +142,7 @@ def worker(study, storage, store, tracking_uri, data_path, n_trials, device, n_w
         refuse_sqlite_for_many(resolved.optuna_storage)
         run_workers(n_workers, command_line(click.get_current_context()))
         return
-    for outcome in join_study(study, resolved, data_path, n_trials, device, click.echo):
+    for outcome in join_study(study, resolved, data_path, n_trials, device, echo):
         summary(outcome, resolved)
 
 
@@ -161,35 +164,32 @@ set -euo pipefail
 URL_OPTIONS = {"--storage": "BNET_OPTUNA_STORAGE", "--tracking-uri": "BNET_TRACKING_URI"}
 
 
-def _holds_password(url: str) -> bool:
-    from urllib.parse import parse_qs, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        return parts.password is not None or "password" in {key.lower() for key in parse_qs(parts.query)}
-    except ValueError:  # not a URL (a path): nothing to hide
-        return False
+def hide_secret_urls(words: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``words`` without the URL options whose URL holds a password, and those URLs by the
+    variable in URL_OPTIONS that bnet also reads each from: a worker gets them in its
+    environment, never on a command line (``ps`` shows it to every user) or in a script."""
+    hidden, kept = {}, []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        option, equals, value = word.partition("=")
+        if equals and option in URL_OPTIONS and holds_password(value):
+            hidden[URL_OPTIONS[option]] = value
+        elif word in URL_OPTIONS and index + 1 < len(words) and holds_password(words[index + 1]):
+            hidden[URL_OPTIONS[word]] = words[index + 1]
+            index += 1
+        else:
+            kept.append(word)
+        index += 1
+    return kept, hidden
 
 
 def script_command(words: list[str]) -> tuple[str, dict[str, str]]:
     """The shell command line running ``bnet <words>``, each URL with a password replaced by a
     reference to the variable in URL_OPTIONS; and those variables with the URLs they stand for."""
-    hidden, shown = {}, [shlex.join([sys.executable, "-m", "bnet"])]
-    index = 0
-    while index < len(words):
-        word = words[index]
-        option, equals, value = word.partition("=")
-        if equals and option in URL_OPTIONS and _holds_password(value):
-            hidden[URL_OPTIONS[option]] = value
-            shown.append(f'{option}="${URL_OPTIONS[option]}"')
-        elif word in URL_OPTIONS and index + 1 < len(words) and _holds_password(words[index + 1]):
-            hidden[URL_OPTIONS[word]] = words[index + 1]
-            shown += [word, f'"${URL_OPTIONS[word]}"']
-            index += 1
-        else:
-            shown.append(shlex.quote(word))
-        index += 1
-    return " ".join(shown), hidden
+    kept, hidden = hide_secret_urls(words)
+    references = [f'{option} "${variable}"' for option, variable in URL_OPTIONS.items() if variable in hidden]
+    return " ".join([shlex.join([sys.executable, "-m", "bnet", *kept]), *references]), hidden
 
 
 def sbatch_lines(sbatch_opts: str) -> list[str]:
@@ -246,7 +246,7 @@ def slurm(count, sbatch_opts, script, submit, dry_run, log, command):
     if count > 1:
         refuse_sqlite_for_many(storage.optuna_storage)
     if storage.tracking_uri.startswith("sqlite"):
-        click.echo(f"note: the MLflow store {storage.tracking_uri} must be on a filesystem every node shares; "
+        click.echo(f"note: the MLflow store {redact(storage.tracking_uri)} must be on a filesystem every node shares; "
                    f"an mlflow server (bnet server) is the robust choice", err=True)
     name = "bnet-" + (options.get("study") or options.get("experiment") or "-".join(words[:2]))
     # a script is read by others and kept in job records: a password stays in the environment

@@ -1,19 +1,25 @@
 """A throwaway PostgreSQL server in a folder, from Debian's (or any) PostgreSQL binaries.
 
 For trying many workers on one machine (``bnet postgres DIR``), for the tests and for the
-benchmarks: no system service, listening on 127.0.0.1 only, trust authentication.
+benchmarks: no system service, listening on 127.0.0.1 only. On a shared login node every
+local user reaches 127.0.0.1, so the cluster asks for a password (``scram-sha-256``, every
+connection, local socket too): one generated when the cluster is created and kept in
+``DIR/pgpass``, a libpq password file only its owner reads. The URLs name that file
+(``?passfile=DIR/pgpass``), never the password.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 from bnet.errors import BnetError
+from bnet.tracking.secrets import store_password, with_passfile, write_private
 
 
 def free_port() -> int:
@@ -61,6 +67,14 @@ class LocalPostgres:
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
 
+    @property
+    def passfile(self) -> Path:
+        return self.root / "pgpass"
+
+    def database_url(self, name: str) -> str:
+        """The SQLAlchemy URL of database ``name``, naming the password file, not the password."""
+        return with_passfile(f"{self.url}/{name}", self.passfile)
+
     def _run(self, *args: str) -> None:
         result = subprocess.run([*self.as_owner, *args], capture_output=True, text=True)
         if result.returncode:
@@ -74,11 +88,29 @@ class LocalPostgres:
         if self.as_owner:
             shutil.chown(self.root, "postgres")
         if not (self.root / "data").exists():
-            self._run(f"{self.bin_dir}/initdb", "-D", str(self.root / "data"), "-U", "postgres",
-                      "--auth-local=trust", "--auth-host=trust", "-E", "UTF8")
+            self._create_cluster()
+        elif not self.passfile.exists():
+            raise BnetError(f"{self.root}: a cluster made by an older bnet, which trusted every local connection; "
+                            f"start one in a new folder (it will ask for a password)")
         self._pg_ctl("-o", f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root}"
                      " -c max_connections=200", "start")
         return self
+
+    def _create_cluster(self) -> None:
+        """initdb with scram-sha-256 for every connection and a generated superuser password,
+        written only to the owner's password file (initdb reads it from a file it deletes)."""
+        password = secrets.token_urlsafe(24)
+        store_password(self.passfile, "127.0.0.1", "*", "postgres", password)
+        store_password(self.passfile, "localhost", "*", "postgres", password)
+        handover = self.root / ".initdb-password"
+        write_private(handover, password + "\n")
+        if self.as_owner:
+            shutil.chown(handover, "postgres")
+        try:
+            self._run(f"{self.bin_dir}/initdb", "-D", str(self.root / "data"), "-U", "postgres",
+                      "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={handover}", "-E", "UTF8")
+        finally:
+            handover.unlink(missing_ok=True)
 
     def stop(self) -> None:
         self._pg_ctl("-m", "fast", "stop")
@@ -90,8 +122,9 @@ class LocalPostgres:
         """Create database ``name`` (if new) and return its SQLAlchemy URL."""
         import psycopg
 
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as connection:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True,
+                             passfile=str(self.passfile)) as connection:
             exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
             if not exists:
                 connection.execute(f'CREATE DATABASE "{name}"')
-        return f"{self.url}/{name}"
+        return self.database_url(name)

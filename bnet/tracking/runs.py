@@ -118,7 +118,10 @@ class RunLogger:
             self.client.log_artifacts(self.run_id, str(folder), tags.MODEL_DIR)
 
     def log_text(self, text: str, name: str) -> None:
-        retry_transient(lambda: self.client.log_text(self.run_id, text, name))
+        """A text artifact (an error's traceback, a summary): any password in a URL shown as ***."""
+        from bnet.tracking.secrets import redact
+
+        retry_transient(lambda: self.client.log_text(self.run_id, redact(text), name))
 
     def log_figure(self, figure, name: str) -> None:
         """Save a matplotlib figure as ``plots/<name>.png`` and close it."""

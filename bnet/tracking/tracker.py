@@ -7,6 +7,7 @@ from typing import Any
 from bnet.tracking import conventions as tags
 from bnet.tracking.query import RunSummary, find_config_run
 from bnet.tracking.runs import RunLogger, create_run, retry_transient
+from bnet.tracking.secrets import redact
 from bnet.tracking.store import Store, connect, ensure_experiment
 
 MAX_TAG_LENGTH = 5000
@@ -44,7 +45,7 @@ class Tracker:
         """End a run as FINISHED, KILLED or FAILED, with the trial's state and why."""
         values = {tags.TAG_TRIAL_STATE: trial_state}
         if reason:
-            values[tags.TAG_ERROR] = reason[:MAX_TAG_LENGTH]
+            values[tags.TAG_ERROR] = redact(reason)[:MAX_TAG_LENGTH]
         run = self.run(run_id)
         run.set_tags(values)
         run.terminate(status)

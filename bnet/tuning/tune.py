@@ -164,13 +164,14 @@ def join_study(study: str, store: Store | None = None, data: str | Path | None =
     family, data, config and upstream runs, from any machine that reaches its storage."""
     import optuna
 
+    from bnet.tracking.secrets import redact
     from bnet.tuning.study import RECIPE_ATTR
 
     store = store or resolve_store()
     try:
         recorded = optuna.load_study(study_name=study, storage=store.optuna_storage)
     except KeyError:
-        raise ConfigError(f"no study '{study}' in {store.optuna_storage}") from None
+        raise ConfigError(f"no study '{study}' in {redact(store.optuna_storage)}") from None
     recipe = recorded.user_attrs.get(RECIPE_ATTR)
     if recipe is None:
         raise ConfigError(f"study '{study}' was not started by bnet tune (it records no recipe to join)")
