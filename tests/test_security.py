@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bnet.tracking.local_postgres import LocalPostgres, free_port, postgres_binaries, wait_for_port
-from bnet.tracking.secrets import holds_password, move_to_passfile, redact, without_password
+from bnet.tracking.secrets import holds_password, redact, store_password
 from conftest import assert_clean_failure, invoke, run_cli
 
 SECRET = "Pa55-w0rd-n0body-may-see"
@@ -31,6 +31,14 @@ tuning: {{n_trials: {n_trials}, pruner: none, study: {experiment}}}
 """
 
 
+def test_a_password_file_is_its_owners_alone_and_escaped_as_libpq_reads_it(tmp_path):
+    passfile = store_password(tmp_path / "pgpass", "db.example", 6543, "bob", "p:w")
+    assert passfile.read_text() == "db.example:6543:*:bob:p\\:w\n"
+    assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
+    store_password(passfile, "db.example", 6543, "bob", "new")
+    assert passfile.read_text() == "db.example:6543:*:bob:new\n"  # replaced, not appended
+
+
 def test_redaction_hides_every_form_of_url_password():
     text = ("--storage postgresql+psycopg://bob:s3c:r@t@db.example:5432/optuna "
             "--tracking-uri https://alice:pw@mlflow.example/ and postgresql://db.example/x?sslmode=require&password=pw2")
@@ -39,19 +47,7 @@ def test_redaction_hides_every_form_of_url_password():
     assert "bob:***@db.example:5432/optuna" in shown and "alice:***@mlflow.example" in shown
     assert "sslmode=require&password=***" in shown
     assert redact("sqlite:////tmp/store/optuna.db") == "sqlite:////tmp/store/optuna.db"
-    assert without_password("postgresql+psycopg://bob:pw@h:5/db?password=x&a=b") == (
-        "postgresql+psycopg://bob@h:5/db?a=b", "pw")
     assert holds_password("postgresql://bob:pw@h/db") and not holds_password("postgresql://bob@h/db")
-
-
-def test_a_url_password_moves_to_a_file_only_its_owner_reads(tmp_path):
-    passfile = tmp_path / "pgpass"
-    url = move_to_passfile("postgresql+psycopg://bob:p:w@db.example:6543/optuna", passfile)
-    assert "p:w" not in url and url.endswith(f"?passfile={passfile}") and url.startswith("postgresql+psycopg://bob@")
-    assert passfile.read_text() == "db.example:6543:*:bob:p\\:w\n"  # libpq's escaping
-    assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
-    move_to_passfile("postgresql+psycopg://bob:new@db.example:6543/optuna", passfile)
-    assert passfile.read_text() == "db.example:6543:*:bob:new\n"  # replaced, not appended
 
 
 @pytest.fixture(scope="module")

@@ -47,14 +47,17 @@ class BnetGroup(click.Group):
 def server_refusal(err: Exception) -> str | None:
     """What to do when a tracking server refused a request for want of credentials (401) or
     permission (403); None for any other error."""
+    from bnet.tracking.secrets import redact
+
     text = str(err)
     if type(err).__name__ not in ("MlflowException", "RestException") or not any(
             sign in text for sign in ("error code 401", "error code 403", "UNAUTHENTICATED", "PERMISSION_DENIED")):
         return None
-    if "401" in text or "UNAUTHENTICATED" in text:
+    if "error code 401" in text or "UNAUTHENTICATED" in text:
         return ("the tracking server asks for a user and password: set MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) to a user of that server")
-    return (f"the tracking server refused: this user has no permission for that ({text.splitlines()[0][:200]}); "
+    return (f"the tracking server refused: this user has no permission for that "
+            f"({redact(text.splitlines()[0])[:200]}); "
             f"ask its admin for one (README, Security)")
 
 

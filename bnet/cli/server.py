@@ -81,6 +81,9 @@ def server(store, backend_store_uri, artifacts_destination, storage, host, port,
                f"artifacts in {artifacts})")
     click.echo("workers join with:")
     click.echo(f"  --tracking-uri http://{address}:{port} --storage {redact(resolved.optuna_storage)}")
+    if redact(resolved.optuna_storage) != resolved.optuna_storage:
+        click.echo("  (the storage's password shown as ***: give workers the URL as you gave it here, or without the "
+                   "password and a password file: ?passfile=FILE or PGPASSFILE)")
     if auth:
         click.echo("  and a user of this server in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or in "
                    "~/.mlflow/credentials); the admin adds users and grants permissions with MLflow's auth "
@@ -137,7 +140,7 @@ def authentication(host: str, port: int, force: bool, no_auth: int, password_fil
     database = root / "basic_auth.db"
     password = None
     if password_file:
-        password = Path(password_file).read_text().strip("\n")
+        password = Path(password_file).read_text().rstrip("\r\n")
     elif os.environ.get(ADMIN_PASSWORD_ENV):
         password = os.environ[ADMIN_PASSWORD_ENV]
     if not password and not database.exists():
@@ -145,6 +148,8 @@ def authentication(host: str, port: int, force: bool, no_auth: int, password_fil
                           f"--admin-password-file FILE or ${ADMIN_PASSWORD_ENV} (user 'admin'; read once, when "
                           f"{database} is created)")
     root.mkdir(parents=True, exist_ok=True)
+    if not database.exists():
+        write_private(database, "")  # password hashes: the users database is its owner's alone
     config = write_private(root / "basic_auth.ini", "\n".join([
         "[mlflow]", f"default_permission = {default_permission}", f"database_uri = sqlite:///{database}",
         "admin_username = admin", "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",

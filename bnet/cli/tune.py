@@ -117,6 +117,11 @@ def many_workers(n_workers: int, resolved) -> bool:
     """With --n-workers K > 1, run K workers of this very command instead, and say so."""
     if n_workers == 1:
         return False
+    if click.get_current_context().params.get("scheduler") == "pbt":
+        from bnet.errors import ConfigError
+
+        raise ConfigError("--scheduler pbt trains its members at once on this machine; --n-workers is for Optuna "
+                          "studies (drop one of them)")
     refuse_sqlite_for_many(resolved.optuna_storage)
     from bnet.cli.workers import command_line
 

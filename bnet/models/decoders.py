@@ -222,7 +222,7 @@ class Decoder(nn.Module):
         if noise == "categorical":
             bias = torch.log(prediction)
         elif noise == "poisson":
-            bias = torch.log(torch.expm1(prediction))  # softplus's inverse
+            bias = prediction + torch.log(-torch.expm1(-prediction))  # softplus's inverse, without overflow
         else:
             bias = prediction
         layer = self.readout if self.config.model_type == "lstm" else (self.linears[-1] if self.linears else self.conv)

@@ -49,12 +49,15 @@ class Report:
 def load_study(name: str, store: Store):
     import optuna
 
+    from bnet.tracking.secrets import redact
+
     try:
         return optuna.load_study(study_name=name, storage=store.optuna_storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(store.optuna_storage)
                  if "#" not in s.study_name]
-        raise ConfigError(f"no study '{name}' in {store.optuna_storage} (has {', '.join(names) or 'none'})") from None
+        raise ConfigError(f"no study '{name}' in {redact(store.optuna_storage)} "
+                          f"(has {', '.join(names) or 'none'})") from None
 
 
 def summary_figure(study, metric: str, direction: str):

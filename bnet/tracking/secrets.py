@@ -39,23 +39,6 @@ def redact(text: str) -> str:
     return _QUERY_SECRET.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
-def without_password(url: str) -> tuple[str, str | None]:
-    """``url`` with its password taken out (of the authority and the query), and the password."""
-    parts = urlsplit(url)
-    password = parts.password
-    query = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key.lower() in SECRET_QUERY_KEYS:
-            password = password or value
-        else:
-            query.append((key, value))
-    netloc = parts.netloc
-    if parts.password is not None:
-        user_info, _, host = netloc.rpartition("@")
-        netloc = f"{user_info.partition(':')[0]}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment)), password
-
-
 def write_private(path: str | Path, text: str) -> Path:
     """Write ``text`` to a file only its owner can read or write (created so, never widened)."""
     path = Path(path)
@@ -92,14 +75,3 @@ def store_password(passfile: str | Path, host: str, port: int | str, user: str, 
     existing = passfile.read_text().splitlines() if passfile.exists() else []
     kept = [line for line in existing if line and not line.startswith(key)]
     return write_private(passfile, "\n".join([*kept, key + _pgpass_escape(password)]) + "\n")
-
-
-def move_to_passfile(url: str, passfile: str | Path) -> str:
-    """A PostgreSQL URL with a password as the same URL reading it from ``passfile`` (written
-    user-only), for a script or process that must not hold the password itself."""
-    plain, password = without_password(url)
-    if password is None:
-        return url
-    parts = urlsplit(plain)
-    store_password(passfile, parts.hostname or "localhost", parts.port or 5432, parts.username or "", password)
-    return with_passfile(plain, passfile)

@@ -91,13 +91,21 @@ class Population:
     run_tags: dict[str, str]
     step_metric: str
     max_epochs: int
+    interval: int
+    path: Path
+    """The population's folder in the store (Ray's experiment folder): a member's files live in
+    its trial's folder there, which a resumed population finds again."""
 
     def hparams(self, config: dict[str, Any]) -> dict[str, Any]:
         """A member's hyperparameters: every epoch validated and no early stop (members keep
         step with one another), the mutable ones kept within their ranges."""
-        chosen = {k: (min(max(v, self.mutable[k].low), self.mutable[k].high) if k in self.mutable else v)
-                  for k, v in config.items()}
-        return {**self.space.resolve(chosen, self.fixed), "enable_early_stop": False, "val_check_interval": 1}
+        return {**self.space.resolve(within_ranges(config, self.mutable), self.fixed), "enable_early_stop": False,
+                "val_check_interval": 1}
+
+
+def within_ranges(config: dict[str, Any], mutable: dict[str, Range]) -> dict[str, Any]:
+    """``config`` with each perturbed hyperparameter clamped to its searched range."""
+    return {k: (min(max(v, mutable[k].low), mutable[k].high) if k in mutable else v) for k, v in config.items()}
 
 
 def member_index(trial_id: str) -> int:
@@ -115,35 +123,41 @@ def train_member(config: dict[str, Any], population: Population) -> None:
     torch.set_num_threads(1)  # members share the machine's cores
     context_of_ray = tune.get_context()
     index = member_index(context_of_ray.get_trial_id())
-    trial_dir = Path(context_of_ray.get_trial_dir())
+    # Ray runs a trial in a staging folder of its session; its folder in the store outlives it
+    folder = population.path / Path(context_of_ray.get_trial_dir()).name
+    folder.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(population.store)
-    run = _member_run(tracker, population, index, trial_dir)
+    run = _member_run(tracker, population, index, folder)
     hparams = population.hparams(config)
     searched = {k: hparams[k] for k in population.space.dimensions if k in hparams}
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
-        resume = TrainingState.from_dict(saved["training"])
-        if saved["run_id"] != run.run_id:
-            _record_exploit(run, index, trial_dir, resume, saved, searched)
 
     def report(context, step: int, metrics: dict[str, float], total: int, shown: int | None, state) -> None:
+        values = {**metrics, **{f"hp.{k}": float(hparams[k]) for k in population.mutable}}
+        # a checkpoint where members may exploit (and be paused), not at the last epoch: there
+        # a member would only become a copy
+        if (step + 1) % population.interval or step + 1 >= population.max_epochs:
+            run.log_metrics(values, step=step)
+            tune.report({population.step_metric: metrics[population.step_metric], "epoch": step, "member": index})
+            return
         snapshot = state()
         weights = digest(snapshot.model)
-        run.log_metrics({**metrics, **{f"hp.{k}": float(hparams[k]) for k in population.mutable},
-                         "checkpoint_digest": weights}, step=step)
-        if step + 1 >= population.max_epochs:
-            return  # the last epoch is no time to exploit: the member would only become a copy
-        with tempfile.TemporaryDirectory() as folder:
+        run.log_metrics({**values, "checkpoint_digest": weights}, step=step)
+        with tempfile.TemporaryDirectory() as saved:
             torch.save({"training": snapshot.as_dict(), "run_id": run.run_id, "member": index,
-                        "hparams": searched, "digest": weights}, Path(folder) / CHECKPOINT_FILE)
+                        "hparams": searched, "digest": weights}, Path(saved) / CHECKPOINT_FILE)
             tune.report({population.step_metric: metrics[population.step_metric], "epoch": step,
-                         "member": index}, checkpoint=tune.Checkpoint.from_directory(folder))
+                         "member": index}, checkpoint=tune.Checkpoint.from_directory(saved))
 
-    context = TrialContext(index, hparams, run, print, report, resume=resume)
     try:
+        resume = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as saved_folder:
+                saved = torch.load(Path(saved_folder) / CHECKPOINT_FILE, weights_only=True)
+            resume = TrainingState.from_dict(saved["training"])
+            if saved["run_id"] != run.run_id:
+                _record_exploit(run, index, folder, resume, saved, searched)
+        context = TrialContext(index, hparams, run, print, report, resume=resume)
         result = population.prepared.fitter.fit(context)
         params, model_tags = population.prepared.fitter.resolve(hparams)
         run.log_params(params)
@@ -159,9 +173,10 @@ def train_member(config: dict[str, Any], population: Population) -> None:
     tracker.close(run.run_id, "FINISHED", "COMPLETE")
 
 
-def _member_run(tracker: Tracker, population: Population, index: int, trial_dir: Path) -> RunLogger:
-    """The member's MLflow run: created on its first start, reopened after each exploit."""
-    recorded = trial_dir / RUN_ID_FILE
+def _member_run(tracker: Tracker, population: Population, index: int, folder: Path) -> RunLogger:
+    """The member's MLflow run: created on its first start, reopened after each exploit and
+    when the population resumes."""
+    recorded = folder / RUN_ID_FILE
     if recorded.exists():
         return tracker.reopen(recorded.read_text().strip())
     run = tracker.create_run(
@@ -174,11 +189,14 @@ def _member_run(tracker: Tracker, population: Population, index: int, trial_dir:
     return run
 
 
-def _record_exploit(run: RunLogger, index: int, trial_dir: Path, resume, saved: dict, searched: dict[str, Any]) -> None:
+def _record_exploit(run: RunLogger, index: int, folder: Path, resume, saved: dict, searched: dict[str, Any]) -> None:
     """An exploit: member ``index`` goes on from another's checkpoint (its epoch ``resume.epoch``)."""
     loaded = digest(resume.model)
-    events_path = trial_dir / EVENTS_FILE
+    events_path = folder / EVENTS_FILE
     events = json.loads(events_path.read_text()) if events_path.exists() else []
+    if events and (events[-1]["epoch"], events[-1]["donor_run_id"], events[-1]["loaded_digest"]) == (
+            resume.epoch, saved["run_id"], loaded):
+        return  # a resumed population restarting this member from the checkpoint it had taken: no new exploit
     events.append({"member": index, "epoch": resume.epoch, "donor_member": int(saved["member"]), "donor_run_id": saved["run_id"],
                    "loaded_digest": loaded, "donor_hparams": dict(saved["hparams"]), "hparams": searched})
     events_path.write_text(json.dumps(events, indent=1))
@@ -220,6 +238,9 @@ def run_population(spec, echo: Echo = say):
         raise ConfigError("--scheduler pbt perturbs searched continuous hyperparameters (learning_rate, l2_reg...), "
                           "but the config searches none: give one a range, e.g. learning_rate: {low: 1e-4, high: "
                           "1e-2, log: true}")
+    if spec.family.budget_key in spec.space.dimensions:
+        raise ConfigError(f"--scheduler pbt trains every member for the same {spec.family.budget_key}: fix it, "
+                          f"do not search it")
     max_epochs = int(spec.fixed.get(spec.family.budget_key, 0))
     if max_epochs <= tuning.perturbation_interval:
         raise ConfigError(f"max_n_epochs {max_epochs} leaves no room for a perturbation every "
@@ -246,17 +267,16 @@ def run_population(spec, echo: Echo = say):
              f"exploit/explore every {tuning.perturbation_interval} epochs on {objective.step_metric} "
              f"({objective.direction}), perturbing {', '.join(mutable)}")
     population = Population(spec.prepared, spec.fixed, spec.space, mutable, spec.store, experiment_id,
-                            parent.run_id, spec.study_name, spec.run_tags, objective.step_metric, max_epochs)
+                            parent.run_id, spec.study_name, spec.run_tags, objective.step_metric, max_epochs,
+                            tuning.perturbation_interval, path)
     mode = "min" if objective.direction == "minimize" else "max"
-
-    def keep_in_range(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: (min(max(v, mutable[k].low), mutable[k].high) if k in mutable else v) for k, v in config.items()}
 
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=tuning.perturbation_interval,
         hyperparam_mutations={k: _ray_domain(tune, dim) for k, dim in mutable.items()},
         quantile_fraction=QUANTILE, resample_probability=RESAMPLE_PROBABILITY,
-        perturbation_factors=PERTURBATION_FACTORS, custom_explore_fn=keep_in_range, synch=True)
+        perturbation_factors=PERTURBATION_FACTORS, custom_explore_fn=lambda config: within_ranges(config, mutable),
+        synch=True)
     random.seed(tuning.seed)  # PBT's exploit and explore draws are Python's random
     trainable = tune.with_parameters(train_member, population=population)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # bnet's progress lines, not Ray's tables
@@ -276,6 +296,8 @@ def run_population(spec, echo: Echo = say):
                                             num_samples=tuning.population,
                                             search_alg=BasicVariantGenerator(random_state=tuning.seed)),
                 run_config=tune.RunConfig(name=spec.study_name, storage_path=str(root), verbose=0,
+                                          # a member's latest checkpoint is all PBT reads
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                           callbacks=[_Progress(echo, objective.step_metric, max_epochs)]))
         with warnings.catch_warnings(), _sigterm_as_interrupt():
             # Ray suggests reusing actors: that needs a class trainable; a member's restart is ~1 s
@@ -283,15 +305,20 @@ def run_population(spec, echo: Echo = say):
             results = tuner.fit()
     except KeyboardInterrupt as err:
         interrupted = err
+    except Exception:
+        parent.terminate("FAILED")
+        raise
     finally:
         if started_ray:
             ray.shutdown()  # its processes too: a killed driver leaves them running
     if interrupted is not None:
+        for member in _members(tracker, spec, experiment_id, "RUNNING"):  # reopened when it resumes
+            tracker.close(member.run_id, "KILLED", "FAIL", "interrupted: the same command resumes the population")
         parent.terminate("KILLED")
         raise interrupted
     failures = [f"member {(r.metrics or {}).get('member', '?')}: {type(r.error).__name__}: {r.error}".splitlines()[0]
                 for r in results if r.error]
-    members = _finished_members(tracker, spec, experiment_id)
+    members = _members(tracker, spec, experiment_id, "FINISHED")
     history = pbt_history(path)
     parent.log_text(json.dumps(history, indent=1), "pbt_history.json")
     figure = plot_population(tracker, members, mutable, history)
@@ -338,11 +365,11 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _finished_members(tracker: Tracker, spec, experiment_id: str) -> list:
+def _members(tracker: Tracker, spec, experiment_id: str, status: str) -> list:
     from bnet.tracking.query import RunSummary, trial_filter
 
     runs = tracker.client.search_runs([experiment_id], max_results=10_000, filter_string=(
-        f"{trial_filter(spec.family.name, spec.study_name)} and attributes.status = 'FINISHED'"))
+        f"{trial_filter(spec.family.name, spec.study_name)} and attributes.status = '{status}'"))
     return [RunSummary.from_run(run) for run in runs]
 
 

@@ -171,6 +171,7 @@ class TrialContext:
         context = replace(self, hparams=hparams, run=run, stage=stage, prunes=False, step_name=step_name,
                           spends_budget=spends_budget)
         with self._stages.closing(run):
+            self._stages.spec.log_dataset(run)
             run.log_params(params)
             result = fitter.fit(context)
             run.log_metrics(result.metrics)
@@ -194,7 +195,6 @@ class StageRuns:
             run_tags={**session_tags, tags.TAG_ROLE: tags.ROLE_STAGE, tags.TAG_STAGE: stage,
                       tags.TAG_TRIAL: trial.number, tags.TAG_PIPELINE_RUN: trial.run.run_id, **run_tags},
             parent_run_id=trial.run.run_id)
-        self.spec.log_dataset(run)
         return run
 
     @contextmanager

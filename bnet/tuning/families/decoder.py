@@ -402,10 +402,11 @@ class DecoderTrials:
                    "n_epochs": len(result.history)}
         for split in ("val", "test"):
             metrics.update(score_predictions(self.data, predictions, split, self.n_max_lags))
-        self._log_artifacts(context, predictions)
+        self.log_artifacts(context, predictions)
         return TrialResult(metrics, model)
 
-    def _log_artifacts(self, context, predictions) -> None:
+    def log_artifacts(self, context, predictions: dict[int, np.ndarray]) -> None:
+        """The predictions of every trial (``exports/predictions.hdf5``) and a figure of held-out ones."""
         run = context.run
         with tempfile.TemporaryDirectory() as tmp:
             path = write_export(Path(tmp) / "predictions.hdf5", {"predictions": predictions}, self.data.splits,

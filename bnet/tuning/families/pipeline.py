@@ -35,6 +35,7 @@ from bnet.models.arhmm.registered import SegmentationConfig
 from bnet.models.serving import encode_session
 from bnet.tracking import conventions as tags
 from bnet.tracking.store import Store
+from bnet.training import resolve_device
 from bnet.tuning import trivial
 from bnet.tuning.common import resolve_data_path, session_splits, split_settings
 from bnet.tuning.families import ae as ae_family
@@ -140,10 +141,6 @@ class Whitening:
     def n_dims(self) -> int:
         return len(self.mean)
 
-    @property
-    def log_det(self) -> float:
-        """log |det matrix|: a density over latents is one over whitened latents divided by it."""
-        return float(np.linalg.slogdet(self.matrix)[1])
 
 
 class PipelineTrials:
@@ -186,7 +183,7 @@ class PipelineTrials:
         ae_result, ae_run = context.fit_stage("ae", ae_family.FAMILY, ae_family.OBJECTIVE, self.ae, hparams, {},
                                               step_name="epoch", spends_budget=True)
         metrics = {f"ae_{k}": v for k, v in ae_result.metrics.items()}
-        latents = encode_session(ae_result.model, session, torch.device("cpu"))
+        latents = encode_session(ae_result.model, session, resolve_device(str(hparams.get("device", "auto"))))
         splits = session_splits(session, hparams)
         source = f"{session.path} (latents of AE run {ae_run})"
         whitening = Whitening.fit([latents[t] for t in splits.train], source)
@@ -196,7 +193,7 @@ class PipelineTrials:
                                                      "whitened latent", split_settings(hparams))
             arhmm_family.check_observations(observations, source)
             fitter = InLatentCoordinates(arhmm_family.ARHMMTrials(observations, session, source), whitening,
-                                         arhmm_in_latent_coordinates)
+                                         arhmm_in_latent_coordinates, {"observations": "latent"})
             arhmm_hparams = self.downstream.arhmm_hparams()
             fitter.check(arhmm_hparams)
             result, _ = context.fit_stage("arhmm", arhmm_family.FAMILY, arhmm_family.OBJECTIVE, fitter,
@@ -209,12 +206,17 @@ class PipelineTrials:
     def _decode(self, context: TrialContext, latents, splits, whitening: Whitening, lineage, hparams) -> dict[str, float]:
         session = self.session
         neural = dict(zip(session.trials, session.read_all("neural")))
-        data = decoder_family.DecodingData({t: x.astype(np.float32) for t, x in neural.items()},
-                                           {t: whitening(x).astype(np.float32) for t, x in latents.items()}, splits,
-                                           "continuous", 0, {}, split_settings(hparams))
+        inputs = {t: x.astype(np.float32) for t, x in neural.items()}
+        whitened, raw = (decoder_family.DecodingData(inputs, {t: transform(x).astype(np.float32) for t, x in
+                                                              latents.items()}, splits, "continuous", 0, {},
+                                                     split_settings(hparams))
+                         for transform in (whitening, lambda x: x))
         objective = decoder_family.OBJECTIVES["continuous"]
-        fitter = InLatentCoordinates(decoder_family.DecoderTrials(data, session, self.downstream.decoder_n_lags,
-                                                                  objective), whitening, decoder_in_latent_coordinates)
+        lags = self.downstream.decoder_n_lags
+        in_latents = decoder_family.DecoderTrials(raw, session, lags, objective)
+        fitter = InLatentCoordinates(
+            decoder_family.DecoderTrials(whitened, session, lags, objective), whitening, decoder_in_latent_coordinates,
+            export=lambda context, model: in_latents.log_artifacts(context, in_latents.predict(model, session.trials)))
         decoder_hparams = self.downstream.decoder_hparams(str(hparams.get("device", "cpu")))
         fitter.check(decoder_hparams)
         run_tags = {tags.TAG_TARGET: "ae", tags.TAG_TARGET_KIND: "continuous", tags.TAG_NEURON_SUBSET: "all", **lineage}
@@ -228,8 +230,11 @@ class InLatentCoordinates:
     between AEs), whose model is saved in the AE's own latent coordinates by ``convert`` (so
     the stage run applies, registers and feeds later studies like any model over that AE)."""
 
-    def __init__(self, fitter, whitening: Whitening, convert):
+    def __init__(self, fitter, whitening: Whitening, convert, metadata: dict[str, Any] | None = None,
+                 export=None):
         self.fitter, self.whitening, self.convert = fitter, whitening, convert
+        self.metadata = metadata or {}
+        self.export = export  # (context, converted model): the stage's exports, redone in latent coordinates
 
     def check(self, hparams: dict[str, Any]) -> None:
         self.fitter.check(hparams)
@@ -243,7 +248,10 @@ class InLatentCoordinates:
 
     def fit(self, context: TrialContext) -> TrialResult:
         result = self.fitter.fit(context)
-        return replace(result, model=self.convert(result.model, self.whitening))
+        model = self.convert(result.model, self.whitening)
+        if self.export is not None:
+            self.export(context, model)
+        return replace(result, model=model, checkpoint_metadata={**result.checkpoint_metadata, **self.metadata})
 
 
 def arhmm_in_latent_coordinates(model, whitening: Whitening):
