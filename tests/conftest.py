@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -78,3 +80,20 @@ def write_session(path: Path, trials: dict[str, dict[str, np.ndarray]]) -> Path:
 
 def frames(n: int, c: int = 1, y: int = 16, x: int = 16, dtype=np.uint8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, size=(n, c, y, x)).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A local PostgreSQL server (bnet.tracking.local_postgres) for one test module; skipped
+    where none is installed."""
+    from bnet.tracking.local_postgres import LocalPostgres, postgres_binaries
+
+    if postgres_binaries() is None:
+        pytest.skip("no PostgreSQL server installed (apt-get install postgresql; .ci/run does)")
+    root = tempfile.mkdtemp(prefix="bnet-pg-")  # the postgres user cannot enter pytest's root-only folders
+    server = LocalPostgres(root).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

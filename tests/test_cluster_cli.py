@@ -5,12 +5,10 @@ into its script and keeps `--sbatch-opts` options with their values."""
 import base64
 import http.client
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 from mlflow.server.security_utils import get_default_allowed_hosts
 
 from bnet.errors import ConfigError
-from bnet.tracking.local_postgres import LocalPostgres, free_port, postgres_binaries, wait_for_port
+from bnet.tracking.local_postgres import free_port, wait_for_port
 from conftest import invoke
 
 PG = "postgresql+psycopg://bnet@db.example:5432/optuna"
@@ -116,19 +114,6 @@ def test_workers_outcome_from_their_exit_codes(codes, signalled, outcome):
     from bnet.cli.workers import workers_outcome
 
     assert workers_outcome(codes, signalled) == outcome
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    if postgres_binaries() is None:
-        pytest.skip("no PostgreSQL server installed (apt-get install postgresql; .ci/run does)")
-    root = tempfile.mkdtemp(prefix="bnet-pg-")  # the postgres user cannot enter pytest's root-only folders
-    server = LocalPostgres(root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 LONG_STUDY = """

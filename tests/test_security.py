@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bnet.tracking.local_postgres import LocalPostgres, free_port, postgres_binaries, wait_for_port
+from bnet.tracking.local_postgres import free_port, postgres_binaries, wait_for_port
 from bnet.tracking.secrets import holds_password, redact, store_password
 from conftest import assert_clean_failure, invoke, run_cli
 
@@ -48,19 +48,6 @@ def test_redaction_hides_every_form_of_url_password():
     assert "sslmode=require&password=***" in shown
     assert redact("sqlite:////tmp/store/optuna.db") == "sqlite:////tmp/store/optuna.db"
     assert holds_password("postgresql://bob:pw@h/db") and not holds_password("postgresql://bob@h/db")
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    if postgres_binaries() is None:
-        pytest.skip("no PostgreSQL server installed (apt-get install postgresql; .ci/run does)")
-    root = tempfile.mkdtemp(prefix="bnet-pg-")  # the postgres user cannot enter pytest's root-only folders
-    server = LocalPostgres(root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.postgres
