@@ -133,9 +133,12 @@ def train_member(config: dict[str, Any], population: Population) -> None:
 
     def report(context, step: int, metrics: dict[str, float], total: int, shown: int | None, state) -> None:
         values = {**metrics, **{f"hp.{k}": float(hparams[k]) for k in population.mutable}}
-        # a checkpoint where members may exploit (and be paused), not at the last epoch: there
-        # a member would only become a copy
-        if (step + 1) % population.interval or step + 1 >= population.max_epochs:
+        if step + 1 >= population.max_epochs:
+            # not reported to Ray: an exploit at the last epoch would retrain a member from the
+            # donor's previous checkpoint only to end as its copy
+            run.log_metrics(values, step=step)
+            return
+        if (step + 1) % population.interval:  # a checkpoint only where members may exploit (or pause)
             run.log_metrics(values, step=step)
             tune.report({population.step_metric: metrics[population.step_metric], "epoch": step, "member": index})
             return
