@@ -182,3 +182,11 @@ def test_a_decoder_of_whitened_latents_is_saved_as_the_same_decoder_of_the_laten
     moved = decoder_in_latent_coordinates(model, whitening)
     expected = model.predict(inputs).double().numpy() @ np.linalg.inv(whitening.matrix) + whitening.mean
     np.testing.assert_allclose(moved.predict(inputs).double().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_downstream_section_accepts_exactly_the_downstream_settings():
+    from bnet.config import SECTION_KEYS
+    from bnet.tuning.families.pipeline import DOWNSTREAM_KEYS
+
+    # config.py lists the section's keys without importing torch; the dataclass is the truth
+    assert SECTION_KEYS["downstream"] == set(DOWNSTREAM_KEYS)

@@ -301,7 +301,7 @@ def run_population(spec, echo: Echo = say):
                 run_config=tune.RunConfig(name=spec.study_name, storage_path=str(root), verbose=0,
                                           # a member's latest checkpoint is all PBT reads
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                                          callbacks=[_Progress(echo, objective.step_metric, max_epochs)]))
+                                          callbacks=[progress_callback(echo, objective.step_metric, max_epochs)]))
         with warnings.catch_warnings(), _sigterm_as_interrupt():
             # Ray suggests reusing actors: that needs a class trainable; a member's restart is ~1 s
             warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
@@ -418,21 +418,19 @@ def plot_population(tracker: Tracker, members, mutable: dict[str, Range], histor
     return figure
 
 
-class _Progress:
-    """Ray's results as bnet's progress lines: one per member and epoch (members' own output
-    stays in their Ray logs)."""
+def progress_callback(echo: Echo, metric: str, max_epochs: int):
+    """A Ray Tune callback turning members' results into bnet's progress lines, one per member
+    and epoch (members' own output stays in their Ray logs). Made here: Ray is imported only
+    where a population trains."""
+    from ray.tune import Callback
 
-    def __new__(cls, echo: Echo, metric: str, max_epochs: int):
-        from ray.tune import Callback
+    class Progress(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if metric in result:
+                echo(f"  member {member_index(trial.trial_id)} epoch {int(result['epoch']) + 1}/{max_epochs}  "
+                     f"{metric} {result[metric]:.5g}")
 
-        class Progress(Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if metric in result:
-                    echo(f"  member {member_index(trial.trial_id)} epoch {int(result['epoch']) + 1}/{max_epochs}  "
-                         f"{metric} {result[metric]:.5g}")
+        def on_trial_error(self, iteration, trials, trial, **info):
+            echo(f"member {member_index(trial.trial_id)} failed (its run says why)")
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                echo(f"member {member_index(trial.trial_id)} failed (its run says why)")
-
-        return Progress()
-
+    return Progress()
